@@ -47,7 +47,13 @@ class CleanConfig(Section):
     min_alpha_ratio: float | None = None
     max_dup_line_fraction: float | None = None
     max_top_ngram_fraction: float | None = None
+    # Code-corpus rules (Chen et al. 2021 "Codex"; Li et al. 2023 "StarCoder"): minified or
+    # generated files have very long lines and few alphanumeric characters.
+    max_line_len: int | None = None
+    max_mean_line_len: float | None = None
+    min_alnum_ratio: float | None = None
     redact_pii: bool = True
+    dropped_samples: int = 5  # dropped documents kept per reason in dropped_samples.jsonl
 
 
 class DedupConfig(Section):
@@ -70,6 +76,8 @@ class DataConfig(Section):
     seed: int = 0
     workers: int | None = None  # processes for cleaning/tokenizing; None = all cores
     dask_address: str | None = None  # tcp://host:8786 to run the data stage on a Dask cluster
+    stdlib_tests: bool = True  # include the stdlib's own test suites (about 19 of its 31 MB)
+    row_group_mb: float = 4.0  # documents per parquet row group: the unit of parallel work
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
 
@@ -79,6 +87,9 @@ class TokenizerConfig(Section):
     vocab_size: int = 8192
     path: str | None = None  # tokenizer.json, for kind=file
     special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>", "<|mask|>"])
+    # BPE merges are learned from at most this much training text (deterministic prefix); None = all.
+    train_max_mb: float | None = 64.0
+    shard_tokens: int = 100_000_000  # tokens per .bin shard file
 
     @model_validator(mode="after")
     def _file_needs_path(self) -> TokenizerConfig:

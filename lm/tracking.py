@@ -1,0 +1,213 @@
+"""Every MLflow run-tracking call of lmforge lives here (the registry lives in ``lm/registry.py``).
+
+One parent run per pipeline run, one nested child run per stage. Run ids are passed explicitly
+(``MlflowClient``, never the fluent API's global "active run"): Prefect runs tasks in threads, and
+``MLFLOW_RUN_ID`` in the environment turns nesting into resuming (mlflow/mlflow#15713).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import math
+import os
+import subprocess
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from lm.config import Config
+from lm.errors import TrackingError
+from lm.stage import StageResult
+
+log = logging.getLogger(__name__)
+
+STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate", "export", "deploy")
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, before any work, when the tracking store cannot be used."""
+    if uri.startswith(("http://", "https://")):
+        probe = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(probe, timeout=5) as r:  # noqa: S310 (user's own server)
+                r.read(64)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}). "
+                "Start it (`mlflow server`), fix tracking.uri / MLFLOW_TRACKING_URI, "
+                "or leave both unset to use the local sqlite:///mlflow.db."
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        parent = db.parent if str(db.parent) else Path(".")
+        if not parent.is_dir():
+            raise TrackingError(
+                f"tracking.uri {uri}: folder {parent} does not exist; create it or point "
+                "tracking.uri elsewhere"
+            )
+        if not os.access(parent, os.W_OK):
+            raise TrackingError(f"tracking.uri {uri}: folder {parent} is not writable")
+    elif uri.startswith("file:") or "://" not in uri:
+        raise TrackingError(
+            f"tracking.uri {uri!r}: MLflow 3 no longer accepts plain file stores; use "
+            "sqlite:///path/to/mlflow.db or http://host:5000"
+        )
+
+
+def experiment_id(uri: str, name: str) -> str:
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # created by a concurrent process meanwhile
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            flat.update(_flatten(v, key + "."))
+        else:
+            flat[key] = str(v)[:6000]
+    return flat
+
+
+def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
+    """Create the parent run of one pipeline run; returns its id."""
+    uri = cfg.tracking_uri()
+    client = _client(uri)
+    exp = experiment_id(uri, cfg.tracking.experiment)
+    name = f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    all_tags = {"lmforge.config": cfg.name, "mlflow.source.type": "JOB"}
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    all_tags.update(tags or {})
+    run = client.create_run(exp, run_name=name, tags=all_tags)
+    run_id = run.info.run_id
+    _log_params(client, run_id, _flatten(cfg.model_dump(mode="json")))
+    client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    return run_id
+
+
+def start_stage_run(cfg: Config, parent_run_id: str, stage: str, params: Mapping[str, Any] | None = None) -> str:
+    uri = cfg.tracking_uri()
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    tags = {"mlflow.parentRunId": parent_run_id, "lmforge.stage": stage}
+    tags.update({k: v for k, v in parent.data.tags.items() if k.startswith("lmforge.prefect")})
+    run = client.create_run(parent.info.experiment_id, run_name=stage, tags=tags)
+    if params:
+        _log_params(client, run.info.run_id, {k: str(v) for k, v in params.items()})
+    return run.info.run_id
+
+
+def _log_params(client, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # the store's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(dt.datetime.now().timestamp() * 1000)
+    items = [
+        Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+    ]
+    for i in range(0, len(items), 500):
+        _client(uri).log_batch(run_id, metrics=items[i : i + 500])
+
+
+def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
+    client = _client(uri)
+    for k, v in tags.items():
+        client.set_tag(run_id, k, str(v))
+
+
+def log_stage_result(
+    uri: str, run_id: str, out_dir: Path, result: StageResult, *, cached: bool, log_result_metrics: bool = True
+) -> None:
+    """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs."""
+    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    client = _client(uri)
+    client.set_tag(run_id, "lmforge.cached", str(cached).lower())
+    client.set_tag(run_id, "lmforge.output", str(out_dir))
+    if result.params:
+        _log_params(client, run_id, {k: str(v) for k, v in result.params.items()})
+    if log_result_metrics:
+        log_metrics(uri, run_id, result.metrics)
+    for rel in result.artifacts:
+        path = (out_dir / rel).resolve()
+        if not path.is_relative_to(out_dir.resolve()) or not path.exists():
+            log.warning("artifact %s is not inside %s; not logged", rel, out_dir)
+            continue
+        if path.is_dir():
+            client.log_artifacts(run_id, str(path), rel)
+        else:
+            client.log_artifact(run_id, str(path))
+    inputs = []
+    for ds in result.datasets:
+        source = LocalArtifactDatasetSource(str((out_dir / ds["path"]).resolve()))
+        meta = MetaDataset(source=source, name=ds.get("name"), digest=str(ds.get("digest", ""))[:36] or None)
+        context = ds.get("context", "training")
+        inputs.append(DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    _client(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str, interval: float = 5.0) -> Iterator[None]:
+    """Sample CPU, memory (and GPU, where pynvml finds one) into the run while the block runs."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def run_tree(uri: str, parent_run_id: str) -> dict[str, Any]:
+    """The parent run and its children by stage name: what the summary and the tests read."""
+    client = _client(uri)
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
+    )
+    return {"parent": parent, "children": {r.info.run_name: r for r in children}}

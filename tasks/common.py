@@ -1,0 +1,119 @@
+"""What every stage task shares: the cache key (the stage's output folder), its MLflow child run,
+and streaming a training subprocess into the Prefect log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.context import TaskRunContext
+
+from lm import __version__, tracking
+from lm.config import Config
+from lm.errors import LmforgeError, TrainingError
+from lm.stage import StageResult, is_complete
+
+
+def output_dir_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key = the stage's output folder, which is itself a hash of all the stage's inputs.
+    Hashing a path (not Python objects) keeps keys stable across processes (PrefectHQ/prefect#12229)."""
+    blob = f"{__version__}:{context.task.name}:{Path(parameters['out_dir']).resolve()}"
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def stage_task(fn: Callable[..., str]):
+    """A stage task: cached across runs by output folder, result persisted so reruns reuse it."""
+    return task(fn, name=fn.__name__, cache_key_fn=output_dir_key, persist_result=True)
+
+
+def run_stage_in_child_run(stage_task_fn, stage: str, cfg: Config, parent_run_id: str | None,
+                           out_dir: str, *, pass_run_id: bool = False, metrics_logged_live: bool = False,
+                           **inputs: Any) -> str:
+    """Run one stage's task inside its own nested MLflow run and log what it produced.
+
+    The task is skipped (Prefect state ``Cached``) when its output folder is complete; the child
+    run is still created, tagged ``lmforge.cached=true``, and gets the stored metrics, so every
+    pipeline run in MLflow shows the whole tree.
+    """
+    logger = get_run_logger()
+    uri = cfg.tracking_uri()
+    run_id = tracking.start_stage_run(cfg, parent_run_id, stage) if parent_run_id else None
+    logger.info("stage %s: started -> %s", stage, out_dir)
+    t0 = time.monotonic()
+    ok = False
+    try:
+        call = stage_task_fn.with_options(refresh_cache=not is_complete(Path(out_dir)))
+        kwargs = dict(inputs)
+        if pass_run_id:
+            kwargs["run_id"] = run_id
+        state = call(cfg.model_dump(mode="json"), out_dir=out_dir, return_state=True, **kwargs)
+        if state.is_failed():
+            state.result()  # raises the task's exception
+        cached = state.name == "Cached"
+        result = StageResult.load(Path(out_dir))
+        if run_id:
+            tracking.log_stage_result(uri, run_id, Path(out_dir), result, cached=cached,
+                                      log_result_metrics=cached or not metrics_logged_live)
+        ok = True
+        logger.info("stage %s: finished in %.1fs%s", stage, time.monotonic() - t0, " (cached)" if cached else "")
+        return out_dir
+    finally:
+        if run_id:
+            tracking.end_run(uri, run_id, ok)
+
+
+def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+    """Run ``cmd``; its stdout lines go to the Prefect log, its stderr (the progress bar) to ours.
+
+    Prefect does not forward a subprocess's output by itself (PrefectHQ/prefect#9797). A non-zero
+    exit raises TrainingError carrying the process's last error line.
+    """
+    logger = get_run_logger()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume the wrong run (mlflow#15713)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tail: deque[str] = deque(maxlen=40)
+
+    def pump_stderr() -> None:
+        buf = b""
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+            buf = (buf + chunk)[-8192:]
+        tail.extend(buf.decode(errors="replace").replace("\r", "\n").splitlines())
+
+    pump = threading.Thread(target=pump_stderr, daemon=True)
+    pump.start()
+    for raw in proc.stdout:
+        line = raw.decode(errors="replace").rstrip()
+        if line:
+            logger.info(line)
+            tail.append(line)
+    rc = proc.wait()
+    pump.join(timeout=5)
+    if rc != 0:
+        lines = [ln.strip() for ln in tail if ln.strip()]
+        reason = next((ln for ln in reversed(lines) if ln.startswith(("lmforge:", "TrainingError", "Error"))), None)
+        reason = reason or (lines[-1] if lines else "no output")
+        raise TrainingError(f"training process exited with code {rc}: {reason}")
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The message of the first LmforgeError in an exception chain (Prefect may wrap ours)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, LmforgeError):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None

@@ -1,0 +1,62 @@
+"""Prefect tasks that train: each launches ``python -m lm.train`` as its own process.
+
+Training never runs inside the orchestrator's process: Lightning's DDP launcher re-executes
+``sys.argv`` once per extra rank (Lightning-AI/pytorch-lightning#7699), which would relaunch the
+whole pipeline; a subprocess is also what ``torchrun``/SLURM launch on other nodes, and the one
+thing a timeout can kill (PrefectHQ/prefect#15760). The output folder is stable for the same
+inputs, so a rerun after a crash finds the checkpoints and resumes (``pretrain.resume: auto``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from lm import tracking
+from lm.config import Config
+from lm.stage import StageResult
+from tasks.common import stage_task, stream_subprocess
+
+
+def _train(kind: str, cfg: Config, out_dir: str, run_id: str | None, args: list[str]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    resolved = out / "config.yaml"
+    resolved.write_text(cfg.to_yaml())
+    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(resolved), "--out", str(out), *args]
+    if run_id:
+        cmd += ["--run-id", run_id, "--tracking-uri", cfg.tracking_uri()]
+        with tracking.system_metrics(cfg.tracking_uri(), run_id):
+            stream_subprocess(cmd)
+    else:
+        stream_subprocess(cmd)
+
+
+def _result_from_training(out: Path, extra_artifacts: list[str]) -> None:
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    artifacts = [a for a in ["config.yaml", "metrics.json", "model.json", *extra_artifacts] if (out / a).exists()]
+    StageResult(
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        artifacts=artifacts,
+        outputs={"model": "model.safetensors", "checkpoints": "checkpoints"},
+    ).save(out)
+
+
+@stage_task
+def pretrain(config: dict, out_dir: str, tokens_dir: str, run_id: str | None = None) -> str:
+    cfg = Config.model_validate(config)
+    _train("pretrain", cfg, out_dir, run_id, ["--data", tokens_dir])
+    _result_from_training(Path(out_dir), ["samples.txt", "model.safetensors"])
+    return out_dir
+
+
+@stage_task
+def finetune(config: dict, out_dir: str, ft_data_dir: str, tokens_dir: str, pretrain_dir: str,
+             run_id: str | None = None) -> str:
+    cfg = Config.model_validate(config)
+    _train("finetune", cfg, out_dir, run_id,
+           ["--data", ft_data_dir, "--tokens", tokens_dir, "--init", pretrain_dir])
+    _result_from_training(Path(out_dir), [])
+    return out_dir

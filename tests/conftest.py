@@ -1,0 +1,39 @@
+"""Shared fixtures: the real Prefect engine (one test harness per session), real MLflow stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Keep test processes small and polite on a 2-core machine.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """A real, temporary Prefect server and database for the whole session (started once: ~10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    os.environ["PREFECT_LOCAL_STORAGE_PATH"] = str(tmp_path_factory.mktemp("prefect-results"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def tracking_uri(tmp_path) -> str:
+    """A fresh MLflow sqlite store in a temporary folder."""
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"

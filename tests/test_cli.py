@@ -1,0 +1,70 @@
+"""The command line as a user meets it: bad input stops before any work, with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def lmforge(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
+    for n in needles:
+        assert n in proc.stderr, proc.stderr
+
+
+def test_help_lists_stages(tmp_path):
+    proc = lmforge("--help", cwd=tmp_path)
+    assert proc.returncode == 0
+    for stage in ("run", "data", "pretrain", "finetune", "evaluate", "export", "deploy"):
+        assert stage in proc.stdout
+
+
+def test_missing_data_path(tmp_path):
+    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", f"data.sources=[{tmp_path / 'nope'}]",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    assert_clean_failure(proc, "nope", "does not exist")
+
+
+def test_wrong_key_and_wrong_type(tmp_path):
+    assert_clean_failure(lmforge("run", "--config", "tiny", "model.layers=3", cwd=tmp_path), "model.layers")
+    assert_clean_failure(lmforge("run", "--config", "tiny", "pretrain.lr=fast", cwd=tmp_path), "pretrain.lr")
+
+
+def test_unreachable_tracking_uri(tmp_path):
+    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", "tracking.uri=http://127.0.0.1:9",
+                   cwd=tmp_path)
+    assert_clean_failure(proc, "127.0.0.1:9", "unreachable")
+    proc = lmforge("run", "--config", "tiny", "tracking.uri=file:./mlruns", cwd=tmp_path)
+    assert_clean_failure(proc, "sqlite")
+
+
+def test_config_command_prints_resolved_yaml(tmp_path):
+    proc = lmforge("config", "--config", "tiny", "pretrain.max_steps=3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 3" in proc.stdout
+
+
+@pytest.mark.slow  # ~20 s: starts Prefect's temporary server in a fresh process
+def test_empty_corpus_stops_before_training(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_text("")
+    (corpus / "blank.md").write_text("\n\n")
+    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", f"data.sources=[{corpus}]",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "lmforge: error:" in proc.stderr
+    last = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmforge: error:")][-1]
+    assert "document" in last.lower() or "empty" in last.lower(), last
+    assert not (tmp_path / "w" / "pretrain").exists()
