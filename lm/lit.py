@@ -1,0 +1,326 @@
+"""LightningModules: they receive a network from lm.model and own the loss, optimiser, schedule and metrics.
+
+Metric names: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``val/loss``, ``val/ppl`` (pretrain);
+``val/accuracy`` (fine-tune); ``throughput/tokens_per_s`` and ``throughput/mfu`` come from
+:class:`ThroughputMonitor`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from lm.errors import TrainingError
+from lm.model import generate
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matmul weights; none on norms, biases, embeddings (by name, so the
+    rule also holds for FSDP's flattened views)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():  # a tied lm_head appears once, as embed_tokens.weight
+        if not p.requires_grad:
+            continue
+        if name.endswith(("norm.weight", "bias")) or "embed_tokens" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class _OptimisedModule(pl.LightningModule):
+    """Shared: AdamW + warmup/cosine from max_steps, clipping with the grad norm logged, divergence check."""
+
+    def __init__(
+        self, *, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+        max_steps: int, min_lr_ratio: float, grad_clip: float, check_every: int,
+    ):
+        super().__init__()
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        self.grad_clip, self.check_every = grad_clip, max(1, check_every)
+        self._nonfinite: torch.Tensor | None = None  # device flag: a loss was NaN/inf since the last check
+        self.last_train_loss = float("nan")
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(
+            param_groups(self, self.weight_decay), lr=self.lr, betas=self.betas,
+            fused=self.device.type == "cuda",
+        )
+        # Built from max_steps, not trainer.estimated_stepping_batches, which breaks loader-state
+        # restore on resume (Lightning-AI/pytorch-lightning#20550).
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.warmup_steps, self.max_steps, self.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _track_loss(self, loss: torch.Tensor) -> None:
+        # Accumulate a device-side flag instead of syncing every step (a .item() per step stalls the
+        # GPU queue); it is read at log steps and before every checkpoint.
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else (self._nonfinite | bad)
+        step = self.global_step + 1  # the optimizer step this micro-batch belongs to
+        if step % self.check_every == 0 or step >= self.max_steps:
+            self.raise_if_diverged()
+
+    def raise_if_diverged(self, *_: Any) -> None:
+        if self._nonfinite is None:
+            return
+        flag = self._nonfinite.float()
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Every rank must raise together, or the others would wait forever in the next all-reduce.
+            flag = self.trainer.strategy.reduce(flag, reduce_op="max")
+        if flag.item() > 0:
+            raise TrainingError(
+                f"training diverged: the loss became NaN or infinite at or before step {self.global_step + 1}; "
+                f"no checkpoint was written after that point (lower pretrain.lr, raise warmup_steps, or "
+                f"check the data). The last good checkpoint is kept."
+            )
+        self._nonfinite = None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Gradients are complete and unscaled here (AMP unscales before this hook); clip them ourselves
+        # so the pre-clip norm can be logged.
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        max_norm = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)  # sharded grads: FSDP's own reduce
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning does not store RNG state; dropout and sampling draw from torch's global generator.
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["lmforge_rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("lmforge_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+class LanguageModelModule(_OptimisedModule):
+    """Pretraining of a Decoder (next token) or Encoder (masked tokens): batches are (inputs, targets)."""
+
+    def __init__(self, net: nn.Module, **opt: Any):
+        super().__init__(**opt)
+        self.net = net
+        self.last_val: dict[str, float] = {}
+        self._val_sum: torch.Tensor | None = None
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.net(idx, targets)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y = batch  # (B, T), (B, T)
+        _, loss = self.net(x, y)
+        self._track_loss(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._last_loss = loss.detach()
+        return loss
+
+    def on_train_end(self) -> None:
+        if getattr(self, "_last_loss", None) is not None:
+            self.last_train_loss = float(self._last_loss)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.net(x, y)
+        n = (y != -100).sum()
+        self._val_sum += torch.stack([loss.double() * n, n.double()])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")  # token-weighted over ranks
+        val_loss = float(total[0] / total[1].clamp(min=1))
+        ppl = math.exp(min(val_loss, 50.0))
+        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
+        self.log("val/ppl", ppl, rank_zero_only=True)
+        self.last_val = {"val/loss": val_loss, "val/ppl": ppl}
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            print(f"lmforge: step {self.global_step} val/loss {val_loss:.4f} val/ppl {ppl:.2f}", flush=True)
+
+
+class ClassifierModule(_OptimisedModule):
+    """Fine-tuning of a SequenceClassifier: batches are (ids, attention_mask, labels)."""
+
+    def __init__(self, net: nn.Module, freeze_backbone: bool = False, **opt: Any):
+        super().__init__(**opt)
+        self.net = net
+        if freeze_backbone:
+            for p in net.backbone.parameters():
+                p.requires_grad_(False)
+        self.last_val: dict[str, float] = {}
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        ids, mask, labels = batch
+        _, loss = self.net(ids, mask, labels)
+        self._track_loss(loss)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._last_loss = loss.detach()
+        return loss
+
+    def on_train_end(self) -> None:
+        if getattr(self, "_last_loss", None) is not None:
+            self.last_train_loss = float(self._last_loss)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros(3, device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        ids, mask, labels = batch
+        logits, loss = self.net(ids, mask, labels)
+        n = labels.numel()
+        correct = (logits.argmax(-1) == labels).sum()
+        self._val_sum += torch.stack([loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=self.device)])
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        n = float(total[2].clamp(min=1))
+        self.last_val = {"val/loss": float(total[0]) / n, "val/accuracy": float(total[1]) / n}
+        self.log("val/loss", self.last_val["val/loss"], prog_bar=True, rank_zero_only=True)
+        self.log("val/accuracy", self.last_val["val/accuracy"], prog_bar=True, rank_zero_only=True)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            print(
+                f"lmforge: step {self.global_step} val/loss {self.last_val['val/loss']:.4f} "
+                f"val/accuracy {self.last_val['val/accuracy']:.4f}", flush=True,
+            )
+
+
+# ---- callbacks ----------------------------------------------------------------------------------
+
+# Dense bf16/fp16 peak FLOP/s per device (vendor datasheets); MFU is only logged for these.
+PEAK_FLOPS = {
+    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
+    "L4": 121e12, "4090": 165e12, "V100": 125e12, "B200": 2250e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+class ThroughputMonitor(pl.Callback):
+    """tokens/s over the last ``window`` optimizer steps (all ranks), and MFU when the peak is known."""
+
+    def __init__(self, tokens_per_micro_batch: int, flops_per_token: float, window: int = 10):
+        self.tokens_per_micro_batch, self.flops_per_token, self.window = tokens_per_micro_batch, flops_per_token, window
+        self._t0: float | None = None
+        self._tokens = 0
+        self._steps = 0
+        self._start_step = 0
+        self.tokens_per_s: float = float("nan")
+        self.total_tokens = 0
+        self.total_time = 0.0
+        self.peak: float | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.peak = device_peak_flops(pl_module.device)
+        self._start_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._tokens += self.tokens_per_micro_batch * trainer.world_size
+        if trainer.global_step == self._steps + self._start_step:  # mid-accumulation: same step
+            return
+        self._steps = trainer.global_step - self._start_step
+        if self._steps % self.window and trainer.global_step < (trainer.max_steps or 0):
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        dt = time.perf_counter() - self._t0
+        # The first window includes warm-up (and compilation); it still counts in the run total.
+        self.tokens_per_s = self._tokens / dt
+        self.total_tokens += self._tokens
+        self.total_time += dt
+        pl_module.log("throughput/tokens_per_s", self.tokens_per_s, prog_bar=True, rank_zero_only=True)
+        if self.peak:
+            mfu = self.tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size)
+            pl_module.log("throughput/mfu", mfu, rank_zero_only=True)
+        if trainer.is_global_zero:
+            loss = trainer.callback_metrics.get("train/loss")
+            loss_s = f" train/loss {float(loss):.4f}" if loss is not None else ""
+            print(f"lmforge: step {trainer.global_step}{loss_s} tokens/s {self.tokens_per_s:,.0f}", flush=True)
+        self._t0, self._tokens = time.perf_counter(), 0
+
+
+class SampleWriter(pl.Callback):
+    """After each validation, rank 0 decodes a few generations into samples.txt (and to MLflow)."""
+
+    def __init__(
+        self, tokenizer_path: str | Path, out_path: str | Path, prompts: list[str], max_new_tokens: int = 48,
+        eot_id: int | None = None, every: int | None = None, seed: int = 0,
+    ):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        self.out_path, self.prompts, self.max_new_tokens = Path(out_path), prompts, max_new_tokens
+        self.eot_id, self.every, self.seed = eot_id, every, seed
+        self._last_step = -1
+
+    def write(self, trainer: pl.Trainer, net: nn.Module) -> str:
+        gen = torch.Generator(device=next(net.parameters()).device).manual_seed(self.seed)
+        lines = [f"=== step {trainer.global_step} ==="]
+        was_training = net.training
+        net.eval()
+        for prompt in self.prompts:
+            ids = self.tokenizer.encode(prompt).ids or [self.eot_id or 0]
+            idx = torch.tensor([ids], dtype=torch.long, device=gen.device)
+            out = generate(net, idx, self.max_new_tokens, temperature=0.8, top_k=50, eot_id=self.eot_id, generator=gen)
+            lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(out[0].tolist())}")
+        net.train(was_training)
+        text = "\n".join(lines) + "\n\n"
+        with open(self.out_path, "a", encoding="utf-8") as f:
+            f.write(text)
+        return text
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        step = trainer.global_step
+        if not trainer.is_global_zero or trainer.sanity_checking or step == self._last_step:
+            return
+        if isinstance(trainer.strategy, FSDPStrategy):
+            return  # sharded weights: one rank alone cannot run the network (samples come from model.safetensors)
+        if self.every and step % self.every and step != trainer.max_steps:
+            return
+        self._last_step = step
+        text = self.write(trainer, pl_module.net)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id") and logger.run_id:
+            logger.experiment.log_text(logger.run_id, text, f"samples/step_{step:08d}.txt")

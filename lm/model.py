@@ -1,0 +1,437 @@
+"""The networks: a Llama-style decoder, a BERT-style encoder, a sequence classifier on either.
+
+Plain ``nn.Module`` code that knows nothing of Lightning, MLflow or Prefect. The decoder is the
+modern GPT form (Touvron et al. 2023, "LLaMA"): RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich
+2019), SwiGLU MLP (Shazeer 2020), no biases, optional grouped-query attention (Ainslie et al.
+2023), optional tied embeddings, attention through ``scaled_dot_product_attention`` (flash
+kernels on GPU). Parameter names follow Hugging Face's ``LlamaForCausalLM`` so that export is a
+prefix rename (:data:`LLAMA_NAME_MAP`, :func:`to_llama_state_dict`).
+
+Shapes: B batch, T sequence length, C d_model, H heads, K kv heads, D head dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.errors import ConfigError
+
+# Named sizes. seq_len comes from model.seq_len; any explicit model.* key overrides a preset value.
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.2M parameters + embeddings: unit tests.
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=192),
+    # ~5M with an 8k vocabulary: the CPU demo (minutes on a laptop).
+    "small": dict(n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704),
+    # GPT-2 small's shape (Radford et al. 2019): 124M with GPT-2's 50k vocabulary and tied embeddings.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048),
+    # Llama-3.2-1B's shape (16 layers, d 2048, GQA 32/8, d_ff 8192): ~1B with a 32k-64k vocabulary.
+    "1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192),
+}
+
+
+@dataclass
+class ModelArgs:
+    """Every dimension of a network, filled in (what ``model.json`` stores)."""
+
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    d_model: int
+    d_ff: int
+    seq_len: int
+    kind: str = "decoder"  # decoder | encoder
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    rope_theta: float = 10_000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _swiglu_hidden(d_model: int) -> int:
+    # LLaMA keeps the MLP's parameter count of a 4x GELU MLP: 2/3 * 4d, rounded up to a multiple of 64.
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
+def resolve_model_config(cfg: Any, vocab_size: int) -> ModelArgs:
+    """Preset values, then the explicit keys of ``cfg`` (an ``lm.config.ModelConfig``), validated."""
+    base: dict[str, Any] = {}
+    if cfg.preset is not None:
+        if cfg.preset not in PRESETS:
+            raise ConfigError(f"model.preset={cfg.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
+        base = dict(PRESETS[cfg.preset])
+    for key in ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
+        value = getattr(cfg, key)
+        if value is not None:
+            base[key] = value
+    for key in ("n_layer", "n_head", "d_model"):
+        if base.get(key) is None:
+            raise ConfigError(
+                f"model.{key} is not set: pick model.preset ({', '.join(PRESETS)}) or set model.{key}"
+            )
+    base.setdefault("n_kv_head", base["n_head"])
+    if base.get("d_ff") is None:
+        base["d_ff"] = _swiglu_hidden(base["d_model"])
+    args = ModelArgs(
+        vocab_size=int(vocab_size),
+        seq_len=cfg.seq_len,
+        kind=cfg.kind,
+        tie_embeddings=cfg.tie_embeddings,
+        dropout=cfg.dropout,
+        rope_theta=cfg.rope_theta,
+        **base,
+    )
+    if args.d_model % args.n_head:
+        raise ConfigError(f"model.d_model={args.d_model} must be divisible by model.n_head={args.n_head}")
+    if args.head_dim % 2:
+        raise ConfigError(f"head dim d_model/n_head={args.head_dim} must be even for RoPE")
+    if args.n_head % args.n_kv_head:
+        raise ConfigError(f"model.n_head={args.n_head} must be a multiple of model.n_kv_head={args.n_kv_head}")
+    return args
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like HF's LlamaRMSNorm, so bf16 runs match the exported model.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, D) cos and sin tables in HF's layout: the D/2 frequencies repeated twice."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); rotate_half pairs dimension i with i + D/2, as HF's Llama does."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.d_model, args.n_head * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.d_model, args.n_kv_head * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.d_model, args.n_kv_head * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.d_model, bias=False)
+        self.dropout = args.dropout
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_head != self.n_head:
+            # Query head h uses kv head h // (H/K), HF's repeat_kv order.
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.d_model, args.d_ff, bias=False)
+        self.up_proj = nn.Linear(args.d_model, args.d_ff, bias=False)
+        self.down_proj = nn.Linear(args.d_ff, args.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the unit FSDP wraps."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.d_model, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.d_model, args.norm_eps)
+        self.mlp = MLP(args)
+        self.drop = nn.Dropout(args.dropout)
+
+    def forward(self, x, cos, sin, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, causal, mask))
+        return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
+
+
+class _Transformer(nn.Module):
+    causal: bool
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.d_model)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.d_model, args.norm_eps)
+        self.lm_head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cos_sin(args.seq_len, args.head_dim, args.rope_theta)
+        # Not persistent: derived from args, so they never enter the state dict or the export.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * n_layer).
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, C). attention_mask (B, T) bool, True = real token."""
+        B, T = idx.shape
+        if T > self.args.seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len={self.args.seq_len}")
+        mask = None
+        if attention_mask is not None and not self.causal:
+            # (B, 1, 1, T): every query may look at the real keys only.
+            mask = attention_mask.bool()[:, None, None, :]
+        # A causal model with right padding needs no mask: real tokens never look at later pads.
+        cos = self.rope_cos[:T].to(self.embed_tokens.weight.dtype)
+        sin = self.rope_sin[:T].to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin, self.causal, mask)
+        return self.norm(x)
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) -> logits (B, T, V); loss is mean cross-entropy over targets != -100."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        return logits, loss
+
+
+class Decoder(_Transformer):
+    """Causal language model; targets are the inputs shifted left by one (the caller shifts)."""
+
+    causal = True
+
+
+class Encoder(_Transformer):
+    """Bidirectional masked language model (Devlin et al. 2019); targets -100 where not masked."""
+
+    causal = False
+
+
+class SequenceClassifier(nn.Module):
+    """A backbone's pooled hidden state -> num_classes logits."""
+
+    def __init__(self, backbone: _Transformer, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        self.head = nn.Linear(backbone.args.d_model, num_classes, bias=True)
+        nn.init.normal_(self.head.weight, 0.0, 0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.backbone.args
+
+    def forward(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.backbone.hidden_states(idx, attention_mask)  # (B, T, C)
+        m = attention_mask.bool()
+        if self.backbone.causal:
+            # The last real token is the only one that has read the whole (right-padded) text.
+            last = m.long().sum(1).clamp(min=1) - 1  # (B,)
+            pooled = h[torch.arange(h.size(0), device=h.device), last]
+        else:
+            w = m.unsqueeze(-1).to(h.dtype)
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1.0)
+        logits = self.head(pooled)  # (B, num_classes)
+        loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        return logits, loss
+
+
+def build_model(args: ModelArgs) -> _Transformer:
+    return {"decoder": Decoder, "encoder": Encoder}[args.kind](args)
+
+
+def count_params(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def flops_per_token(args: ModelArgs) -> float:
+    """Training FLOPs per token: 6 N for the matmul weights + 12 L C T for attention (PaLM, app. B)."""
+    attn = args.d_model * (args.n_head + 2 * args.n_kv_head) * args.head_dim + args.d_model * args.d_model
+    mlp = 3 * args.d_model * args.d_ff
+    n_matmul = args.n_layer * (attn + mlp) + args.d_model * args.vocab_size  # the output projection
+    return 6.0 * n_matmul + 12.0 * args.n_layer * args.d_model * args.seq_len
+
+
+# ---- Hugging Face Llama layout ---------------------------------------------------------------
+# Our name (regex) -> HF LlamaForCausalLM name. Everything but lm_head lives under "model.".
+LLAMA_NAME_MAP: list[tuple[str, str]] = [
+    (r"^lm_head\.weight$", "lm_head.weight"),
+    (r"^(embed_tokens\.weight|norm\.weight|layers\..*)$", r"model.\1"),
+]
+
+
+def to_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A Decoder's weights under HF LlamaForCausalLM names (tied lm_head included, as HF expects)."""
+    if isinstance(model, SequenceClassifier):
+        model = model.backbone
+    if not isinstance(model, Decoder):
+        raise TypeError("only a Decoder maps onto the Llama layout")
+    out = {}
+    for name, t in model.state_dict().items():
+        for pattern, repl in LLAMA_NAME_MAP:
+            if re.match(pattern, name):
+                out[re.sub(pattern, repl, name)] = t
+                break
+        else:
+            raise KeyError(f"no Llama name for parameter {name}")
+    return out
+
+
+def llama_config_dict(args: ModelArgs, **extra: Any) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.LlamaConfig`` describing the same network."""
+    return dict(
+        vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.d_ff,
+        num_hidden_layers=args.n_layer, num_attention_heads=args.n_head, num_key_value_heads=args.n_kv_head,
+        max_position_embeddings=args.seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
+        tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
+        head_dim=args.head_dim, **extra,
+    )
+
+
+# ---- save / load ----------------------------------------------------------------------------
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_JSON = "model.json"
+
+
+def _atomic_replace(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (args, kind, classes, ``extra``) atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, SequenceClassifier):
+        meta = {"kind": "classifier", "backbone_kind": model.args.kind, "num_classes": model.num_classes}
+    else:
+        meta = {"kind": model.args.kind}
+    meta["args"] = asdict(model.args)
+    meta.update(extra or {})
+    # safetensors refuses shared tensors: drop the tied lm_head, load_model re-ties it.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.args.tie_embeddings:
+        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
+    tag = uuid.uuid4().hex[:8]
+    tmp_w, tmp_j = out_dir / f".{MODEL_WEIGHTS}.{tag}", out_dir / f".{MODEL_JSON}.{tag}"
+    save_file(state, str(tmp_w), metadata={"format": "pt"})
+    tmp_j.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _atomic_replace(tmp_w, out_dir / MODEL_WEIGHTS)
+    _atomic_replace(tmp_j, out_dir / MODEL_JSON)
+    return out_dir / MODEL_WEIGHTS
+
+
+def read_model_json(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / MODEL_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a model folder written by lm.model.save_model")
+    return json.loads(path.read_text())
+
+
+def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network described by ``model.json`` and load ``model.safetensors``; eval mode."""
+    from safetensors.torch import load_file
+
+    meta = read_model_json(model_dir)
+    args = ModelArgs.from_dict(meta["args"])
+    model: nn.Module = build_model(args)
+    if meta["kind"] == "classifier":
+        model = SequenceClassifier(model, int(meta["num_classes"]))
+    state = load_file(str(Path(model_dir) / MODEL_WEIGHTS), device=str(map_location))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (args.tie_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise ValueError(f"{model_dir}: weights do not fit model.json (missing {missing}, unexpected {unexpected})")
+    model.meta = meta  # the ids, label names ... that save_model's caller put in extra
+    return model.to(map_location).eval()
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+    eot_id: int | None = None, generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens (stops early once every row drew eot_id); temperature 0 = greedy."""
+    seq_len = model.args.seq_len
+    for _ in range(max_new_tokens):
+        ctx = idx[:, -seq_len:]
+        logits, _ = model(ctx)
+        logits = logits[:, -1, :].float()  # (B, V)
+        if temperature <= 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+        idx = torch.cat((idx, nxt), dim=1)
+        if eot_id is not None and bool((nxt == eot_id).all()):
+            break
+    return idx
