@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         # Persisted task results (the cache records) live beside the outputs they point to, so
         # removing the work directory forgets both.
         os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.workdir).expanduser().resolve() / ".prefect"))
+        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         from flows.pipeline import pipeline
+        from tasks.common import quiet_user_errors
+
+        quiet_user_errors()
 
         t0 = time.monotonic()
         config_file = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else args.config

@@ -15,6 +15,7 @@ import os
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def log_stage_result(
     uri: str, run_id: str, out_dir: Path, result: StageResult, *, cached: bool, log_result_metrics: bool = True
 ) -> None:
     """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
@@ -178,7 +179,9 @@ def log_stage_result(
             client.log_artifact(run_id, str(path))
     inputs = []
     for ds in result.datasets:
-        source = LocalArtifactDatasetSource(str((out_dir / ds["path"]).resolve()))
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str((out_dir / ds["path"]).resolve()))
         meta = MetaDataset(source=source, name=ds.get("name"), digest=str(ds.get("digest", ""))[:36] or None)
         context = ds.get("context", "training")
         inputs.append(DatasetInput(meta._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))

@@ -93,7 +93,10 @@ class StageDirs:
 def stage_dirs(cfg: Config) -> StageDirs:
     """Derive every stage's output folder from the config and the source files."""
     d = cfg.model_dump(mode="json")
-    data = {k: v for k, v in d["data"].items() if k in ("sources", "text_field", "max_bad_fraction", "max_docs")}
+    # Ingest depends on every data key except those of later stages and those that only say where
+    # the work runs (workers, Dask): the same documents come out wherever they are computed.
+    later_or_where = ("clean", "dedup", "val_fraction", "seed", "workers", "dask_address")
+    data = {k: v for k, v in d["data"].items() if k not in later_or_where}
     ingest = _hash(__version__, data, fingerprint_sources(cfg.data.sources))
     clean = _hash(ingest, d["data"]["clean"], d["data"]["dedup"], cfg.data.val_fraction, cfg.data.seed)
     tokenize = _hash(clean, d["tokenizer"], _file_fingerprint(cfg.tokenizer.path))

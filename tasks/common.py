@@ -5,6 +5,7 @@ and streaming a training subprocess into the Prefect log.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -117,3 +118,21 @@ def user_error_message(exc: BaseException) -> str | None:
             return str(exc)
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class _UserErrorWithoutTraceback(logging.Filter):
+    """Bad input is reported by the CLI in one line; Prefect's console need not print its traceback.
+    (The Prefect API log handler is left alone, so the UI still shows the full record.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and user_error_message(record.exc_info[1]):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", ""):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler).__name__ != "APILogHandler":
+                handler.addFilter(_UserErrorWithoutTraceback())
