@@ -160,8 +160,9 @@ class LanguageModelModule(_OptimisedModule):
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")  # token-weighted over ranks
         val_loss = float(total[0] / total[1].clamp(min=1))
         ppl = math.exp(min(val_loss, 50.0))
-        self.log("val/loss", val_loss, prog_bar=True, rank_zero_only=True)
-        self.log("val/ppl", ppl, rank_zero_only=True)
+        # Already reduced over ranks; sync_dist only averages identical values (and keeps Lightning quiet).
+        self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", ppl, sync_dist=True)
         self.last_val = {"val/loss": val_loss, "val/ppl": ppl}
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(f"lmforge: step {self.global_step} val/loss {val_loss:.4f} val/ppl {ppl:.2f}", flush=True)
@@ -204,8 +205,8 @@ class ClassifierModule(_OptimisedModule):
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         n = float(total[2].clamp(min=1))
         self.last_val = {"val/loss": float(total[0]) / n, "val/accuracy": float(total[1]) / n}
-        self.log("val/loss", self.last_val["val/loss"], prog_bar=True, rank_zero_only=True)
-        self.log("val/accuracy", self.last_val["val/accuracy"], prog_bar=True, rank_zero_only=True)
+        self.log("val/loss", self.last_val["val/loss"], prog_bar=True, sync_dist=True)
+        self.log("val/accuracy", self.last_val["val/accuracy"], prog_bar=True, sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(
                 f"lmforge: step {self.global_step} val/loss {self.last_val['val/loss']:.4f} "
