@@ -1,0 +1,9 @@
+"""The data stage: ingest -> clean (filters, dedup, split) -> tokenize -> shard.
+
+``lm.data.ingest.ingest``, ``lm.data.clean.clean``, ``lm.tokenizer.tokenize`` and
+``lm.data.labelled.build_finetune_data`` are the stage functions; each writes into ``out_dir``
+and returns an ``lm.stage.StageResult``.
+"""
+
+# Columns of documents.parquet, train.parquet and val.parquet.
+DOCUMENT_COLUMNS = ("doc_id", "source", "text")

@@ -1,0 +1,355 @@
+"""Document readers: one generator per kind of source file, and the built-in stdlib corpus.
+
+Every reader yields ``(doc_id, text)`` pairs and fills a :class:`FileReport` with what it saw
+(documents, invalid UTF-8, malformed lines), so bad input is counted and reported instead of
+silently dropped or crashing the stage. Readers stream: a JSONL/CSV/Parquet file of any size is
+read record by record or batch by batch, never whole.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import socket
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lm.errors import DataError
+
+COMPRESSIONS = (".gz", ".zst")
+TABLE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+# Directories never walked: VCS metadata and bytecode caches are not documents.
+SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoints"}
+BINARY_SNIFF = 8192  # bytes inspected for a NUL byte, the mark of a binary file (as git does)
+FIRST_BAD_LINES = 5  # line numbers of malformed records reported per file
+STDLIB = "stdlib"
+HF_PREFIX = "hf:"
+
+
+@dataclass
+class FileReport:
+    """One row of provenance.csv."""
+
+    source: str
+    path: str
+    size: int = 0
+    sha256: str = ""
+    documents: int = 0
+    invalid_utf8: int = 0  # documents that held invalid UTF-8 (decoded with U+FFFD)
+    bad_lines: int = 0  # malformed JSONL lines or records without usable text
+    lines: int = 0  # records seen (JSONL/CSV/Parquet)
+    binary_skipped: int = 0
+    first_bad_lines: list[int] = field(default_factory=list)
+
+    def bad_line(self, lineno: int) -> None:
+        self.bad_lines += 1
+        if len(self.first_bad_lines) < FIRST_BAD_LINES:
+            self.first_bad_lines.append(lineno)
+
+
+@dataclass
+class SourceFile:
+    """A file to read: its path, the config source it came from and its id prefix."""
+
+    source: str
+    path: Path
+    name: str  # doc_id prefix: path relative to the source's root, or stdlib:<relpath>
+
+
+def kind_of(path: Path) -> str:
+    """``jsonl``, ``csv``, ``parquet`` or ``text`` from the suffix (after .gz/.zst)."""
+    name = path.name.lower()
+    for comp in COMPRESSIONS:
+        if name.endswith(comp):
+            name = name[: -len(comp)]
+    return TABLE_KINDS.get(os.path.splitext(name)[1], "text")
+
+
+def open_binary(path: Path) -> io.BufferedIOBase:
+    """Open a file for reading bytes, decompressing .gz and .zst on the fly."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(
+            zstandard.ZstdDecompressor().stream_reader(
+                open(path, "rb"), read_across_frames=True, closefd=True
+            )
+        )
+    return open(path, "rb")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def decode(raw: bytes, report: FileReport) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        report.invalid_utf8 += 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _has_glob(spec: str) -> bool:
+    return any(c in spec for c in "*?[")
+
+
+def _walk(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        files.extend(Path(dirpath) / f for f in sorted(filenames))
+    return files
+
+
+def resolve(spec: str) -> list[SourceFile]:
+    """Files of one path/glob/directory source, sorted so that ingest is deterministic."""
+    if _has_glob(spec):
+        paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
+        paths = [p for p in paths if p.is_file() and not (set(p.parts) & SKIP_DIRS)]
+        if not paths:
+            raise DataError(f"data source {spec!r}: the glob matches no files")
+        return [SourceFile(spec, p, str(p)) for p in paths]
+    path = Path(os.path.expanduser(spec))
+    if path.is_dir():
+        files = _walk(path)
+        if not files:
+            raise DataError(f"data source {spec!r}: the directory holds no files")
+        return [SourceFile(spec, p, str(p.relative_to(path))) for p in files]
+    if path.is_file():
+        return [SourceFile(spec, path, str(path))]
+    raise DataError(
+        f"data source {spec!r} does not exist: give a file, directory, glob, 'stdlib' or 'hf:<dataset>' "
+        "in data.sources"
+    )
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _is_test_path(rel: Path) -> bool:
+    return any(p in ("test", "tests", "idle_test") for p in rel.parts[:-1])
+
+
+def stdlib_files(include_tests: bool = True) -> list[Path]:
+    """The standard library's own .py files, sorted, without site-packages (installed packages)."""
+    root = stdlib_root()
+    out = []
+    for p in _walk(root):
+        rel = p.relative_to(root)
+        if p.suffix != ".py" or "site-packages" in rel.parts or "dist-packages" in rel.parts:
+            continue
+        if not include_tests and _is_test_path(rel):
+            continue
+        if rel.parts == ("pydoc_data", "topics.py"):  # read topic by topic, see stdlib_sources
+            continue
+        out.append(p)
+    return out
+
+
+def stdlib_sources(include_tests: bool = True) -> list[SourceFile]:
+    root = stdlib_root()
+    files = [SourceFile(STDLIB, p, f"stdlib:{p.relative_to(root)}") for p in stdlib_files(include_tests)]
+    # The pydoc topics (the language reference as help() shows it) are prose, one doc per topic.
+    import pydoc_data.topics
+
+    files.append(SourceFile(STDLIB, Path(pydoc_data.topics.__file__), "stdlib:pydoc_data/topics"))
+    return files
+
+
+def read_pydoc_topics(sf: SourceFile, report: FileReport) -> Iterator[tuple[str, str]]:
+    import pydoc_data.topics
+
+    report.size = sf.path.stat().st_size
+    report.sha256 = file_sha256(sf.path)
+    for topic in sorted(pydoc_data.topics.topics):
+        report.lines += 1
+        yield f"{sf.name}/{topic}", pydoc_data.topics.topics[topic]
+
+
+def read_text_file(sf: SourceFile, report: FileReport) -> Iterator[tuple[str, str]]:
+    """One document per file; binary files (a NUL byte in the first 8 KiB) are skipped and counted."""
+    raw_file = sf.path.read_bytes()
+    report.size = len(raw_file)
+    report.sha256 = hashlib.sha256(raw_file).hexdigest()
+    if sf.path.name.lower().endswith(COMPRESSIONS):
+        with open_binary(sf.path) as f:
+            raw = f.read()
+    else:
+        raw = raw_file
+    if b"\x00" in raw[:BINARY_SNIFF]:
+        report.binary_skipped += 1
+        return
+    yield sf.name, decode(raw, report)
+
+
+def _record_text(rec: object, field_name: str, where: str) -> str | None:
+    if not isinstance(rec, dict):
+        return None
+    if field_name not in rec:
+        keys = ", ".join(sorted(map(str, rec))) or "(none)"
+        raise DataError(
+            f"{where}: the record has no field {field_name!r}; its fields are: {keys}. "
+            "Set data.text_field to the field that holds the text."
+        )
+    value = rec[field_name]
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def read_jsonl(sf: SourceFile, report: FileReport, text_field: str) -> Iterator[tuple[str, str]]:
+    """One document per line; malformed lines are skipped and counted with their line numbers."""
+    report.size = sf.path.stat().st_size
+    report.sha256 = file_sha256(sf.path)
+    with open_binary(sf.path) as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            report.lines += 1
+            line = decode(raw, report)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                report.bad_line(lineno)
+                continue
+            text = _record_text(rec, text_field, f"{sf.path}, line {lineno}")
+            if text is None:
+                report.bad_line(lineno)
+                continue
+            yield f"{sf.name}:{lineno}", text
+
+
+def _missing_column(path: Path, column: str, columns: list[str]) -> DataError:
+    return DataError(
+        f"{path}: there is no column {column!r}; its columns are: {', '.join(map(str, columns)) or '(none)'}. "
+        "Set data.text_field to the column that holds the text."
+    )
+
+
+def read_csv(sf: SourceFile, report: FileReport, text_field: str) -> Iterator[tuple[str, str]]:
+    import pandas as pd
+
+    report.size = sf.path.stat().st_size
+    report.sha256 = file_sha256(sf.path)
+    with open_binary(sf.path) as f:
+        text_stream = io.TextIOWrapper(f, encoding="utf-8", errors="replace", newline="")
+        chunks = pd.read_csv(text_stream, dtype=str, keep_default_na=False, chunksize=10_000)
+        row = 0
+        for chunk in chunks:
+            if text_field not in chunk.columns:
+                raise _missing_column(sf.path, text_field, list(chunk.columns))
+            for text in chunk[text_field].tolist():
+                row += 1
+                report.lines += 1
+                if not text:
+                    report.bad_line(row + 1)  # +1: the header is line 1
+                    continue
+                if "\ufffd" in text:
+                    report.invalid_utf8 += 1
+                yield f"{sf.name}:{row + 1}", text
+
+
+def read_parquet(sf: SourceFile, report: FileReport, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow.parquet as pq
+
+    report.size = sf.path.stat().st_size
+    report.sha256 = file_sha256(sf.path)
+    if sf.path.name.lower().endswith(COMPRESSIONS):
+        with open_binary(sf.path) as f:  # parquet needs random access: decompress to memory
+            pf = pq.ParquetFile(io.BytesIO(f.read()))
+    else:
+        pf = pq.ParquetFile(sf.path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise _missing_column(sf.path, text_field, names)
+    row = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            report.lines += 1
+            if text is None or text == "":
+                report.bad_line(row)
+                continue
+            if isinstance(text, bytes):
+                text = decode(text, report)
+            yield f"{sf.name}:{row}", str(text)
+
+
+def read_source_file(sf: SourceFile, report: FileReport, text_field: str) -> Iterator[tuple[str, str]]:
+    if sf.source == STDLIB and sf.name == "stdlib:pydoc_data/topics":
+        return read_pydoc_topics(sf, report)
+    kind = kind_of(sf.path)
+    if kind == "jsonl":
+        return read_jsonl(sf, report, text_field)
+    if kind == "csv":
+        return read_csv(sf, report, text_field)
+    if kind == "parquet":
+        return read_parquet(sf, report, text_field)
+    return read_text_file(sf, report)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get(
+        "HF_DATASETS_OFFLINE", "0"
+    ) not in ("", "0"):
+        return False
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    host, _, port = endpoint.partition(":")
+    try:
+        with socket.create_connection((host, int(port or 443)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def read_hf(
+    spec: str, report: FileReport, text_field: str, max_docs: int | None
+) -> Iterator[tuple[str, str]]:
+    """``hf:NAME[:CONFIG][@SPLIT]``: a Hugging Face dataset, streamed; a quick clear error offline."""
+    body = spec[len(HF_PREFIX) :]
+    body, _, split = body.partition("@")
+    name, _, config = body.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"data source {spec!r} needs the Hugging Face `datasets` package: pip install datasets"
+        ) from None
+    if not _hub_reachable():
+        raise DataError(
+            f"data source {spec!r}: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set). "
+            "Download the dataset elsewhere and give its .jsonl/.parquet files in data.sources instead."
+        )
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    except Exception as e:  # the hub's errors are many and version-dependent; name the source
+        raise DataError(f"data source {spec!r}: loading the dataset failed: {e}") from None
+    h = hashlib.sha256()
+    for i, rec in enumerate(ds):
+        if max_docs is not None and i >= max_docs:
+            break
+        report.lines += 1
+        text = _record_text(rec, text_field, f"{spec}, record {i}")
+        if text is None:
+            report.bad_line(i)
+            continue
+        data = text.encode("utf-8")
+        report.size += len(data)
+        h.update(data)
+        report.sha256 = h.hexdigest()
+        yield f"{spec}:{i}", text

@@ -1,0 +1,255 @@
+"""Tokenizer (bpe | byte | file) and the token shards it writes.
+
+Every kind is a ``tokenizers.Tokenizer`` saved as ``tokenizer.json`` next to the shards, and
+every kind is byte-level: text -> UTF-8 bytes -> tokens, so any string (Chinese, emoji, code,
+stray control characters) round-trips encode -> decode byte for byte, with no unknown token.
+
+Shards are flat little-endian arrays of token ids (uint16 when the vocabulary fits, else
+uint32), the documents of a split one after another, each followed by the end-of-text token, cut
+into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; see
+``lm.shards.TokenShards`` for the reader.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lm.config import Config, TokenizerConfig
+from lm.errors import ConfigError, DataError
+from lm.stage import StageResult
+
+TOKENIZER, INDEX = "tokenizer.json", "index.json"
+SPLITS = {"train": "train.parquet", "val": "val.parquet"}
+BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, little memory
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (Radford et al. 2019), the alphabet of
+    byte-level BPE: printable Latin-1 bytes map to themselves, the rest to code points 256+."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
+
+
+def _byte_level(tok: Tokenizer, use_regex: bool) -> Tokenizer:
+    # No normaliser: the text is encoded exactly as it is, which is what makes decoding exact.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def byte_tokenizer(special_tokens: list[str]) -> Tokenizer:
+    """256 byte tokens (id = byte value) + the special tokens; nothing to train."""
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    tok = _byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[])), use_regex=False)
+    tok.add_special_tokens(special_tokens)
+    return tok
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte alphabet) learned from ``texts``."""
+    tok = _byte_level(Tokenizer(models.BPE()), use_regex=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A saved ``tokenizer.json`` (ours or any other)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER
+    if not path.is_file():
+        raise DataError(f"tokenizer file {path} does not exist")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+        raise DataError(f"{path} is not a tokenizers tokenizer.json: {e}") from None
+
+
+def iter_texts(path: Path, max_bytes: float | None = None) -> Iterator[str]:
+    """Texts of a documents parquet file, batch by batch; stop after ``max_bytes`` of UTF-8."""
+    seen = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
+        for text in batch.column(0).to_pylist():
+            yield text
+            seen += len(text.encode("utf-8", errors="surrogatepass"))
+            if max_bytes is not None and seen >= max_bytes:
+                return
+
+
+def build_tokenizer(cfg: TokenizerConfig, train_parquet: Path) -> Tokenizer:
+    if not cfg.special_tokens:
+        raise ConfigError("tokenizer.special_tokens is empty: the first one is the end-of-text token")
+    if cfg.kind == "byte":
+        return byte_tokenizer(cfg.special_tokens)
+    if cfg.kind == "file":
+        tok = load_tokenizer(Path(cfg.path))
+        missing = [t for t in cfg.special_tokens if tok.token_to_id(t) is None]
+        if missing:
+            tok.add_special_tokens(missing)
+        return tok
+    if cfg.vocab_size < 256 + len(cfg.special_tokens):
+        raise ConfigError(
+            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE: it needs at least "
+            f"256 byte tokens + {len(cfg.special_tokens)} special tokens"
+        )
+    max_bytes = None if cfg.train_max_mb is None else cfg.train_max_mb * 2**20
+    return train_bpe(iter_texts(train_parquet, max_bytes), cfg.vocab_size, cfg.special_tokens)
+
+
+class ShardWriter:
+    """Appends token ids to ``{split}_00000.bin``, ``{split}_00001.bin`` ... of ``shard_tokens`` each."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.files: list[str] = []
+        self.tokens = 0
+        self._f = None
+        self._in_file = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while ids.size:
+            if self._f is None or self._in_file >= self.shard_tokens:
+                self._open()
+            take = min(ids.size, self.shard_tokens - self._in_file)
+            self._f.write(ids[:take].tobytes())
+            self._in_file += take
+            self.tokens += take
+            ids = ids[take:]
+
+    def _open(self) -> None:
+        if self._f is not None:
+            self._f.close()
+        name = f"{self.split}_{len(self.files):05d}.bin"
+        self.files.append(name)
+        self._f = open(self.out_dir / name, "wb")
+        self._in_file = 0
+
+    def close(self) -> None:
+        if self._f is None:
+            self._open()  # an empty split still has one (empty) file, so readers need no special case
+        self._f.close()
+
+
+def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int) -> int:
+    """Encode every document of ``parquet`` into ``writer``; returns the number of documents."""
+    from tqdm import tqdm
+
+    pf = pq.ParquetFile(parquet)
+    docs = 0
+    bar = tqdm(
+        total=pf.metadata.num_rows,
+        desc=f"tokenize {writer.split}",
+        unit="doc",
+        file=sys.stderr,
+        disable=None,
+        leave=False,
+    )
+    eot = np.array([eot_id], dtype=np.int64)
+    for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
+        texts = batch.column(0).to_pylist()
+        # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
+        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+        parts = []
+        for enc in encodings:
+            parts.append(np.asarray(enc.ids, dtype=np.int64))
+            parts.append(eot)
+        writer.write(np.concatenate(parts))
+        docs += len(texts)
+        bar.update(len(texts))
+    bar.close()
+    return docs
+
+
+def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:
+    """eot/pad/mask ids: the first, second and third special token (the end-of-text one if absent)."""
+    ids = [tok.token_to_id(t) for t in special_tokens]
+    eot = ids[0]
+    return {
+        "eot_id": eot,
+        "pad_id": ids[1] if len(ids) > 1 else eot,
+        "mask_id": ids[2] if len(ids) > 2 else eot,
+    }
+
+
+def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path) -> StageResult:
+    """Build the tokenizer and write token shards of the train and val splits of ``clean_dir``."""
+    clean_dir, out_dir = Path(clean_dir), Path(out_dir)
+    for name in SPLITS.values():
+        if not (clean_dir / name).is_file():
+            raise DataError(f"{clean_dir / name} does not exist: run the clean stage first")
+    t0 = time.perf_counter()
+    tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
+    train_seconds = time.perf_counter() - t0
+    tok.save(str(out_dir / TOKENIZER))
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+    ids = special_ids(tok, cfg.tokenizer.special_tokens)
+    # Text that happens to contain "<|endoftext|>" is encoded as plain text, never as the special
+    # token: only the stage itself places document boundaries.
+    tok.encode_special_tokens = True
+
+    t1 = time.perf_counter()
+    splits, docs = {}, {}
+    for split, name in SPLITS.items():
+        writer = ShardWriter(out_dir, split, dtype, cfg.tokenizer.shard_tokens)
+        docs[split] = encode_split(tok, clean_dir / name, writer, ids["eot_id"])
+        writer.close()
+        splits[split] = {"files": writer.files, "tokens": writer.tokens, "documents": docs[split]}
+    encode_seconds = time.perf_counter() - t1
+    if splits["train"]["tokens"] == 0:
+        raise DataError(f"{clean_dir / SPLITS['train']} holds no documents: nothing to train on")
+    index = {
+        "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
+        "vocab_size": vocab_size,
+        **ids,
+        "splits": splits,
+        "tokenizer": TOKENIZER,
+        "kind": cfg.tokenizer.kind,
+    }
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+    total = splits["train"]["tokens"] + splits["val"]["tokens"]
+    return StageResult(
+        metrics={
+            "tokenize/vocab_size": float(vocab_size),
+            "tokenize/train_tokens": float(splits["train"]["tokens"]),
+            "tokenize/val_tokens": float(splits["val"]["tokens"]),
+            "tokenize/train_seconds": train_seconds,
+            "tokenize/tokens_per_s": total / max(encode_seconds, 1e-9),
+        },
+        params={
+            "tokenizer.kind": cfg.tokenizer.kind,
+            "tokenizer.vocab_size": vocab_size,
+            "dtype": index["dtype"],
+        },
+        artifacts=[TOKENIZER, INDEX],
+        outputs={"tokenizer": TOKENIZER, "index": INDEX},
+    )
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    """Place a saved tokenizer.json next to an exported model."""
+    shutil.copyfile(Path(src) / TOKENIZER if Path(src).is_dir() else src, dst)
