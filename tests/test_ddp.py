@@ -1,0 +1,87 @@
+"""Real distributed training on CPU (gloo): Lightning's ddp launcher, and two torchrun "nodes".
+
+Both check what a user relies on: every rank ends with the same weights, and exactly one MLflow
+run (the one created by the caller and passed by id) holds the metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_fixtures import free_port, make_token_dir, tiny_config_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGEST = re.compile(r"lmforge: rank (\d+) weights sha256 ([0-9a-f]{64})")
+
+
+def _mlflow_run(tracking_uri: str) -> tuple[object, str, str]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    exp = client.create_experiment("ddp")
+    return client, exp, client.create_run(exp).info.run_id
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
+
+
+def _check(outputs: str, client, exp: str, run_id: str, out: Path) -> None:
+    digests = dict(DIGEST.findall(outputs))
+    assert set(digests) == {"0", "1"}, outputs[-3000:]
+    assert digests["0"] == digests["1"]
+    runs = client.search_runs([exp])
+    assert [r.info.run_id for r in runs] == [run_id]  # no rank opened a run of its own
+    metrics = client.get_run(run_id).data.metrics
+    assert {"train/loss", "val/loss", "val/ppl", "train/grad_norm", "throughput/tokens_per_s"} <= set(metrics)
+    # Rank 0 alone logs: one value per logged step, not two.
+    steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
+    assert steps == sorted(set(steps))
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+
+
+@pytest.mark.slow  # ~25 s: two gloo ranks started by Lightning's ddp launcher
+def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, tracking_uri):
+    tokens = make_token_dir(tmp_path / "tokens")
+    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp",
+                                                           "log_every": 2})
+    client, exp, run_id = _mlflow_run(tracking_uri)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens),
+         "--out", str(tmp_path / "out"), "--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest"],
+        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _check(proc.stdout + proc.stderr, client, exp, run_id, tmp_path / "out")
+    assert "world 2" in proc.stdout
+
+
+@pytest.mark.slow  # ~25 s: two torchrun launches rendezvous on 127.0.0.1 as two nodes
+def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, tracking_uri):
+    tokens = make_token_dir(tmp_path / "tokens")
+    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "devices": 1, "num_nodes": 2,
+                                                           "strategy": "ddp", "log_every": 2})
+    client, exp, run_id = _mlflow_run(tracking_uri)
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+               "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens), "--out", str(tmp_path / "out"),
+               "--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                      env=_env()))
+    outputs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        outputs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    _check("\n".join(outputs), client, exp, run_id, tmp_path / "out")
+    assert "world 2" in outputs[0]
