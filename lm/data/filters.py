@@ -185,7 +185,12 @@ def unspaced_fraction(text: str) -> float:
 
 def length_filter(min_chars: int, max_chars: int) -> Filter:
     def length(doc: Document) -> str | None:
-        n = len(doc.text)
+        text = doc.text
+        n = len(text)
+        if n < min_chars and not text.isascii():
+            # Script-aware: a Chinese or Japanese character carries about as much as a short
+            # English word, so it counts as 3 characters (as its UTF-8 width does) toward the minimum.
+            n += 2 * len(_UNSPACED_CHAR.findall(text))
         if n < min_chars:
             return "too_short"
         if n > max_chars:

@@ -1,0 +1,172 @@
+"""Ingest: every source kind, provenance, and each kind of bad input counted or reported."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from lm.config import DataConfig
+from lm.data.ingest import ingest
+from lm.errors import DataError
+
+
+def run(tmp_path: Path, sources: list[str], **kw) -> tuple[object, pd.DataFrame, pd.DataFrame]:
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    result = ingest(DataConfig(sources=sources, **kw), out_dir=out)
+    docs = pq.read_table(out / result.outputs["documents"]).to_pandas()
+    prov = pd.read_csv(out / result.outputs["provenance"], keep_default_na=False)
+    return result, docs, prov
+
+
+def jsonl_lines(n: int, field: str = "text") -> list[str]:
+    return [json.dumps({field: f"document number {i} " * 5, "id": i}) for i in range(n)]
+
+
+def test_mixed_sources_in_one_config(tmp_path):
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text("plain text file")
+    (d / "sub" / "b.md").write_text("# markdown\n\nbody")
+    (d / "sub" / "c.py").write_text("def f():\n    return 1\n")
+    lines = "\n".join(jsonl_lines(3)) + "\n"
+    (tmp_path / "r.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+    (tmp_path / "r2.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    pd.DataFrame({"body": ["csv one", "csv, two"]}).to_csv(tmp_path / "t.csv.gz", index=False)
+    pq.write_table(pa.table({"body": ["pq one", "pq two", "pq three"]}), tmp_path / "t.parquet")
+    result, docs, prov = run(tmp_path, [str(d), str(tmp_path / "r.jsonl.gz"), str(tmp_path / "r2.jsonl.zst")])
+    assert len(docs) == 3 + 3 + 3
+    assert set(docs.columns) == {"doc_id", "source", "text"}
+    assert docs.doc_id.is_unique
+    assert "def f():\n    return 1\n" in set(docs.text)
+    assert docs.text.str.startswith("document number 0").sum() == 2  # from .gz and from .zst
+    assert result.metrics["ingest/documents"] == 9
+    assert result.metrics["ingest/files"] == 5
+    assert result.datasets[0]["path"] == "documents.parquet" and len(result.datasets[0]["digest"]) == 64
+    # Tables: the column named by text_field, compressed CSV included.
+    _, docs2, _ = run(tmp_path, [str(tmp_path / "t.csv.gz"), str(tmp_path / "t.parquet")], text_field="body")
+    assert list(docs2.text) == ["csv one", "csv, two", "pq one", "pq two", "pq three"]
+
+
+def test_provenance_and_deterministic_digest(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(3):
+        (d / f"{i}.txt").write_text(f"text {i}")
+    r1, _, prov = run(tmp_path, [str(d)])
+    assert list(prov.columns[:5]) == ["source", "path", "size", "sha256", "documents"]
+    assert prov["documents"].tolist() == [1, 1, 1]
+    assert prov["size"].tolist() == [6, 6, 6]
+    r2, _, _ = run(tmp_path, [str(d)])
+    assert r1.datasets[0]["digest"] == r2.datasets[0]["digest"]
+    (d / "1.txt").write_text("changed")
+    r3, _, _ = run(tmp_path, [str(d)])
+    assert r3.datasets[0]["digest"] != r1.datasets[0]["digest"]
+
+
+def test_invalid_utf8_is_decoded_with_replacement_and_counted(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "bad.txt").write_bytes(b"caf\xe9 au lait")
+    (d / "good.txt").write_text("café", encoding="utf-8")
+    result, docs, prov = run(tmp_path, [str(d)])
+    assert "caf\ufffd au lait" in set(docs.text)
+    assert result.metrics["ingest/invalid_utf8"] == 1
+    assert prov.set_index(prov.path.map(lambda p: Path(p).name)).loc["bad.txt", "invalid_utf8"] == 1
+
+
+def test_binary_files_are_skipped_and_counted(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (d / "text.txt").write_text("hello")
+    result, docs, prov = run(tmp_path, [str(d)])
+    assert list(docs.text) == ["hello"]
+    assert result.metrics["ingest/binary_skipped"] == 1
+    assert prov.binary_skipped.sum() == 1
+
+
+def test_malformed_jsonl_lines_are_counted_with_line_numbers(tmp_path):
+    lines = jsonl_lines(200)
+    lines[4] = '{"text": "unterminated'
+    lines[9] = "not json at all"
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result, docs, prov = run(tmp_path, [str(path)], max_bad_fraction=0.05)
+    assert len(docs) == 198
+    assert result.metrics["ingest/bad_jsonl_lines"] == 2
+    assert prov.first_bad_lines[0] == "5 10"
+
+
+def test_too_many_malformed_jsonl_lines_fail_the_stage(tmp_path):
+    lines = jsonl_lines(20)
+    for i in (1, 3, 5):
+        lines[i] = "{broken"
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(lines))
+    with pytest.raises(DataError, match=r"3 of 20 records.*lines 2, 4, 6.*max_bad_fraction"):
+        run(tmp_path, [str(path)], max_bad_fraction=0.1)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_missing_field_or_column_is_named_with_the_existing_ones(tmp_path, kind):
+    path = tmp_path / f"t.{kind}"
+    if kind == "jsonl":
+        path.write_text("\n".join(jsonl_lines(3, field="content")))
+    elif kind == "csv":
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows([["content", "id"], ["a", "1"]])
+    else:
+        pq.write_table(pa.table({"content": ["a"], "id": [1]}), path)
+    with pytest.raises(DataError, match=r"'text'.*content, id"):
+        run(tmp_path, [str(path)])
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(DataError, match="nowhere/at_all"):
+        run(tmp_path, [str(tmp_path / "nowhere/at_all")])
+    with pytest.raises(DataError, match="glob matches no files"):
+        run(tmp_path, [str(tmp_path / "*.nothing")])
+
+
+def test_empty_result_is_an_error(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "blob.bin").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(DataError, match="no documents.*1 binary files skipped"):
+        run(tmp_path, [str(d)])
+
+
+def test_stdlib_corpus_is_deterministic_and_capped(tmp_path):
+    r1, docs, _ = run(tmp_path, ["stdlib"], max_docs=50)
+    assert len(docs) == 50 and r1.metrics["ingest/documents"] == 50
+    assert docs.doc_id.iloc[0].startswith("stdlib:") and docs.source.eq("stdlib").all()
+    r2, docs2, _ = run(tmp_path, ["stdlib"], max_docs=50)
+    assert docs.equals(docs2) and r1.datasets[0]["digest"] == r2.datasets[0]["digest"]
+
+
+def test_hugging_face_source_fails_fast_and_clearly_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="hf:wikitext.*(pip install datasets|cannot be reached)"):
+        run(tmp_path, ["hf:wikitext"])
+    assert time.perf_counter() - start < 5
+
+
+def test_row_groups_bound_memory(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    for i in range(40):
+        (d / f"{i:02d}.txt").write_text("x" * 30_000)
+    run(tmp_path, [str(d)], row_group_mb=0.1)
+    meta = pq.ParquetFile(tmp_path / "out" / "documents.parquet").metadata
+    assert meta.num_row_groups >= 10 and meta.num_rows == 40

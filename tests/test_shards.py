@@ -1,0 +1,66 @@
+"""TokenShards: memmap windows across shard boundaries, equal to the concatenated stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lm.errors import DataError
+from lm.shards import TokenShards
+
+
+def write_shards(tmp_path, sizes: list[int], dtype: str = "uint16") -> np.ndarray:
+    rng = np.random.default_rng(0)
+    stream = rng.integers(0, 60_000 if dtype == "uint16" else 100_000, size=sum(sizes)).astype(dtype)
+    files, at = [], 0
+    for i, n in enumerate(sizes):
+        name = f"train_{i:05d}.bin"
+        stream[at : at + n].tofile(tmp_path / name)
+        files.append(name)
+        at += n
+    index = {
+        "dtype": dtype,
+        "vocab_size": 65_536 if dtype == "uint16" else 100_000,
+        "eot_id": 0,
+        "pad_id": 1,
+        "mask_id": 2,
+        "splits": {"train": {"files": files, "tokens": int(sum(sizes))}},
+        "tokenizer": "tokenizer.json",
+    }
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    return stream
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_windows_across_shard_boundaries(tmp_path, dtype):
+    stream = write_shards(tmp_path, [100, 1, 0, 257, 50], dtype)
+    shards = TokenShards(tmp_path, "train")
+    assert shards.num_tokens == len(shards) == 408
+    assert (shards.vocab_size, shards.eot_id, shards.pad_id, shards.mask_id)[1:] == (0, 1, 2)
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        length = int(rng.integers(0, 300))
+        start = int(rng.integers(0, 408 - length + 1))
+        w = shards.window(start, length)
+        assert w.dtype == np.int64 and np.array_equal(w, stream[start : start + length].astype(np.int64))
+    assert np.array_equal(shards.window(0, 408), stream.astype(np.int64))
+    assert shards.num_windows(seq_len=100) == 408 // 101
+    with pytest.raises(IndexError):
+        shards.window(400, 9)
+
+
+def test_reader_does_not_load_shards(tmp_path):
+    write_shards(tmp_path, [1000, 1000])
+    shards = TokenShards(tmp_path, "train")
+    assert all(isinstance(m, np.memmap) for m in shards._maps)
+
+
+def test_incomplete_shards_and_missing_split_are_reported(tmp_path):
+    write_shards(tmp_path, [100, 100])
+    (tmp_path / "train_00001.bin").write_bytes(b"\x00\x00" * 10)
+    with pytest.raises(DataError, match="incomplete"):
+        TokenShards(tmp_path, "train")
+    with pytest.raises(DataError, match="no split 'val'"):
+        TokenShards(tmp_path, "val")
