@@ -41,6 +41,7 @@ class CleanConfig(Section):
     min_chars: int = 200
     max_chars: int = 200_000
     # Gopher-style quality rules (Rae et al. 2021, appendix A); None switches a rule off.
+    # Unset thresholds take the preset's value (CLEAN_PRESETS below).
     min_mean_word_len: float | None = None
     max_mean_word_len: float | None = None
     max_symbol_ratio: float | None = None
@@ -54,6 +55,50 @@ class CleanConfig(Section):
     min_alnum_ratio: float | None = None
     redact_pii: bool = True
     dropped_samples: int = 5  # dropped documents kept per reason in dropped_samples.jsonl
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> CleanConfig:
+        # Every threshold the config did not set takes the preset's value, here at validation, so
+        # that a dumped and re-validated config (Prefect parameters, stage keys) keeps the same
+        # values. Written to __dict__ so that the fields still count as unset: assigning another
+        # preset later re-fills them.
+        for name, value in CLEAN_PRESETS[self.preset].items():
+            if name not in self.model_fields_set:
+                self.__dict__[name] = value
+        return self
+
+
+# Thresholds per preset. prose: Gopher's published values (Rae et al. 2021, A.1.1). code: the
+# Codex/StarCoder line-length and alphanumeric rules; word-length and symbol rules are meaningless
+# for code (``#`` starts every Python comment) and repeated lines are normal in it.
+CLEAN_PRESETS: dict[str, dict[str, Any]] = {
+    "prose": {
+        "min_chars": 200,
+        "max_chars": 200_000,
+        "min_mean_word_len": 3.0,
+        "max_mean_word_len": 10.0,
+        "max_symbol_ratio": 0.1,
+        "min_alpha_ratio": 0.8,
+        "max_dup_line_fraction": 0.3,
+        "max_top_ngram_fraction": 0.2,
+        "max_line_len": None,
+        "max_mean_line_len": None,
+        "min_alnum_ratio": None,
+    },
+    "code": {
+        "min_chars": 100,
+        "max_chars": 1_000_000,
+        "min_mean_word_len": None,
+        "max_mean_word_len": None,
+        "max_symbol_ratio": None,
+        "min_alpha_ratio": None,
+        "max_dup_line_fraction": 0.5,
+        "max_top_ngram_fraction": None,
+        "max_line_len": 1000,
+        "max_mean_line_len": 100.0,
+        "min_alnum_ratio": 0.25,
+    },
+}
 
 
 class DedupConfig(Section):

@@ -32,48 +32,10 @@ class Document:
 
 Filter = Callable[[Document], str | None]
 
-# Presets: the values a rule takes unless the config sets it explicitly (``model_fields_set``).
-# prose: Gopher's published thresholds. code: Codex/StarCoder's line and alphanumeric rules;
-# word-length and symbol rules are meaningless for code (``#`` starts every Python comment).
-PRESETS: dict[str, dict[str, object]] = {
-    "prose": {
-        "min_chars": 200,
-        "max_chars": 200_000,
-        "min_mean_word_len": 3.0,
-        "max_mean_word_len": 10.0,
-        "max_symbol_ratio": 0.1,
-        "min_alpha_ratio": 0.8,
-        "max_dup_line_fraction": 0.3,
-        "max_top_ngram_fraction": 0.2,
-        "max_line_len": None,
-        "max_mean_line_len": None,
-        "min_alnum_ratio": None,
-    },
-    "code": {
-        "min_chars": 100,
-        "max_chars": 1_000_000,
-        "min_mean_word_len": None,
-        "max_mean_word_len": None,
-        "max_symbol_ratio": None,
-        "min_alpha_ratio": None,
-        "max_dup_line_fraction": 0.5,
-        "max_top_ngram_fraction": None,
-        "max_line_len": 1000,
-        "max_mean_line_len": 100.0,
-        "min_alnum_ratio": 0.25,
-    },
-}
-
 
 def effective(cfg: CleanConfig) -> dict[str, object]:
-    """The thresholds in force: the preset's, overridden by every field the config set explicitly."""
-    values = cfg.model_dump()
-    merged = dict(PRESETS[cfg.preset])
-    for name in cfg.model_fields_set:
-        merged[name] = values[name]
-    for name, value in values.items():
-        merged.setdefault(name, value)
-    return merged
+    """The thresholds in force (the preset's values are filled in when the config is validated)."""
+    return cfg.model_dump()
 
 
 # --- text rewriting ---------------------------------------------------------------------------
