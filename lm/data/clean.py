@@ -73,18 +73,11 @@ class PartResult:
     seconds: float = 0.0
 
 
-def plan_parts(documents: Path, scratch: Path, parts_per_worker: int = 4, workers: int = 1) -> list[PartTask]:
-    """Group the row groups of ``documents`` into parts; more parts than workers balances load."""
+def plan_parts(documents: Path, scratch: Path) -> list[PartTask]:
+    """One part per row group of ``documents``: ingest bounds a row group's size (data.row_group_mb),
+    so a worker's memory does not grow with the corpus."""
     n = pq.ParquetFile(documents).metadata.num_row_groups
-    want = max(1, min(n, workers * parts_per_worker))
-    bounds = np.linspace(0, n, want + 1).round().astype(int)
-    return [
-        PartTask(
-            i, str(documents), list(range(bounds[i], bounds[i + 1])), str(scratch / f"part_{i:05d}.parquet")
-        )
-        for i in range(want)
-        if bounds[i + 1] > bounds[i]
-    ]
+    return [PartTask(i, str(documents), [i], str(scratch / f"part_{i:05d}.parquet")) for i in range(n)]
 
 
 def split_hash(text: str, seed: int) -> int:
@@ -164,7 +157,7 @@ def clean(cfg: DataConfig, documents: Path, *, out_dir: Path) -> StageResult:
     workers = cfg.workers or os.cpu_count() or 1
     scratch = out_dir / "_parts"
     scratch.mkdir(parents=True, exist_ok=True)
-    tasks = plan_parts(Path(documents), scratch, workers=workers)
+    tasks = plan_parts(Path(documents), scratch)
     try:
         return finish_clean(cfg, tasks, _map_parts(tasks, cfg, workers), out_dir=out_dir, start=start)
     finally:

@@ -182,18 +182,20 @@ def read_pydoc_topics(sf: SourceFile, report: FileReport) -> Iterator[tuple[str,
 
 
 def read_text_file(sf: SourceFile, report: FileReport) -> Iterator[tuple[str, str]]:
-    """One document per file; binary files (a NUL byte in the first 8 KiB) are skipped and counted."""
-    raw_file = sf.path.read_bytes()
-    report.size = len(raw_file)
-    report.sha256 = hashlib.sha256(raw_file).hexdigest()
-    if sf.path.name.lower().endswith(COMPRESSIONS):
-        with open_binary(sf.path) as f:
-            raw = f.read()
-    else:
-        raw = raw_file
-    if b"\x00" in raw[:BINARY_SNIFF]:
-        report.binary_skipped += 1
-        return
+    """One document per file; binary files (a NUL byte in the first 8 KiB) are skipped and counted
+    after reading only that much (a directory may hold gigabytes of shared libraries)."""
+    report.size = sf.path.stat().st_size
+    with open_binary(sf.path) as f:
+        head = f.read(BINARY_SNIFF)
+        if b"\x00" in head:
+            report.binary_skipped += 1
+            return
+        raw = head + f.read()
+    report.sha256 = (
+        file_sha256(sf.path)
+        if sf.path.name.lower().endswith(COMPRESSIONS)
+        else hashlib.sha256(raw).hexdigest()
+    )
     yield sf.name, decode(raw, report)
 
 
