@@ -242,6 +242,20 @@ def _resolve_pad_id(tokenizer_path: Path, tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
+def encode_texts(tokenizer, texts: list[str], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> ids (N, T) right-padded with pad_id, attention_mask (N, T) bool.
+
+    The one encoding of classifier inputs: training, evaluation and serving all call it, so a
+    model never sees text prepared differently from how it was trained."""
+    ids = torch.full((len(texts), seq_len), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), seq_len), dtype=torch.bool)
+    for i, enc in enumerate(tokenizer.encode_batch(texts)):
+        row = enc.ids[:seq_len] or [pad_id]
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = True
+    return ids, mask
+
+
 class ClassificationDataModule(pl.LightningDataModule):
     """``train/val/test.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,))."""
 
@@ -271,14 +285,7 @@ class ClassificationDataModule(pl.LightningDataModule):
         self._sets: dict[str, torch.utils.data.TensorDataset] = {}
 
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> ids (N, T) right-padded with pad_id, attention_mask (N, T) bool."""
-        ids = torch.full((len(texts), self.seq_len), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(texts), self.seq_len), dtype=torch.bool)
-        for i, enc in enumerate(self.tokenizer.encode_batch(texts)):
-            row = enc.ids[: self.seq_len] or [self.pad_id]
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = True
-        return ids, mask
+        return encode_texts(self.tokenizer, texts, self.seq_len, self.pad_id)
 
     def _load(self, split: str) -> torch.utils.data.TensorDataset:
         if split not in self._sets:
