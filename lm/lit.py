@@ -105,8 +105,9 @@ class _OptimisedModule(pl.LightningModule):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)  # sharded grads: FSDP's own reduce
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # Lightning logs only these steps
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Lightning does not store RNG state; dropout and sampling draw from torch's global generator.

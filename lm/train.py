@@ -105,8 +105,13 @@ def weights_digest(net: nn.Module) -> str:
 def _trainer(cfg: Config, out_dir: Path, *, max_steps: int, logger, callbacks: list, plugins: list,
              distributed_sampler: bool = False):
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     t = cfg.trainer
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves alone
+    # tqdm, redrawn every log_every steps: cheap per step, and readable when stderr is a log stream.
+    callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, t.log_every))]
     return pl.Trainer(
         accelerator=t.accelerator, strategy=build_strategy(t.strategy), devices=t.devices, num_nodes=t.num_nodes,
         precision=t.precision, max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
@@ -142,9 +147,11 @@ def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
 
 def run_pretrain(
     cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, run_id: str | None = None,
-    tracking_uri: str | None = None, print_weight_digest: bool = False,
+    tracking_uri: str | None = None, print_weight_digest: bool = False, extra_callbacks: list | None = None,
 ) -> dict[str, float]:
-    """Pretrain the configured decoder/encoder on a token data dir; returns the final metrics (rank 0)."""
+    """Pretrain the configured decoder/encoder on a token data dir; returns the final metrics (rank 0).
+
+    ``extra_callbacks``: Lightning callbacks added to the Trainer (benchmarks, tests)."""
     import lightning.pytorch as pl
 
     from lm.checkpoint import CKPT_DIR, AtomicCheckpointIO, StepCheckpoint, latest_valid_checkpoint
@@ -168,7 +175,7 @@ def run_pretrain(
     tokens_per_micro = p.batch_size * args.seq_len
     ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, p.ckpt_every, p.keep_last)
     throughput = ThroughputMonitor(tokens_per_micro, flops_per_token(args), window=cfg.trainer.log_every)
-    callbacks: list[pl.Callback] = [ckpt_cb, throughput]
+    callbacks: list[pl.Callback] = [ckpt_cb, throughput, *(extra_callbacks or [])]
     if args.kind == "decoder" and (data_dir / index.get("tokenizer", "tokenizer.json")).is_file():
         callbacks.append(
             SampleWriter(data_dir / index.get("tokenizer", "tokenizer.json"), out_dir / "samples.txt", PROMPTS,
