@@ -33,40 +33,11 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class _MemmapSplit:
-    """Minimal reader of one split (the same API as lm.shards.TokenShards): used until that lands."""
-
-    def __init__(self, data_dir: str | os.PathLike, split: str):
-        index = read_token_index(data_dir)
-        self.vocab_size, self.eot_id = int(index["vocab_size"]), int(index["eot_id"])
-        self.pad_id, self.mask_id = int(index["pad_id"]), int(index["mask_id"])
-        info = index["splits"][split]
-        self.parts = [np.memmap(Path(data_dir) / f, dtype=index["dtype"], mode="r") for f in info["files"]]
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
-        self.num_tokens = int(self.offsets[-1])
-
-    def window(self, start: int, length: int) -> np.ndarray:
-        out, pos, end = [], start, start + length
-        i = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while pos < end:
-            lo = pos - self.offsets[i]
-            take = min(end - pos, len(self.parts[i]) - lo)
-            out.append(self.parts[i][lo : lo + take])
-            pos += take
-            i += 1
-        return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
-
-
 def open_token_split(data_dir: str | os.PathLike, split: str):
-    """The data stage's reader (lm.shards.TokenShards) for one split of a token data dir."""
-    try:
-        from lm.shards import TokenShards
-    except ImportError:
-        TokenShards = _MemmapSplit
-    try:
-        return TokenShards(data_dir, split)
-    except (FileNotFoundError, KeyError) as e:
-        raise DataError(f"{data_dir}: cannot open the {split!r} split of the token data ({e})") from None
+    """The data stage's reader of one split (raises DataError naming the file when it is unusable)."""
+    from lm.shards import TokenShards
+
+    return TokenShards(Path(data_dir), split)
 
 
 def read_token_index(data_dir: str | os.PathLike) -> dict[str, Any]:
