@@ -112,15 +112,24 @@ def _trainer(cfg: Config, out_dir: Path, *, max_steps: int, logger, callbacks: l
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves alone
     # tqdm, redrawn every log_every steps: cheap per step, and readable when stderr is a log stream.
     callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, t.log_every))]
-    return pl.Trainer(
-        accelerator=t.accelerator, strategy=build_strategy(t.strategy), devices=t.devices, num_nodes=t.num_nodes,
-        precision=t.precision, max_steps=max_steps, max_epochs=-1, logger=logger, callbacks=callbacks,
-        plugins=plugins, log_every_n_steps=t.log_every, enable_checkpointing=False, num_sanity_val_steps=0,
-        check_val_every_n_epoch=None, val_check_interval=max(1, cfg.pretrain.val_every),  # set again below
-        # Pretraining's WindowSampler splits the data over ranks itself (and must stay resumable).
-        use_distributed_sampler=distributed_sampler,
-        default_root_dir=str(out_dir), enable_model_summary=False,
-    )
+    if t.strategy == "fsdp" and t.accelerator == "cpu":
+        raise ConfigError("trainer.strategy=fsdp needs GPUs (trainer.accelerator=cuda or auto); on CPU use ddp")
+    try:
+        return pl.Trainer(
+            accelerator=t.accelerator, strategy=build_strategy(t.strategy), devices=t.devices,
+            num_nodes=t.num_nodes, precision=t.precision, max_steps=max_steps, max_epochs=-1, logger=logger,
+            callbacks=callbacks, plugins=plugins, log_every_n_steps=t.log_every, enable_checkpointing=False,
+            num_sanity_val_steps=0, check_val_every_n_epoch=None,
+            val_check_interval=max(1, cfg.pretrain.val_every),  # set again once accumulation is known
+            # Pretraining's WindowSampler splits the data over ranks itself (and must stay resumable).
+            use_distributed_sampler=distributed_sampler,
+            default_root_dir=str(out_dir), enable_model_summary=False,
+        )
+    except (ValueError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
+        raise ConfigError(
+            f"trainer section (accelerator={t.accelerator}, strategy={t.strategy}, devices={t.devices}, "
+            f"num_nodes={t.num_nodes}, precision={t.precision}): {e}"
+        ) from None
 
 
 def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
