@@ -67,7 +67,7 @@ def deploy(
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=LmforgePyfunc(),
+                python_model=str(Path(__file__).with_name("registry_model.py")),
                 artifacts={"model": str(export_dir)},
                 pip_requirements=["lmforge", "torch", "tokenizers", "safetensors", "pandas"],
             )

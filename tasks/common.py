@@ -74,37 +74,47 @@ def run_stage_in_child_run(stage_task_fn, stage: str, cfg: Config, parent_run_id
 
 
 def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None) -> None:
-    """Run ``cmd``; its stdout lines go to the Prefect log, its stderr (the progress bar) to ours.
+    """Run ``cmd``, showing its progress bar on our terminal and its ``lmforge:`` lines in the
+    Prefect log (Prefect does not forward a subprocess's output by itself, PrefectHQ/prefect#9797).
 
-    Prefect does not forward a subprocess's output by itself (PrefectHQ/prefect#9797). A non-zero
-    exit raises TrainingError carrying the process's last error line.
+    Progress bars redraw a line with carriage returns, so the output is read in chunks, not lines:
+    everything is echoed to our stderr, and each finished line that holds ``lmforge:`` is also
+    logged from that marker on. A non-zero exit raises TrainingError with the last error line.
     """
     logger = get_run_logger()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume the wrong run (mlflow#15713)
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tail: deque[str] = deque(maxlen=40)
+    lock = threading.Lock()
 
-    def pump_stderr() -> None:
-        buf = b""
-        for chunk in iter(lambda: proc.stderr.read1(4096), b""):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            buf = (buf + chunk)[-8192:]
-        tail.extend(buf.decode(errors="replace").replace("\r", "\n").splitlines())
+    def pump(stream, log_lines: bool) -> None:
+        pending = ""
+        for chunk in iter(lambda: stream.read1(4096), b""):
+            with lock:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+            pending += chunk.decode(errors="replace")
+            *done, pending = pending.split("\n")
+            for raw in done:
+                line = raw.split("\r")[-1].strip() if "lmforge:" not in raw else raw[raw.index("lmforge:"):].strip()
+                if line:
+                    tail.append(line)
+                if log_lines and line.startswith("lmforge:"):
+                    logger.info(line)
+        if pending.strip():
+            tail.append(pending.split("\r")[-1].strip())
 
-    pump = threading.Thread(target=pump_stderr, daemon=True)
-    pump.start()
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace").rstrip()
-        if line:
-            logger.info(line)
-            tail.append(line)
+    threads = [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, True), daemon=True)]
+    for t in threads:
+        t.start()
     rc = proc.wait()
-    pump.join(timeout=5)
+    for t in threads:
+        t.join(timeout=10)
     if rc != 0:
-        lines = [ln.strip() for ln in tail if ln.strip()]
-        reason = next((ln for ln in reversed(lines) if ln.startswith(("lmforge:", "TrainingError", "Error"))), None)
+        lines = [ln for ln in tail if ln]
+        reason = next((ln for ln in reversed(lines) if ln.startswith(("lmforge: error", "lmforge:", "TrainingError", "Error"))), None)
         reason = reason or (lines[-1] if lines else "no output")
         raise TrainingError(f"training process exited with code {rc}: {reason}")
 
