@@ -300,11 +300,14 @@ class SampleWriter(pl.Callback):
         lines = [f"=== step {trainer.global_step} ==="]
         was_training = net.training
         net.eval()
-        for prompt in self.prompts:
-            ids = self.tokenizer.encode(prompt).ids or [self.eot_id or 0]
-            idx = torch.tensor([ids], dtype=torch.long, device=gen.device)
-            out = generate(net, idx, self.max_new_tokens, temperature=0.8, top_k=50, eot_id=self.eot_id, generator=gen)
-            lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(out[0].tolist())}")
+        # Eager even when pretrain.compile is on: every generated length would be a new graph.
+        with torch.compiler.set_stance("force_eager"):
+            for prompt in self.prompts:
+                ids = self.tokenizer.encode(prompt).ids or [self.eot_id or 0]
+                idx = torch.tensor([ids], dtype=torch.long, device=gen.device)
+                out = generate(net, idx, self.max_new_tokens, temperature=0.8, top_k=50, eot_id=self.eot_id,
+                               generator=gen)
+                lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(out[0].tolist())}")
         net.train(was_training)
         text = "\n".join(lines) + "\n\n"
         with open(self.out_path, "a", encoding="utf-8") as f:
