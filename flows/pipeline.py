@@ -8,8 +8,15 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.stages import (
-    clean_flow, deploy_flow, evaluate_flow, export_flow, finetune_data_flow, finetune_flow, ingest_flow,
-    pretrain_flow, tokenize_flow,
+    clean_flow,
+    deploy_flow,
+    evaluate_flow,
+    export_flow,
+    finetune_data_flow,
+    finetune_flow,
+    ingest_flow,
+    pretrain_flow,
+    tokenize_flow,
 )
 from lm import tracking
 from lm.config import load_config

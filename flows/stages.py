@@ -6,7 +6,9 @@ from __future__ import annotations
 from prefect import flow
 
 from lm.config import Config
-from tasks import data, deploy as deploy_tasks, evaluate as eval_tasks, train
+from tasks import data, train
+from tasks import deploy as deploy_tasks
+from tasks import evaluate as eval_tasks
 from tasks.common import run_stage_in_child_run
 
 

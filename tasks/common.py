@@ -4,9 +4,11 @@ and streaming a training subprocess into the Prefect log.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -77,9 +79,9 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
     """Run ``cmd``, showing its progress bar on our terminal and its ``lmforge:`` lines in the
     Prefect log (Prefect does not forward a subprocess's output by itself, PrefectHQ/prefect#9797).
 
-    Progress bars redraw a line with carriage returns, so the output is read in chunks, not lines:
-    everything is echoed to our stderr, and each finished line that holds ``lmforge:`` is also
-    logged from that marker on. A non-zero exit raises TrainingError with the last error line.
+    Progress bars redraw a line with carriage returns, so the output is read in chunks and cut at
+    both "\\r" and "\\n": what holds ``lmforge:`` goes to the log from that marker on, the rest is
+    echoed to our stderr. A non-zero exit raises TrainingError with the last error line.
     """
     logger = get_run_logger()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -88,25 +90,33 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
     tail: deque[str] = deque(maxlen=40)
     lock = threading.Lock()
 
-    def pump(stream, log_lines: bool) -> None:
+    def pump(stream) -> None:
         pending = ""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # chunks split characters
         for chunk in iter(lambda: stream.read1(4096), b""):
-            with lock:
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
-            pending += chunk.decode(errors="replace")
-            *done, pending = pending.split("\n")
-            for raw in done:
-                line = raw.split("\r")[-1].strip() if "lmforge:" not in raw else raw[raw.index("lmforge:"):].strip()
-                if line:
+            pending += decoder.decode(chunk)
+            # Segments end in "\n" or "\r" (a progress bar redraws its line with "\r").
+            *segments, pending = re.split(r"(?<=[\r\n])", pending)
+            echo = []
+            for seg in segments:
+                if "lmforge:" in seg:
+                    head, rest = seg.split("lmforge:", 1)
+                    line = "lmforge: " + rest.strip()
+                    echo.append(head)
                     tail.append(line)
-                if log_lines and line.startswith("lmforge:"):
-                    logger.info(line)
+                    logger.info(line)  # shown on the terminal by Prefect's console handler
+                else:
+                    echo.append(seg)
+                    if seg.strip():
+                        tail.append(seg.strip())
+            with lock:
+                sys.stderr.write("".join(echo))
+                sys.stderr.flush()
         if pending.strip():
-            tail.append(pending.split("\r")[-1].strip())
+            tail.append(pending.strip())
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout, True), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, True), daemon=True)]
+    threads = [threading.Thread(target=pump, args=(proc.stdout,), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr,), daemon=True)]
     for t in threads:
         t.start()
     rc = proc.wait()
@@ -114,9 +124,9 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
         t.join(timeout=10)
     if rc != 0:
         lines = [ln for ln in tail if ln]
-        reason = next((ln for ln in reversed(lines) if ln.startswith(("lmforge: error", "lmforge:", "TrainingError", "Error"))), None)
-        reason = reason or (lines[-1] if lines else "no output")
-        raise TrainingError(f"training process exited with code {rc}: {reason}")
+        errors = [ln for ln in lines if ln.startswith(("lmforge: error:", "TrainingError", "Error"))]
+        reason = (errors or lines or ["no output"])[-1].removeprefix("lmforge: error:").strip()
+        raise TrainingError(f"training failed (exit code {rc}): {reason}")
 
 
 def user_error_message(exc: BaseException) -> str | None:
