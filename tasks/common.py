@@ -75,19 +75,21 @@ def run_stage_in_child_run(stage_task_fn, stage: str, cfg: Config, parent_run_id
             tracking.end_run(uri, run_id, ok)
 
 
-def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None) -> None:
+def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None) -> list[str]:
     """Run ``cmd``, showing its progress bar on our terminal and its ``lmforge:`` lines in the
     Prefect log (Prefect does not forward a subprocess's output by itself, PrefectHQ/prefect#9797).
 
     Progress bars redraw a line with carriage returns, so the output is read in chunks and cut at
     both "\\r" and "\\n": what holds ``lmforge:`` goes to the log from that marker on, the rest is
-    echoed to our stderr. A non-zero exit raises TrainingError with the last error line.
+    echoed to our stderr. Returns the ``lmforge:`` lines; a non-zero exit raises TrainingError
+    with the process's last error line.
     """
     logger = get_run_logger()
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume the wrong run (mlflow#15713)
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tail: deque[str] = deque(maxlen=40)
+    marked: list[str] = []
     lock = threading.Lock()
 
     def pump(stream) -> None:
@@ -104,6 +106,7 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
                     line = "lmforge: " + rest.strip()
                     echo.append(head)
                     tail.append(line)
+                    marked.append(line)
                     logger.info(line)  # shown on the terminal by Prefect's console handler
                 else:
                     echo.append(seg)
@@ -127,6 +130,7 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
         errors = [ln for ln in lines if ln.startswith(("lmforge: error:", "TrainingError", "Error"))]
         reason = (errors or lines or ["no output"])[-1].removeprefix("lmforge: error:").strip()
         raise TrainingError(f"training failed (exit code {rc}): {reason}")
+    return marked
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -9,36 +9,46 @@ inputs, so a rerun after a crash finds the checkpoints and resumes (``pretrain.r
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from pathlib import Path
 
 from lm import tracking
 from lm.config import Config
+from lm.errors import TrainingError
 from lm.stage import StageResult
 from tasks.common import stage_task, stream_subprocess
 
+DIGEST_LINE = re.compile(r"lmforge: rank (\d+) weights sha256 ([0-9a-f]+)")
 
-def _train(kind: str, cfg: Config, out_dir: str, run_id: str | None, args: list[str]) -> None:
+
+def _train(kind: str, cfg: Config, out_dir: str, run_id: str | None, args: list[str]) -> dict[str, str]:
+    """Launch the training process; returns each rank's final weight digest (DDP: all equal)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     resolved = out / "config.yaml"
     resolved.write_text(cfg.to_yaml())
-    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(resolved), "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(resolved), "--out", str(out),
+           "--print-weight-digest", *args]
     if run_id:
         cmd += ["--run-id", run_id, "--tracking-uri", cfg.tracking_uri()]
         with tracking.system_metrics(cfg.tracking_uri(), run_id):
-            stream_subprocess(cmd)
+            lines = stream_subprocess(cmd)
     else:
-        stream_subprocess(cmd)
+        lines = stream_subprocess(cmd)
+    digests = {f"rank{m[1]}": m[2] for m in map(DIGEST_LINE.search, lines) if m}
+    if len(set(digests.values())) > 1:  # replicas that drifted apart would export one arbitrary rank
+        raise TrainingError(f"{kind}: ranks finished with different weights: {digests}")
+    return digests
 
 
-def _result_from_training(out: Path, extra_artifacts: list[str]) -> None:
-    import json
-
+def _result_from_training(out: Path, extra_artifacts: list[str], digests: dict[str, str]) -> None:
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     artifacts = [a for a in ["config.yaml", "metrics.json", "model.json", *extra_artifacts] if (out / a).exists()]
     StageResult(
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        params={f"weights_sha256/{rank}": d for rank, d in sorted(digests.items())},
         artifacts=artifacts,
         outputs={"model": "model.safetensors", "checkpoints": "checkpoints"},
     ).save(out)
@@ -47,8 +57,8 @@ def _result_from_training(out: Path, extra_artifacts: list[str]) -> None:
 @stage_task
 def pretrain(config: dict, out_dir: str, tokens_dir: str, run_id: str | None = None) -> str:
     cfg = Config.model_validate(config)
-    _train("pretrain", cfg, out_dir, run_id, ["--data", tokens_dir])
-    _result_from_training(Path(out_dir), ["samples.txt", "model.safetensors"])
+    digests = _train("pretrain", cfg, out_dir, run_id, ["--data", tokens_dir])
+    _result_from_training(Path(out_dir), ["samples.txt", "model.safetensors"], digests)
     return out_dir
 
 
@@ -56,7 +66,7 @@ def pretrain(config: dict, out_dir: str, tokens_dir: str, run_id: str | None = N
 def finetune(config: dict, out_dir: str, ft_data_dir: str, tokens_dir: str, pretrain_dir: str,
              run_id: str | None = None) -> str:
     cfg = Config.model_validate(config)
-    _train("finetune", cfg, out_dir, run_id,
-           ["--data", ft_data_dir, "--tokens", tokens_dir, "--init", pretrain_dir])
-    _result_from_training(Path(out_dir), [])
+    digests = _train("finetune", cfg, out_dir, run_id,
+                     ["--data", ft_data_dir, "--tokens", tokens_dir, "--init", pretrain_dir])
+    _result_from_training(Path(out_dir), [], digests)
     return out_dir
