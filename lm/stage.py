@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lm.errors import LmforgeError
+
 MANIFEST = "manifest.json"
 
 
@@ -58,6 +60,15 @@ def run_stage(fn: Callable[..., StageResult], out_dir: Path, *args: Any, **kwarg
         if out_dir.exists():  # an earlier incomplete attempt, or a forced rerun
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except LmforgeError as e:
+        # Bad input: keep what the stage wrote (dropped samples, stats) where a person can read it,
+        # under a name no later run trusts as a finished output.
+        failed = out_dir.with_name(out_dir.name + ".failed")
+        if any(tmp.iterdir()):
+            shutil.rmtree(failed, ignore_errors=True)
+            os.replace(tmp, failed)
+            e.args = (f"{e.args[0] if e.args else e} [partial outputs kept in {failed}]", *e.args[1:])
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

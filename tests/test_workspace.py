@@ -62,3 +62,18 @@ def test_stage_output_is_atomic(tmp_path):
 
     run_stage(good, tmp_path / "s")
     assert is_complete(tmp_path / "s") and StageResult.load(tmp_path / "s").metrics == {"m": 1.0}
+
+
+def test_failed_stage_keeps_its_partial_outputs_for_diagnosis(tmp_path):
+    from lm.errors import DataError
+    from lm.stage import is_complete, run_stage
+
+    def rejects(*, out_dir: Path):
+        (out_dir / "dropped_samples.jsonl").write_text('{"reason": "too_short"}\n')
+        raise DataError("the filters removed every document; see dropped_samples.jsonl")
+
+    with pytest.raises(DataError) as e:
+        run_stage(rejects, tmp_path / "clean")
+    kept = tmp_path / "clean.failed" / "dropped_samples.jsonl"
+    assert kept.is_file() and str(kept.parent) in str(e.value)
+    assert not is_complete(tmp_path / "clean")
