@@ -179,7 +179,7 @@ def run_datatrove(input_dir: Path, work: Path, workers: int, bands: int, rows: i
         [
             reader(input_dir),
             GopherQualityFilter(
-                min_doc_words=None,
+                min_doc_words=1,  # no words: dropped (as lmforge does); None divides by zero
                 max_doc_words=None,
                 min_avg_word_length=3,
                 max_avg_word_length=10,

@@ -30,6 +30,9 @@ from lm.stage import StageResult
 TOKENIZER, INDEX = "tokenizer.json", "index.json"
 SPLITS = {"train": "train.parquet", "val": "val.parquet"}
 BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, little memory
+# ...and at most this many characters: an Encoding costs ~50 bytes per token on the Rust side, so a
+# batch of large files would otherwise cost memory in proportion to the corpus's largest files.
+BATCH_CHARS = 2_000_000
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -170,18 +173,31 @@ def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int
     )
     eot = np.array([eot_id], dtype=np.int64)
     for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
-        texts = batch.column(0).to_pylist()
-        # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
-        encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
-        parts = []
-        for enc in encodings:
-            parts.append(np.asarray(enc.ids, dtype=np.int64))
-            parts.append(eot)
-        writer.write(np.concatenate(parts))
-        docs += len(texts)
-        bar.update(len(texts))
+        for texts in char_bounded(batch.column(0).to_pylist(), BATCH_CHARS):
+            # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
+            encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+            parts = []
+            for enc in encodings:
+                parts.append(np.asarray(enc.ids, dtype=np.int64))
+                parts.append(eot)
+            del encodings
+            writer.write(np.concatenate(parts))
+            docs += len(texts)
+            bar.update(len(texts))
     bar.close()
     return docs
+
+
+def char_bounded(texts: list[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive sub-lists of at most ``max_chars`` characters (a longer text goes alone)."""
+    start, size = 0, 0
+    for i, t in enumerate(texts):
+        if i > start and size + len(t) > max_chars:
+            yield texts[start:i]
+            start, size = i, 0
+        size += len(t)
+    if start < len(texts):
+        yield texts[start:]
 
 
 def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:

@@ -38,10 +38,12 @@ from lm.data.filters import Document, build_filters, effective, run_filters
 from lm.data.ingest import SCHEMA
 from lm.errors import DataError
 from lm.stage import StageResult
+from lm.tokenizer import char_bounded
 
 TRAIN, VAL = "train.parquet", "val.parquet"
 STATS, DROPPED, HIST = "stats.json", "dropped_samples.jsonl", "length_hist.png"
 SAMPLE_CHARS = 2000  # characters of each dropped document kept for a person to judge the filter
+MINHASH_CHARS = 1_000_000
 HIST_BINS = np.logspace(0, 7, 71)  # document length in characters, 1 .. 10M, 10 bins per decade
 
 
@@ -125,8 +127,14 @@ def clean_part(task: PartTask, cfg: DataConfig) -> PartResult:
     res.exact = np.array([exact_key(t) for t in kept_texts], dtype=np.uint64)
     res.split_hash = np.array([split_hash(t, cfg.seed) for t in kept_texts], dtype=np.uint64)
     if cfg.dedup.near:
+        # In slices of ~1M characters: the vectorised hashing needs ~40 bytes per character.
         mh = MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.seed)
-        res.signatures, res.has_shingles = mh.signatures(kept_texts)
+        sigs, has = [np.zeros((0, cfg.dedup.num_perm), np.uint32)], [np.zeros(0, bool)]
+        for texts in char_bounded(kept_texts, MINHASH_CHARS):
+            s, h = mh.signatures(texts)
+            sigs.append(s)
+            has.append(h)
+        res.signatures, res.has_shingles = np.concatenate(sigs), np.concatenate(has)
     res.seconds = time.perf_counter() - start
     return res
 
