@@ -54,20 +54,21 @@ def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Pa
 class _Timer:
     """Step times from step ``warmup`` to the last one.
 
-    On a GPU the figure is total tokens / total time (the device is ours alone). On a shared CPU
-    (CI, laptops) other processes steal whole seconds now and then, so the figure is tokens per
-    step / the median step time, which such interruptions barely move.
+    GPU: total tokens / total wall time (the device is ours alone). CPU: one torch thread, timed
+    with the thread's own CPU clock, median step: machines that run CI share their cores, and a
+    neighbour's burst would otherwise decide the ratio. The CPU figure is tokens per core-second.
     """
 
     def __init__(self, warmup: int, steps: int, device: torch.device):
         self.warmup, self.steps, self.device = warmup, steps, device
+        self.clock = time.perf_counter if device.type == "cuda" else time.thread_time
         self.marks: list[float] = []
 
     def mark(self, step: int) -> None:
         if self.warmup <= step <= self.steps and len(self.marks) < self.steps - self.warmup + 1:
             if self.device.type == "cuda" and step in (self.warmup, self.steps):
                 torch.cuda.synchronize(self.device)
-            self.marks.append(time.perf_counter())
+            self.marks.append(self.clock())
 
     def tokens_per_s(self, tokens_per_step: int) -> float:
         if self.device.type == "cuda":
@@ -174,6 +175,8 @@ def main() -> None:
     a.device = "cuda" if a.accelerator == "cuda" else "cpu"
     if a.device == "cuda":
         torch.set_float32_matmul_precision("high")  # as lm.train does: the same TF32 matmuls for every contender
+    else:
+        torch.set_num_threads(1)  # see _Timer: all work on the one thread whose CPU clock is read
     a.tokens_per_step = a.batch_size * a.seq_len
     args = resolve_model_config(ModelConfig(preset=a.preset, seq_len=a.seq_len), a.vocab_size)
     only = set(a.only.split(","))
@@ -183,26 +186,29 @@ def main() -> None:
         # Contenders alternate, round after round, and each keeps its best round: a neighbour's
         # burst of CPU use then slows one round of one contender, not the comparison.
         for r in range(a.rounds):
+            this_round: dict[str, float] = {}
             if "lmforge" in only:
-                tps = bench_lmforge(a, data_dir, Path(tmp) / f"out{r}")
-                results["lmforge"] = max(results.get("lmforge", 0.0), tps)
+                this_round["lmforge"] = bench_lmforge(a, data_dir, Path(tmp) / f"out{r}")
                 gc.collect()
             if "plain" in only:
-                results["plain"] = max(results.get("plain", 0.0), bench_plain(a, args, data_dir))
+                this_round["plain"] = bench_plain(a, args, data_dir)
                 gc.collect()
             if "transformers" in only:
                 try:
-                    results["transformers"] = max(results.get("transformers", 0.0), bench_transformers(a, args, data_dir))
+                    this_round["transformers"] = bench_transformers(a, args, data_dir)
                 except ImportError:
                     print("transformers is not installed: pip install 'lmforge[bench]'", file=sys.stderr)
                     only.discard("transformers")
-            print(f"round {r + 1}/{a.rounds}: " + " ".join(f"{k}={v:.0f}" for k, v in results.items()), flush=True)
+            for k, v in this_round.items():
+                results[k] = max(results.get(k, 0.0), v)
+            print(f"round {r + 1}/{a.rounds} tokens/s: " + " ".join(f"{k}={v:.0f}" for k, v in this_round.items()),
+                  flush=True)
     with torch.device("meta"):  # shapes only
         n_params = count_params(build_model(args))
     peak = device_peak_flops(torch.device("cuda")) if a.device == "cuda" else None
     fig = {
         "preset": a.preset, "params_M": f"{n_params / 1e6:.2f}",
-        "device": torch.cuda.get_device_name() if a.device == "cuda" else f"cpu{torch.get_num_threads()}t",
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu-1thread-cputime",
         "precision": a.precision, "compile": a.compile, "seq_len": a.seq_len, "batch": a.batch_size,
         "timed_steps": a.steps - a.warmup, "rounds": a.rounds,
     }

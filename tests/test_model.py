@@ -25,6 +25,15 @@ from lm.model import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core CI box makes 2 threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny(kind: str = "decoder", **kw) -> ModelArgs:
     base = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128, seq_len=32, kind=kind)
     base.update(kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,15 @@ def pretrained(tmp_path_factory, token_dir) -> tuple[Path, dict]:
     cfg = load_config(tiny_config_yaml(tmp / "cfg.yaml", pretrain={"max_steps": 30, "val_every": 10}))
     metrics = run_pretrain(cfg, token_dir, tmp / "out")
     return tmp / "out", metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core CI box makes 2 threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_pretrain_writes_the_contract_outputs_and_learns(pretrained):
@@ -155,6 +165,7 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
     proc = subprocess.run(
         [sys.executable, "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(token_dir),
          "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmforge: error:")]
