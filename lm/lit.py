@@ -49,8 +49,16 @@ class _OptimisedModule(pl.LightningModule):
     """Shared: AdamW + warmup/cosine from max_steps, clipping with the grad norm logged, divergence check."""
 
     def __init__(
-        self, *, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-        max_steps: int, min_lr_ratio: float, grad_clip: float, check_every: int,
+        self,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        warmup_steps: int,
+        max_steps: int,
+        min_lr_ratio: float,
+        grad_clip: float,
+        check_every: int,
     ):
         super().__init__()
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
@@ -61,7 +69,9 @@ class _OptimisedModule(pl.LightningModule):
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(
-            param_groups(self, self.weight_decay), lr=self.lr, betas=self.betas,
+            param_groups(self, self.weight_decay),
+            lr=self.lr,
+            betas=self.betas,
             fused=self.device.type == "cuda",
         )
         # Built from max_steps, not trainer.estimated_stepping_batches, which breaks loader-state
@@ -95,6 +105,11 @@ class _OptimisedModule(pl.LightningModule):
             )
         self._nonfinite = None
 
+    def _is_log_step(self) -> bool:
+        # Lightning forwards step metrics to the logger only every log_every_n_steps; calling self.log
+        # on the other steps costs time (noticeable with small models) for values nobody sees.
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients are complete and unscaled here (AMP unscales before this hook); clip them ourselves
         # so the pre-clip norm can be logged.
@@ -105,7 +120,7 @@ class _OptimisedModule(pl.LightningModule):
             norm = self.trainer.strategy.model.clip_grad_norm_(max_norm)  # sharded grads: FSDP's own reduce
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # Lightning logs only these steps
+        if self._is_log_step():
             self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
@@ -140,7 +155,8 @@ class LanguageModelModule(_OptimisedModule):
         x, y = batch  # (B, T), (B, T)
         _, loss = self.net(x, y)
         self._track_loss(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._is_log_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self._last_loss = loss.detach()
         return loss
 
@@ -184,7 +200,8 @@ class ClassifierModule(_OptimisedModule):
         ids, mask, labels = batch
         _, loss = self.net(ids, mask, labels)
         self._track_loss(loss)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        if self._is_log_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         self._last_loss = loss.detach()
         return loss
 
@@ -200,7 +217,9 @@ class ClassifierModule(_OptimisedModule):
         logits, loss = self.net(ids, mask, labels)
         n = labels.numel()
         correct = (logits.argmax(-1) == labels).sum()
-        self._val_sum += torch.stack([loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=self.device)])
+        self._val_sum += torch.stack(
+            [loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=self.device)]
+        )
 
     def on_validation_epoch_end(self) -> None:
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
@@ -211,7 +230,8 @@ class ClassifierModule(_OptimisedModule):
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(
                 f"lmforge: step {self.global_step} val/loss {self.last_val['val/loss']:.4f} "
-                f"val/accuracy {self.last_val['val/accuracy']:.4f}", flush=True,
+                f"val/accuracy {self.last_val['val/accuracy']:.4f}",
+                flush=True,
             )
 
 
@@ -219,8 +239,16 @@ class ClassifierModule(_OptimisedModule):
 
 # Dense bf16/fp16 peak FLOP/s per device (vendor datasheets); MFU is only logged for these.
 PEAK_FLOPS = {
-    "H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
-    "L4": 121e12, "4090": 165e12, "V100": 125e12, "B200": 2250e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "4090": 165e12,
+    "V100": 125e12,
+    "B200": 2250e12,
 }
 
 
@@ -238,7 +266,11 @@ class ThroughputMonitor(pl.Callback):
     """tokens/s over the last ``window`` optimizer steps (all ranks), and MFU when the peak is known."""
 
     def __init__(self, tokens_per_micro_batch: int, flops_per_token: float, window: int = 10):
-        self.tokens_per_micro_batch, self.flops_per_token, self.window = tokens_per_micro_batch, flops_per_token, window
+        self.tokens_per_micro_batch, self.flops_per_token, self.window = (
+            tokens_per_micro_batch,
+            flops_per_token,
+            window,
+        )
         self._t0: float | None = None
         self._tokens = 0
         self._steps = 0
@@ -275,9 +307,11 @@ class ThroughputMonitor(pl.Callback):
             mfu = self.tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size)
             pl_module.log("throughput/mfu", mfu, rank_zero_only=True)
         if trainer.is_global_zero:
-            loss = trainer.callback_metrics.get("train/loss")
+            loss = outputs.get("loss") if isinstance(outputs, dict) else None  # this step's (last micro-batch)
             loss_s = f" train/loss {float(loss):.4f}" if loss is not None else ""
-            print(f"lmforge: step {trainer.global_step}{loss_s} tokens/s {self.tokens_per_s:,.0f}", flush=True)
+            print(
+                f"lmforge: step {trainer.global_step}{loss_s} tokens/s {self.tokens_per_s:,.0f}", flush=True
+            )
         self._t0, self._tokens = time.perf_counter(), 0
 
 
@@ -285,8 +319,14 @@ class SampleWriter(pl.Callback):
     """After each validation, rank 0 decodes a few generations into samples.txt (and to MLflow)."""
 
     def __init__(
-        self, tokenizer_path: str | Path, out_path: str | Path, prompts: list[str], max_new_tokens: int = 48,
-        eot_id: int | None = None, every: int | None = None, seed: int = 0,
+        self,
+        tokenizer_path: str | Path,
+        out_path: str | Path,
+        prompts: list[str],
+        max_new_tokens: int = 48,
+        eot_id: int | None = None,
+        every: int | None = None,
+        seed: int = 0,
     ):
         from tokenizers import Tokenizer
 
@@ -305,8 +345,15 @@ class SampleWriter(pl.Callback):
             for prompt in self.prompts:
                 ids = self.tokenizer.encode(prompt).ids or [self.eot_id or 0]
                 idx = torch.tensor([ids], dtype=torch.long, device=gen.device)
-                out = generate(net, idx, self.max_new_tokens, temperature=0.8, top_k=50, eot_id=self.eot_id,
-                               generator=gen)
+                out = generate(
+                    net,
+                    idx,
+                    self.max_new_tokens,
+                    temperature=0.8,
+                    top_k=50,
+                    eot_id=self.eot_id,
+                    generator=gen,
+                )
                 lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(out[0].tolist())}")
         net.train(was_training)
         text = "\n".join(lines) + "\n\n"

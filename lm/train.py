@@ -23,7 +23,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,9 +35,10 @@ PROMPTS = ["def ", "The ", "import ", "class "]
 
 def _is_rank_zero() -> bool:
     # Before the Trainer exists: Lightning's launched children and torchrun ranks carry these variables.
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0 and int(
-        os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0
-    ) == 0
+    return (
+        int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
+        and int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0) == 0
+    )
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -88,10 +88,14 @@ def load_weights_into(net: nn.Module, source: str | os.PathLike) -> None:
     try:
         missing, unexpected = target.load_state_dict(state, strict=False)
     except RuntimeError as e:
-        raise ConfigError(f"init_from {src}: shapes differ from the configured model ({str(e)[:300]})") from None
+        raise ConfigError(
+            f"init_from {src}: shapes differ from the configured model ({str(e)[:300]})"
+        ) from None
     missing = [k for k in missing if not k.endswith("lm_head.weight")]
     if missing or unexpected:
-        raise ConfigError(f"init_from {src}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ConfigError(
+            f"init_from {src}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
 
 
 def weights_digest(net: nn.Module) -> str:
@@ -102,8 +106,16 @@ def weights_digest(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _trainer(cfg: Config, out_dir: Path, *, max_steps: int, logger, callbacks: list, plugins: list,
-             distributed_sampler: bool = False):
+def _trainer(
+    cfg: Config,
+    out_dir: Path,
+    *,
+    max_steps: int,
+    logger,
+    callbacks: list,
+    plugins: list,
+    distributed_sampler: bool = False,
+):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import TQDMProgressBar
 
@@ -113,17 +125,30 @@ def _trainer(cfg: Config, out_dir: Path, *, max_steps: int, logger, callbacks: l
     # tqdm, redrawn every log_every steps: cheap per step, and readable when stderr is a log stream.
     callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, t.log_every))]
     if t.strategy == "fsdp" and t.accelerator == "cpu":
-        raise ConfigError("trainer.strategy=fsdp needs GPUs (trainer.accelerator=cuda or auto); on CPU use ddp")
+        raise ConfigError(
+            "trainer.strategy=fsdp needs GPUs (trainer.accelerator=cuda or auto); on CPU use ddp"
+        )
     try:
         return pl.Trainer(
-            accelerator=t.accelerator, strategy=build_strategy(t.strategy), devices=t.devices,
-            num_nodes=t.num_nodes, precision=t.precision, max_steps=max_steps, max_epochs=-1, logger=logger,
-            callbacks=callbacks, plugins=plugins, log_every_n_steps=t.log_every, enable_checkpointing=False,
-            num_sanity_val_steps=0, check_val_every_n_epoch=None,
+            accelerator=t.accelerator,
+            strategy=build_strategy(t.strategy),
+            devices=t.devices,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            max_steps=max_steps,
+            max_epochs=-1,
+            logger=logger,
+            callbacks=callbacks,
+            plugins=plugins,
+            log_every_n_steps=t.log_every,
+            enable_checkpointing=False,
+            num_sanity_val_steps=0,
+            check_val_every_n_epoch=None,
             val_check_interval=max(1, cfg.pretrain.val_every),  # set again once accumulation is known
             # Pretraining's WindowSampler splits the data over ranks itself (and must stay resumable).
             use_distributed_sampler=distributed_sampler,
-            default_root_dir=str(out_dir), enable_model_summary=False,
+            default_root_dir=str(out_dir),
+            enable_model_summary=False,
         )
     except (ValueError, TypeError) as e:  # Lightning's MisconfigurationException is a ValueError
         raise ConfigError(
@@ -155,8 +180,14 @@ def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
 
 
 def run_pretrain(
-    cfg: Config, data_dir: str | os.PathLike, out_dir: str | os.PathLike, *, run_id: str | None = None,
-    tracking_uri: str | None = None, print_weight_digest: bool = False, extra_callbacks: list | None = None,
+    cfg: Config,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    print_weight_digest: bool = False,
+    extra_callbacks: list | None = None,
 ) -> dict[str, float]:
     """Pretrain the configured decoder/encoder on a token data dir; returns the final metrics (rank 0).
 
@@ -187,11 +218,23 @@ def run_pretrain(
     callbacks: list[pl.Callback] = [ckpt_cb, throughput, *(extra_callbacks or [])]
     if args.kind == "decoder" and (data_dir / index.get("tokenizer", "tokenizer.json")).is_file():
         callbacks.append(
-            SampleWriter(data_dir / index.get("tokenizer", "tokenizer.json"), out_dir / "samples.txt", PROMPTS,
-                         eot_id=index.get("eot_id"), every=p.sample_every, seed=p.seed)
+            SampleWriter(
+                data_dir / index.get("tokenizer", "tokenizer.json"),
+                out_dir / "samples.txt",
+                PROMPTS,
+                eot_id=index.get("eot_id"),
+                every=p.sample_every,
+                seed=p.seed,
+            )
         )
-    trainer = _trainer(cfg, out_dir, max_steps=p.max_steps, logger=_logger(run_id, tracking_uri, cfg),
-                       callbacks=callbacks, plugins=[AtomicCheckpointIO()])
+    trainer = _trainer(
+        cfg,
+        out_dir,
+        max_steps=p.max_steps,
+        logger=_logger(run_id, tracking_uri, cfg),
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+    )
     world = trainer.world_size
     accum = 1
     if p.tokens_per_step:
@@ -200,14 +243,26 @@ def run_pretrain(
     trainer.val_check_interval = p.val_every * accum  # counted in micro-batches
 
     module = LanguageModelModule(
-        net, lr=p.lr, weight_decay=p.weight_decay, betas=p.betas, warmup_steps=p.warmup_steps,
-        max_steps=p.max_steps, min_lr_ratio=p.min_lr_ratio, grad_clip=p.grad_clip,
+        net,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        betas=p.betas,
+        warmup_steps=p.warmup_steps,
+        max_steps=p.max_steps,
+        min_lr_ratio=p.min_lr_ratio,
+        grad_clip=p.grad_clip,
         check_every=math.gcd(cfg.trainer.log_every, p.ckpt_every),
     )
     ckpt_cb.before_save = module.raise_if_diverged
     dm = TokenDataModule(
-        data_dir, args.seq_len, p.batch_size, p.seed, kind=args.kind, mlm_probability=p.mlm_probability,
-        train_samples=p.max_steps * accum * p.batch_size, val_batches=p.val_batches,
+        data_dir,
+        args.seq_len,
+        p.batch_size,
+        p.seed,
+        kind=args.kind,
+        mlm_probability=p.mlm_probability,
+        train_samples=p.max_steps * accum * p.batch_size,
+        val_batches=p.val_batches,
     )
 
     ckpt_path = None
@@ -216,13 +271,16 @@ def run_pretrain(
     elif p.resume != "never":
         ckpt_path = Path(p.resume)
         if not ckpt_path.is_file():
-            raise ConfigError(f"pretrain.resume={p.resume!r}: no such checkpoint (use auto, never or a .ckpt path)")
+            raise ConfigError(
+                f"pretrain.resume={p.resume!r}: no such checkpoint (use auto, never or a .ckpt path)"
+            )
     n_params = count_params(net)
     if trainer.is_global_zero:
         print(
             f"lmforge: pretrain {args.kind} {n_params / 1e6:.2f}M params, world {world}, micro-batch "
             f"{p.batch_size}x{args.seq_len}, accumulation {accum} ({tokens_per_micro * world * accum} tokens/step), "
-            f"{p.max_steps} steps" + (f", resuming from {ckpt_path}" if ckpt_path else ""), flush=True,
+            f"{p.max_steps} steps" + (f", resuming from {ckpt_path}" if ckpt_path else ""),
+            flush=True,
         )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -237,17 +295,25 @@ def run_pretrain(
     metrics = {
         "train/loss": module.last_train_loss,
         **module.last_val,
-        "tokens_per_s": throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan"),
+        "tokens_per_s": throughput.total_tokens / throughput.total_time
+        if throughput.total_time
+        else float("nan"),
         "steps": float(trainer.global_step),
         "params": float(n_params),
         "train_seconds": elapsed,
     }
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(net_out, out_dir, extra={
-            "eot_id": index.get("eot_id"), "pad_id": index.get("pad_id"), "mask_id": index.get("mask_id"),
-            "tokenizer": str((data_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
-        })
+        save_model(
+            net_out,
+            out_dir,
+            extra={
+                "eot_id": index.get("eot_id"),
+                "pad_id": index.get("pad_id"),
+                "mask_id": index.get("mask_id"),
+                "tokenizer": str((data_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
+            },
+        )
         _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
     return metrics
@@ -260,8 +326,14 @@ def _is_fsdp(trainer) -> bool:
 
 
 def run_finetune(
-    cfg: Config, ft_dir: str | os.PathLike, tokens_dir: str | os.PathLike, init: str | os.PathLike | None,
-    out_dir: str | os.PathLike, *, run_id: str | None = None, tracking_uri: str | None = None,
+    cfg: Config,
+    ft_dir: str | os.PathLike,
+    tokens_dir: str | os.PathLike,
+    init: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
     print_weight_digest: bool = False,
 ) -> dict[str, float]:
     """Fine-tune a SequenceClassifier on a pretrained backbone; returns the final metrics (rank 0)."""
@@ -271,7 +343,13 @@ def run_finetune(
     from lm.datamodule import ClassificationDataModule, read_token_index
     from lm.lit import ClassifierModule, ThroughputMonitor
     from lm.model import (
-        SequenceClassifier, build_model, count_params, flops_per_token, load_model, resolve_model_config, save_model,
+        SequenceClassifier,
+        build_model,
+        count_params,
+        flops_per_token,
+        load_model,
+        resolve_model_config,
+        save_model,
     )
 
     f, ft_dir, tokens_dir, out_dir = cfg.finetune, Path(ft_dir), Path(tokens_dir), Path(out_dir)
@@ -291,8 +369,14 @@ def run_finetune(
         if init:
             load_weights_into(backbone, init)
     args = backbone.args
-    dm = ClassificationDataModule(ft_dir, tokens_dir / index.get("tokenizer", "tokenizer.json"), args.seq_len,
-                                  f.batch_size, f.seed, pad_id=int(index["pad_id"]))
+    dm = ClassificationDataModule(
+        ft_dir,
+        tokens_dir / index.get("tokenizer", "tokenizer.json"),
+        args.seq_len,
+        f.batch_size,
+        f.seed,
+        pad_id=int(index["pad_id"]),
+    )
     net = SequenceClassifier(backbone, dm.num_classes)
     if not args.tie_embeddings:
         # The LM head plays no part in classification; frozen, DDP does not wait for its gradient.
@@ -301,21 +385,39 @@ def run_finetune(
         net.compile()
 
     ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, cfg.pretrain.ckpt_every, cfg.pretrain.keep_last)
-    throughput = ThroughputMonitor(f.batch_size * args.seq_len, flops_per_token(args), window=cfg.trainer.log_every)
-    trainer = _trainer(cfg, out_dir, max_steps=f.max_steps, logger=_logger(run_id, tracking_uri, cfg),
-                       callbacks=[ckpt_cb, throughput], plugins=[AtomicCheckpointIO()],
-                       distributed_sampler=True)  # a shuffled map-style set: Lightning's DistributedSampler splits it
+    throughput = ThroughputMonitor(
+        f.batch_size * args.seq_len, flops_per_token(args), window=cfg.trainer.log_every
+    )
+    trainer = _trainer(
+        cfg,
+        out_dir,
+        max_steps=f.max_steps,
+        logger=_logger(run_id, tracking_uri, cfg),
+        callbacks=[ckpt_cb, throughput],
+        plugins=[AtomicCheckpointIO()],
+        distributed_sampler=True,
+    )  # a shuffled map-style set: Lightning's DistributedSampler splits it
     steps_per_epoch = math.ceil(len(dm._load("train")) / (f.batch_size * trainer.world_size))
     trainer.val_check_interval = max(1, min(steps_per_epoch, cfg.pretrain.val_every))
     module = ClassifierModule(
-        net, freeze_backbone=f.freeze_backbone, lr=f.lr, weight_decay=f.weight_decay, betas=cfg.pretrain.betas,
-        warmup_steps=f.warmup_steps, max_steps=f.max_steps, min_lr_ratio=cfg.pretrain.min_lr_ratio,
-        grad_clip=cfg.pretrain.grad_clip, check_every=math.gcd(cfg.trainer.log_every, cfg.pretrain.ckpt_every),
+        net,
+        freeze_backbone=f.freeze_backbone,
+        lr=f.lr,
+        weight_decay=f.weight_decay,
+        betas=cfg.pretrain.betas,
+        warmup_steps=f.warmup_steps,
+        max_steps=f.max_steps,
+        min_lr_ratio=cfg.pretrain.min_lr_ratio,
+        grad_clip=cfg.pretrain.grad_clip,
+        check_every=math.gcd(cfg.trainer.log_every, cfg.pretrain.ckpt_every),
     )
     ckpt_cb.before_save = module.raise_if_diverged
     if trainer.is_global_zero:
-        print(f"lmforge: finetune {dm.num_classes}-class classifier, {count_params(net) / 1e6:.2f}M params, "
-              f"{len(dm._load('train'))} train examples, {f.max_steps} steps", flush=True)
+        print(
+            f"lmforge: finetune {dm.num_classes}-class classifier, {count_params(net) / 1e6:.2f}M params, "
+            f"{len(dm._load('train'))} train examples, {f.max_steps} steps",
+            flush=True,
+        )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -325,17 +427,28 @@ def run_finetune(
     if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
     metrics = {
-        "train/loss": module.last_train_loss, **module.last_val, "steps": float(trainer.global_step),
-        "params": float(count_params(net)), "train_seconds": elapsed,
-        "tokens_per_s": throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan"),
+        "train/loss": module.last_train_loss,
+        **module.last_val,
+        "steps": float(trainer.global_step),
+        "params": float(count_params(net)),
+        "train_seconds": elapsed,
+        "tokens_per_s": throughput.total_tokens / throughput.total_time
+        if throughput.total_time
+        else float("nan"),
     }
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(net_out, out_dir, extra={
-            "labels": dm.label_names, "eot_id": index.get("eot_id"), "pad_id": int(index["pad_id"]),
-            "mask_id": index.get("mask_id"),
-            "tokenizer": str((tokens_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
-        })
+        save_model(
+            net_out,
+            out_dir,
+            extra={
+                "labels": dm.label_names,
+                "eot_id": index.get("eot_id"),
+                "pad_id": int(index["pad_id"]),
+                "mask_id": index.get("mask_id"),
+                "tokenizer": str((tokens_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
+            },
+        )
         _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
     return metrics
@@ -349,11 +462,18 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--config", required=True, help="resolved config YAML")
         sp.add_argument("--data", required=True, help="token data dir (pretrain) or fine-tune data dir")
         sp.add_argument("--out", required=True, help="output folder")
-        sp.add_argument("--run-id", default=None, help="MLflow run to log metrics into (rank 0); none: no MLflow")
+        sp.add_argument(
+            "--run-id", default=None, help="MLflow run to log metrics into (rank 0); none: no MLflow"
+        )
         sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: config / env)")
-        sp.add_argument("--print-weight-digest", action="store_true",
-                        help="every rank prints a sha256 of its final weights (distributed tests)")
-        sp.add_argument("--override", "-o", action="append", default=[], help="section.key=value (repeatable)")
+        sp.add_argument(
+            "--print-weight-digest",
+            action="store_true",
+            help="every rank prints a sha256 of its final weights (distributed tests)",
+        )
+        sp.add_argument(
+            "--override", "-o", action="append", default=[], help="section.key=value (repeatable)"
+        )
         if name == "finetune":
             sp.add_argument("--tokens", required=True, help="token data dir (tokenizer.json, ids)")
             sp.add_argument("--init", default=None, help="pretrained model folder or checkpoint")
@@ -361,11 +481,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(a.config, a.override)
         if a.command == "pretrain":
-            run_pretrain(cfg, a.data, a.out, run_id=a.run_id, tracking_uri=a.tracking_uri,
-                         print_weight_digest=a.print_weight_digest)
+            run_pretrain(
+                cfg,
+                a.data,
+                a.out,
+                run_id=a.run_id,
+                tracking_uri=a.tracking_uri,
+                print_weight_digest=a.print_weight_digest,
+            )
         else:
-            run_finetune(cfg, a.data, a.tokens, a.init, a.out, run_id=a.run_id, tracking_uri=a.tracking_uri,
-                         print_weight_digest=a.print_weight_digest)
+            run_finetune(
+                cfg,
+                a.data,
+                a.tokens,
+                a.init,
+                a.out,
+                run_id=a.run_id,
+                tracking_uri=a.tracking_uri,
+                print_weight_digest=a.print_weight_digest,
+            )
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr, flush=True)
         return 1
