@@ -59,6 +59,20 @@ def build_strategy(strategy: str):
     return strategy
 
 
+def compile_network(net: nn.Module, strategy: str) -> None:
+    """torch.compile in place, so parameter names (and checkpoints) stay those of the plain module.
+
+    Under FSDP each transformer block is compiled on its own, before wrapping: the FSDP units are
+    the blocks, and a graph never has to span their all-gathers (the torchtitan recipe).
+    """
+    if strategy == "fsdp":
+        layers = net.backbone.layers if hasattr(net, "backbone") else net.layers
+        for block in layers:
+            block.compile()
+    else:
+        net.compile()
+
+
 def _logger(run_id: str | None, tracking_uri: str | None, cfg: Config):
     if not run_id:
         return False
@@ -210,7 +224,7 @@ def run_pretrain(
     if p.init_from:
         load_weights_into(net, p.init_from)
     if p.compile:
-        net.compile()  # in place: parameter names (and checkpoints) stay those of the plain module
+        compile_network(net, cfg.trainer.strategy)
 
     tokens_per_micro = p.batch_size * args.seq_len
     ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, p.ckpt_every, p.keep_last)
@@ -382,7 +396,7 @@ def run_finetune(
         # The LM head plays no part in classification; frozen, DDP does not wait for its gradient.
         backbone.lm_head.weight.requires_grad_(False)
     if cfg.pretrain.compile:
-        net.compile()
+        compile_network(net, cfg.trainer.strategy)
 
     ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, cfg.pretrain.ckpt_every, cfg.pretrain.keep_last)
     throughput = ThroughputMonitor(
