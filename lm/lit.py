@@ -64,6 +64,7 @@ class _OptimisedModule(pl.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.grad_clip, self.check_every = grad_clip, max(1, check_every)
+        self.last_val_step = -1  # global step of the latest validation
         self._nonfinite: torch.Tensor | None = None  # device flag: a loss was NaN/inf since the last check
         self.last_train_loss = float("nan")
 
@@ -181,6 +182,7 @@ class LanguageModelModule(_OptimisedModule):
         self.log("val/loss", val_loss, prog_bar=True, sync_dist=True)
         self.log("val/ppl", ppl, sync_dist=True)
         self.last_val = {"val/loss": val_loss, "val/ppl": ppl}
+        self.last_val_step = self.global_step
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(f"lmforge: step {self.global_step} val/loss {val_loss:.4f} val/ppl {ppl:.2f}", flush=True)
 
@@ -225,6 +227,7 @@ class ClassifierModule(_OptimisedModule):
         total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
         n = float(total[2].clamp(min=1))
         self.last_val = {"val/loss": float(total[0]) / n, "val/accuracy": float(total[1]) / n}
+        self.last_val_step = self.global_step
         self.log("val/loss", self.last_val["val/loss"], prog_bar=True, sync_dist=True)
         self.log("val/accuracy", self.last_val["val/accuracy"], prog_bar=True, sync_dist=True)
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:

@@ -300,7 +300,7 @@ def run_pretrain(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        if not module.last_val or trainer.global_step % p.val_every:
+        if module.last_val_step != trainer.global_step:  # metrics.json reports the final weights
             trainer.validate(module, datamodule=dm, verbose=False)
     elapsed = time.perf_counter() - t0
 
@@ -436,7 +436,8 @@ def run_finetune(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         trainer.fit(module, datamodule=dm, weights_only=True)
-        trainer.validate(module, datamodule=dm, verbose=False)
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)
     elapsed = time.perf_counter() - t0
     if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
