@@ -17,7 +17,9 @@ from lm.stage import StageResult
 
 
 @torch.no_grad()
-def language_model_metrics(model_dir: Path, tokens_dir: Path, seq_len: int, max_batches: int, batch_size: int = 8) -> dict[str, float]:
+def language_model_metrics(
+    model_dir: Path, tokens_dir: Path, seq_len: int, max_batches: int, batch_size: int = 8
+) -> dict[str, float]:
     """Validation loss, perplexity and bits per byte (bpb: tokenizer-independent) of the decoder."""
     from lm.model import load_model
     from lm.shards import TokenShards
@@ -43,11 +45,16 @@ def language_model_metrics(model_dir: Path, tokens_dir: Path, seq_len: int, max_
     n_tokens = 0
     n_bytes = 0
     for b0 in range(0, n_windows, batch_size):
-        windows = [val.window(i * (seq_len + 1), seq_len + 1).astype(np.int64) for i in range(b0, min(b0 + batch_size, n_windows))]
+        windows = [
+            val.window(i * (seq_len + 1), seq_len + 1).astype(np.int64)
+            for i in range(b0, min(b0 + batch_size, n_windows))
+        ]
         batch = torch.from_numpy(np.stack(windows))
         x, y = batch[:, :-1], batch[:, 1:]
         logits, _ = model(x)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1), reduction="sum"
+        )
         nats += float(nll)
         baseline_nats += float(-unigram_logp[y.numpy()].sum())
         n_tokens += y.numel()
@@ -76,7 +83,9 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
 
 
 @torch.no_grad()
-def predict_labels(model, texts: list[str], tokenizer, seq_len: int, pad_id: int, batch_size: int = 64) -> np.ndarray:
+def predict_labels(
+    model, texts: list[str], tokenizer, seq_len: int, pad_id: int, batch_size: int = 64
+) -> np.ndarray:
     from lm.datamodule import encode_texts
 
     preds = []
@@ -87,7 +96,9 @@ def predict_labels(model, texts: list[str], tokenizer, seq_len: int, pad_id: int
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
-def classifier_metrics(classifier_dir: Path, ft_data_dir: Path, tokens_dir: Path, seq_len: int, out_dir: Path) -> dict[str, float]:
+def classifier_metrics(
+    classifier_dir: Path, ft_data_dir: Path, tokens_dir: Path, seq_len: int, out_dir: Path
+) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, beside the majority-class baseline."""
     from lm.model import load_model
     from lm.shards import TokenShards
@@ -107,7 +118,9 @@ def classifier_metrics(classifier_dir: Path, ft_data_dir: Path, tokens_dir: Path
     confusion = pd.crosstab(
         pd.Categorical([labels[i] for i in y_true], categories=labels),
         pd.Categorical([labels[i] for i in y_pred], categories=labels),
-        rownames=["true"], colnames=["predicted"], dropna=False,
+        rownames=["true"],
+        colnames=["predicted"],
+        dropna=False,
     )
     confusion.to_csv(out_dir / "confusion.csv")
     sample = test.assign(predicted=[labels[i] for i in y_pred], true=[labels[i] for i in y_true]).head(200)
@@ -121,9 +134,20 @@ def classifier_metrics(classifier_dir: Path, ft_data_dir: Path, tokens_dir: Path
     }
 
 
-def evaluate(pretrain_dir: Path, finetune_dir: Path, tokens_dir: Path, ft_data_dir: Path, seq_len: int, max_batches: int, *, out_dir: Path) -> StageResult:
+def evaluate(
+    pretrain_dir: Path,
+    finetune_dir: Path,
+    tokens_dir: Path,
+    ft_data_dir: Path,
+    seq_len: int,
+    max_batches: int,
+    *,
+    out_dir: Path,
+) -> StageResult:
     metrics = language_model_metrics(Path(pretrain_dir), Path(tokens_dir), seq_len, max_batches)
-    metrics.update(classifier_metrics(Path(finetune_dir), Path(ft_data_dir), Path(tokens_dir), seq_len, out_dir))
+    metrics.update(
+        classifier_metrics(Path(finetune_dir), Path(ft_data_dir), Path(tokens_dir), seq_len, out_dir)
+    )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return StageResult(
         metrics=metrics,

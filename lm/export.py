@@ -15,7 +15,9 @@ from lm.stage import StageResult
 EXPORT_FILES = ("model.safetensors", "model.json")
 
 
-def export(finetune_dir: Path, pretrain_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path) -> StageResult:
+def export(
+    finetune_dir: Path, pretrain_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
+) -> StageResult:
     from lm.model import count_params, load_model
 
     finetune_dir, pretrain_dir, tokens_dir = Path(finetune_dir), Path(pretrain_dir), Path(tokens_dir)

@@ -47,8 +47,16 @@ def _better(new: float, old: float | None, metric: str) -> bool:
 
 
 def deploy(
-    uri: str, run_id: str, export_dir: Path, export_key: str, metrics: dict[str, float],
-    model_name: str, alias: str, promote_metric: str, *, out_dir: Path | None = None,
+    uri: str,
+    run_id: str,
+    export_dir: Path,
+    export_key: str,
+    metrics: dict[str, float],
+    model_name: str,
+    alias: str,
+    promote_metric: str,
+    *,
+    out_dir: Path | None = None,
 ) -> StageResult:
     """Log the exported folder as a pyfunc model, register a version, move ``alias`` if better."""
     client = MlflowClient(tracking_uri=uri)
@@ -59,7 +67,9 @@ def deploy(
         client.create_registered_model(model_name, description="lmforge text classifier")
 
     # The same export registered twice is one version: reruns with nothing changed add nothing.
-    existing = client.search_model_versions(f"name = '{model_name}' and tag.lmforge_export_key = '{export_key}'")
+    existing = client.search_model_versions(
+        f"name = '{model_name}' and tag.lmforge_export_key = '{export_key}'"
+    )
     if existing:
         version = existing[0]
         reused = True
@@ -88,15 +98,30 @@ def deploy(
     promoted = champion_version == version.version or _better(new_value, old_value, promote_metric)
     if promoted and champion_version != version.version:
         client.set_registered_model_alias(model_name, alias, version.version)
-        log.info("promoted %s version %s to @%s (%s %.4f vs %s)", model_name, version.version, alias,
-                 promote_metric, new_value, old_value)
+        log.info(
+            "promoted %s version %s to @%s (%s %.4f vs %s)",
+            model_name,
+            version.version,
+            alias,
+            promote_metric,
+            new_value,
+            old_value,
+        )
     elif not promoted:
         client.set_registered_model_alias(model_name, "challenger", version.version)
-        log.info("kept @%s on version %s: %s %.4f does not beat %.4f", alias, champion_version,
-                 promote_metric, new_value, old_value)
+        log.info(
+            "kept @%s on version %s: %s %.4f does not beat %.4f",
+            alias,
+            champion_version,
+            promote_metric,
+            new_value,
+            old_value,
+        )
     return StageResult(
         metrics={"deploy/version": float(version.version), "deploy/promoted": float(promoted)},
         params={"model_name": model_name, "alias": alias, "reused_version": reused},
-        outputs={"model_uri": f"models:/{model_name}/{version.version}",
-                 "alias_uri": f"models:/{model_name}@{alias}"},
+        outputs={
+            "model_uri": f"models:/{model_name}/{version.version}",
+            "alias_uri": f"models:/{model_name}@{alias}",
+        },
     )

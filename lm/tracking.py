@@ -49,7 +49,7 @@ def check_tracking_uri(uri: str) -> None:
                 "or leave both unset to use the local sqlite:///mlflow.db."
             ) from None
     elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
+        db = Path(uri[len("sqlite:///") :])
         parent = db.parent if str(db.parent) else Path(".")
         if not parent.is_dir():
             raise TrackingError(
@@ -116,7 +116,9 @@ def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> st
     return run_id
 
 
-def start_stage_run(cfg: Config, parent_run_id: str, stage: str, params: Mapping[str, Any] | None = None) -> str:
+def start_stage_run(
+    cfg: Config, parent_run_id: str, stage: str, params: Mapping[str, Any] | None = None
+) -> str:
     uri = cfg.tracking_uri()
     client = _client(uri)
     parent = client.get_run(parent_run_id)
@@ -141,7 +143,9 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
 
     now = int(dt.datetime.now().timestamp() * 1000)
     items = [
-        Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(float(v))
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if v is not None and math.isfinite(float(v))
     ]
     for i in range(0, len(items), 500):
         _client(uri).log_batch(run_id, metrics=items[i : i + 500])
@@ -154,7 +158,13 @@ def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
 
 
 def log_stage_result(
-    uri: str, run_id: str, out_dir: Path, result: StageResult, *, cached: bool, log_result_metrics: bool = True
+    uri: str,
+    run_id: str,
+    out_dir: Path,
+    result: StageResult,
+    *,
+    cached: bool,
+    log_result_metrics: bool = True,
 ) -> None:
     """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source

@@ -44,7 +44,9 @@ def resolve_source_files(source: str) -> list[Path]:
         return files
     if path.is_file():
         return [path]
-    raise DataError(f"data source {source!r} does not exist; fix data.sources (a path, a glob, a folder or 'stdlib')")
+    raise DataError(
+        f"data source {source!r} does not exist; fix data.sources (a path, a glob, a folder or 'stdlib')"
+    )
 
 
 def fingerprint_sources(sources: list[str]) -> str:
@@ -101,7 +103,15 @@ def stage_dirs(cfg: Config) -> StageDirs:
     clean = _hash(ingest, d["data"]["clean"], d["data"]["dedup"], cfg.data.val_fraction, cfg.data.seed)
     tokenize = _hash(clean, d["tokenizer"], _file_fingerprint(cfg.tokenizer.path))
     ft = d["finetune"]
-    ft_data_keys = ("task", "data", "text_column", "label_column", "num_classes", "val_fraction", "test_fraction")
+    ft_data_keys = (
+        "task",
+        "data",
+        "text_column",
+        "label_column",
+        "num_classes",
+        "val_fraction",
+        "test_fraction",
+    )
     finetune_data = _hash(__version__, {k: ft[k] for k in ft_data_keys}, _file_fingerprint(cfg.finetune.data))
     pre = {k: v for k, v in d["pretrain"].items() if k != "resume"}
     pretrain = _hash(tokenize, d["model"], pre, d["trainer"], _file_fingerprint(cfg.pretrain.init_from))
