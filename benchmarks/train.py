@@ -42,12 +42,22 @@ def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Pa
     n_val = max(n_tokens // 50, 4096)
     ids[n_val:].astype(dtype).tofile(root / "train_00000.bin")
     ids[:n_val].astype(dtype).tofile(root / "val_00000.bin")
-    (root / "index.json").write_text(json.dumps({
-        "dtype": dtype, "vocab_size": vocab_size, "eot_id": 0, "pad_id": 1, "mask_id": 2,
-        "splits": {"train": {"files": ["train_00000.bin"], "tokens": int(n_tokens - n_val)},
-                   "val": {"files": ["val_00000.bin"], "tokens": int(n_val)}},
-        "tokenizer": "tokenizer.json",  # absent: no sample generations in a benchmark
-    }))
+    (root / "index.json").write_text(
+        json.dumps(
+            {
+                "dtype": dtype,
+                "vocab_size": vocab_size,
+                "eot_id": 0,
+                "pad_id": 1,
+                "mask_id": 2,
+                "splits": {
+                    "train": {"files": ["train_00000.bin"], "tokens": int(n_tokens - n_val)},
+                    "val": {"files": ["val_00000.bin"], "tokens": int(n_val)},
+                },
+                "tokenizer": "tokenizer.json",  # absent: no sample generations in a benchmark
+            }
+        )
+    )
     return root
 
 
@@ -92,10 +102,21 @@ def bench_lmforge(a, data_dir: Path, out_dir: Path) -> float:
     cfg = Config(
         model=ModelConfig(preset=a.preset, seq_len=a.seq_len),
         pretrain=PretrainConfig(
-            max_steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup_steps=a.lr_warmup, seed=0,
-            val_every=10**9, val_batches=1, ckpt_every=10**9, keep_last=1, resume="never", compile=a.compile,
+            max_steps=a.steps,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            warmup_steps=a.lr_warmup,
+            seed=0,
+            val_every=10**9,
+            val_batches=1,
+            ckpt_every=10**9,
+            keep_last=1,
+            resume="never",
+            compile=a.compile,
         ),
-        trainer=TrainerConfig(accelerator=a.accelerator, devices=1, precision=a.precision, log_every=a.log_every),
+        trainer=TrainerConfig(
+            accelerator=a.accelerator, devices=1, precision=a.precision, log_every=a.log_every
+        ),
     )
     run_pretrain(cfg, data_dir, out_dir, extra_callbacks=[TimerCallback()])
     return timer.tokens_per_s(a.tokens_per_step)
@@ -174,7 +195,9 @@ def main() -> None:
     a = p.parse_args()
     a.device = "cuda" if a.accelerator == "cuda" else "cpu"
     if a.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # as lm.train does: the same TF32 matmuls for every contender
+        torch.set_float32_matmul_precision(
+            "high"
+        )  # as lm.train does: the same TF32 matmuls for every contender
     else:
         torch.set_num_threads(1)  # see _Timer: all work on the one thread whose CPU clock is read
     a.tokens_per_step = a.batch_size * a.seq_len
@@ -201,16 +224,24 @@ def main() -> None:
                     only.discard("transformers")
             for k, v in this_round.items():
                 results[k] = max(results.get(k, 0.0), v)
-            print(f"round {r + 1}/{a.rounds} tokens/s: " + " ".join(f"{k}={v:.0f}" for k, v in this_round.items()),
-                  flush=True)
+            print(
+                f"round {r + 1}/{a.rounds} tokens/s: "
+                + " ".join(f"{k}={v:.0f}" for k, v in this_round.items()),
+                flush=True,
+            )
     with torch.device("meta"):  # shapes only
         n_params = count_params(build_model(args))
     peak = device_peak_flops(torch.device("cuda")) if a.device == "cuda" else None
     fig = {
-        "preset": a.preset, "params_M": f"{n_params / 1e6:.2f}",
+        "preset": a.preset,
+        "params_M": f"{n_params / 1e6:.2f}",
         "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu-1thread-cputime",
-        "precision": a.precision, "compile": a.compile, "seq_len": a.seq_len, "batch": a.batch_size,
-        "timed_steps": a.steps - a.warmup, "rounds": a.rounds,
+        "precision": a.precision,
+        "compile": a.compile,
+        "seq_len": a.seq_len,
+        "batch": a.batch_size,
+        "timed_steps": a.steps - a.warmup,
+        "rounds": a.rounds,
     }
     for name, tps in results.items():
         fig[f"{name}_tok_s"] = f"{tps:.0f}"

@@ -74,7 +74,13 @@ class TokenWindows(Dataset):
     """
 
     def __init__(
-        self, shards, seq_len: int, seed: int, random: bool, kind: str = "decoder", mlm_probability: float = 0.15
+        self,
+        shards,
+        seq_len: int,
+        seed: int,
+        random: bool,
+        kind: str = "decoder",
+        mlm_probability: float = 0.15,
     ):
         self.shards, self.seq_len, self.seed, self.random, self.kind = shards, seq_len, seed, random, kind
         self.mlm_probability = mlm_probability
@@ -160,11 +166,19 @@ class TokenDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
             self.train_set = TokenWindows(
-                open_token_split(self.data_dir, "train"), self.seq_len, self.seed, True, self.kind,
+                open_token_split(self.data_dir, "train"),
+                self.seq_len,
+                self.seed,
+                True,
+                self.kind,
                 self.mlm_probability,
             )
             self.val_set = TokenWindows(
-                open_token_split(self.data_dir, "val"), self.seq_len, self.seed, False, self.kind,
+                open_token_split(self.data_dir, "val"),
+                self.seq_len,
+                self.seed,
+                False,
+                self.kind,
                 self.mlm_probability,
             )
 
@@ -172,8 +186,12 @@ class TokenDataModule(pl.LightningDataModule):
         rank, world = self._rank_world()
         self.train_sampler = WindowSampler(self.train_samples, rank, world, consumed=self._consumed)
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, sampler=self.train_sampler, drop_last=True,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=self.train_sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -282,7 +300,9 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self._load("train"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False)
+        return DataLoader(
+            self._load("train"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._load("val"), batch_size=self.batch_size)

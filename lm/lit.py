@@ -310,7 +310,9 @@ class ThroughputMonitor(pl.Callback):
             mfu = self.tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size)
             pl_module.log("throughput/mfu", mfu, rank_zero_only=True)
         if trainer.is_global_zero:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else None  # this step's (last micro-batch)
+            loss = (
+                outputs.get("loss") if isinstance(outputs, dict) else None
+            )  # this step's (last micro-batch)
             loss_s = f" train/loss {float(loss):.4f}" if loss is not None else ""
             print(
                 f"lmforge: step {trainer.global_step}{loss_s} tokens/s {self.tokens_per_s:,.0f}", flush=True

@@ -105,7 +105,9 @@ def resolve_model_config(cfg: Any, vocab_size: int) -> ModelArgs:
     if args.head_dim % 2:
         raise ConfigError(f"head dim d_model/n_head={args.head_dim} must be even for RoPE")
     if args.n_head % args.n_kv_head:
-        raise ConfigError(f"model.n_head={args.n_head} must be a multiple of model.n_kv_head={args.n_kv_head}")
+        raise ConfigError(
+            f"model.n_head={args.n_head} must be a multiple of model.n_kv_head={args.n_kv_head}"
+        )
     return args
 
 
@@ -162,7 +164,11 @@ class Attention(nn.Module):
             rep = self.n_head // self.n_kv_head
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal and mask is None,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -244,13 +250,18 @@ class _Transformer(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V); loss is mean cross-entropy over targets != -100."""
         logits = self.lm_head(self.hidden_states(idx, attention_mask))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
+            )
         return logits, loss
 
 
@@ -343,11 +354,21 @@ def to_llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def llama_config_dict(args: ModelArgs, **extra: Any) -> dict[str, Any]:
     """Keyword arguments for ``transformers.LlamaConfig`` describing the same network."""
     return dict(
-        vocab_size=args.vocab_size, hidden_size=args.d_model, intermediate_size=args.d_ff,
-        num_hidden_layers=args.n_layer, num_attention_heads=args.n_head, num_key_value_heads=args.n_kv_head,
-        max_position_embeddings=args.seq_len, rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta,
-        tie_word_embeddings=args.tie_embeddings, attention_bias=False, mlp_bias=False, hidden_act="silu",
-        head_dim=args.head_dim, **extra,
+        vocab_size=args.vocab_size,
+        hidden_size=args.d_model,
+        intermediate_size=args.d_ff,
+        num_hidden_layers=args.n_layer,
+        num_attention_heads=args.n_head,
+        num_key_value_heads=args.n_kv_head,
+        max_position_embeddings=args.seq_len,
+        rms_norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        tie_word_embeddings=args.tie_embeddings,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        head_dim=args.head_dim,
+        **extra,
     )
 
 
@@ -407,15 +428,22 @@ def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = 
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (args.tie_embeddings and k.endswith("lm_head.weight"))]
     if missing or unexpected:
-        raise ValueError(f"{model_dir}: weights do not fit model.json (missing {missing}, unexpected {unexpected})")
+        raise ValueError(
+            f"{model_dir}: weights do not fit model.json (missing {missing}, unexpected {unexpected})"
+        )
     model.meta = meta  # the ids, label names ... that save_model's caller put in extra
     return model.to(map_location).eval()
 
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-    eot_id: int | None = None, generator: torch.Generator | None = None,
+    model: nn.Module,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens (stops early once every row drew eot_id); temperature 0 = greedy."""
     seq_len = model.args.seq_len

@@ -516,7 +516,10 @@ def main(argv: list[str] | None = None) -> int:
                 print_weight_digest=a.print_weight_digest,
             )
     except LmforgeError as e:
-        print(f"lmforge: error: {e}", file=sys.stderr, flush=True)
+        if (
+            _is_rank_zero()
+        ):  # every rank meets the same error (the divergence flag is all-reduced): say it once
+            print(f"lmforge: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -50,13 +50,33 @@ def _check(outputs: str, client, exp: str, run_id: str, out: Path) -> None:
 @pytest.mark.slow  # ~25 s: two gloo ranks started by Lightning's ddp launcher
 def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, tracking_uri):
     tokens = make_token_dir(tmp_path / "tokens")
-    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp",
-                                                           "log_every": 2})
+    cfg = tiny_config_yaml(
+        tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp", "log_every": 2}
+    )
     client, exp, run_id = _mlflow_run(tracking_uri)
     proc = subprocess.run(
-        [sys.executable, "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens),
-         "--out", str(tmp_path / "out"), "--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest"],
-        capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "lm.train",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tokens),
+            "--out",
+            str(tmp_path / "out"),
+            "--run-id",
+            run_id,
+            "--tracking-uri",
+            tracking_uri,
+            "--print-weight-digest",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check(proc.stdout + proc.stderr, client, exp, run_id, tmp_path / "out")
@@ -66,18 +86,43 @@ def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, trackin
 @pytest.mark.slow  # ~25 s: two torchrun launches rendezvous on 127.0.0.1 as two nodes
 def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, tracking_uri):
     tokens = make_token_dir(tmp_path / "tokens")
-    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "devices": 1, "num_nodes": 2,
-                                                           "strategy": "ddp", "log_every": 2})
+    cfg = tiny_config_yaml(
+        tmp_path / "cfg.yaml",
+        trainer={"accelerator": "cpu", "devices": 1, "num_nodes": 2, "strategy": "ddp", "log_every": 2},
+    )
     client, exp, run_id = _mlflow_run(tracking_uri)
     port = free_port()
     procs = []
     for node in (0, 1):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens), "--out", str(tmp_path / "out"),
-               "--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest"]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                      env=_env()))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            f"--node-rank={node}",
+            "--master-addr=127.0.0.1",
+            f"--master-port={port}",
+            "-m",
+            "lm.train",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--data",
+            str(tokens),
+            "--out",
+            str(tmp_path / "out"),
+            "--run-id",
+            run_id,
+            "--tracking-uri",
+            tracking_uri,
+            "--print-weight-digest",
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env()
+            )
+        )
     outputs = []
     for p in procs:
         out, _ = p.communicate(timeout=300)

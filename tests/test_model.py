@@ -149,7 +149,12 @@ def test_generate_extends_and_greedy_is_deterministic():
 
 def test_presets_and_overrides_resolve():
     args = resolve_model_config(ModelConfig(preset="small", n_layer=3, seq_len=64), vocab_size=8192)
-    assert (args.n_layer, args.d_model, args.seq_len, args.vocab_size) == (3, PRESETS["small"]["d_model"], 64, 8192)
+    assert (args.n_layer, args.d_model, args.seq_len, args.vocab_size) == (
+        3,
+        PRESETS["small"]["d_model"],
+        64,
+        8192,
+    )
     derived = resolve_model_config(ModelConfig(n_layer=2, n_head=2, d_model=96), vocab_size=100)
     assert derived.n_kv_head == 2 and derived.d_ff % 64 == 0 and derived.d_ff >= 8 * 96 // 3
     with pytest.raises(ConfigError, match="model.preset='huge' is unknown"):
@@ -162,7 +167,12 @@ def test_presets_and_overrides_resolve():
 
 @pytest.mark.parametrize(
     "preset,vocab,low,high",
-    [("tiny", 8192, 0.3e6, 1.0e6), ("small", 8192, 4e6, 6.5e6), ("gpt2-124m", 50257, 118e6, 130e6), ("1b", 32000, 0.95e9, 1.25e9)],
+    [
+        ("tiny", 8192, 0.3e6, 1.0e6),
+        ("small", 8192, 4e6, 6.5e6),
+        ("gpt2-124m", 50257, 118e6, 130e6),
+        ("1b", 32000, 0.95e9, 1.25e9),
+    ],
 )
 def test_preset_sizes(preset, vocab, low, high):
     args = resolve_model_config(ModelConfig(preset=preset, seq_len=1024), vocab)
@@ -170,7 +180,9 @@ def test_preset_sizes(preset, vocab, low, high):
         n = count_params(build_model(args))
     assert low <= n <= high, n
     # 6N dominates; the attention term is 12 L C T.
-    assert flops_per_token(args) == pytest.approx(6 * (n - 0) + 12 * args.n_layer * args.d_model * 1024, rel=0.1)
+    assert flops_per_token(args) == pytest.approx(
+        6 * (n - 0) + 12 * args.n_layer * args.d_model * 1024, rel=0.1
+    )
 
 
 def test_weights_map_onto_hugging_face_llama():

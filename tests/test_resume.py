@@ -16,7 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(cfg: Path, tokens: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens), "--out", str(out)]
+    return [
+        sys.executable,
+        "-m",
+        "lm.train",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--data",
+        str(tokens),
+        "--out",
+        str(out),
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -27,19 +38,33 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow  # ~20 s: three training processes
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     tokens = make_token_dir(tmp_path / "tokens")
-    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={
-        "max_steps": 40, "ckpt_every": 4, "keep_last": 2, "val_every": 10, "resume": "auto",
-        "tokens_per_step": 256,  # 2 micro-batches per step: the data position must count both
-    })
+    cfg = tiny_config_yaml(
+        tmp_path / "cfg.yaml",
+        pretrain={
+            "max_steps": 40,
+            "ckpt_every": 4,
+            "keep_last": 2,
+            "val_every": 10,
+            "resume": "auto",
+            "tokens_per_step": 256,  # 2 micro-batches per step: the data position must count both
+        },
+    )
 
-    reference = subprocess.run(_cmd(cfg, tokens, tmp_path / "ref"), capture_output=True, text=True, cwd=ROOT,
-                               env=_env(), timeout=300)
+    reference = subprocess.run(
+        _cmd(cfg, tokens, tmp_path / "ref"), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300
+    )
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads((tmp_path / "ref" / "metrics.json").read_text())
 
     out = tmp_path / "crashed"
-    proc = subprocess.Popen(_cmd(cfg, tokens, out), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            cwd=ROOT, env=_env())
+    proc = subprocess.Popen(
+        _cmd(cfg, tokens, out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
+    )
     for line in proc.stdout:
         if "saved checkpoint" in line and "step-00000016.ckpt" in line:
             proc.send_signal(signal.SIGKILL)
@@ -53,7 +78,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
-    resumed = subprocess.run(_cmd(cfg, tokens, out), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300)
+    resumed = subprocess.run(
+        _cmd(cfg, tokens, out), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{newest} (step" in resumed.stdout and "truncated or corrupt" in resumed.stdout
     assert f"resuming from {ckpts[-2]}" in resumed.stdout

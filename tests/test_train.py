@@ -58,7 +58,14 @@ def one_thread():
 def test_pretrain_writes_the_contract_outputs_and_learns(pretrained):
     out, metrics = pretrained
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "model.json", "metrics.json", "samples.txt", "config.yaml", "checkpoints"} <= names
+    assert {
+        "model.safetensors",
+        "model.json",
+        "metrics.json",
+        "samples.txt",
+        "config.yaml",
+        "checkpoints",
+    } <= names
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["steps"] == 30 and saved["params"] > 0 and saved["tokens_per_s"] > 0
     # ln(384) = 5.95 is a uniform guess; 30 tiny steps get well below it.
@@ -73,17 +80,36 @@ def test_pretrain_writes_the_contract_outputs_and_learns(pretrained):
 
 
 @pytest.mark.slow  # ~8 s: two pretraining runs plus MLflow's first use of a sqlite store
-def test_metrics_reach_the_given_mlflow_run_and_init_from_continues(tmp_path, token_dir, pretrained, tracking_uri):
+def test_metrics_reach_the_given_mlflow_run_and_init_from_continues(
+    tmp_path, token_dir, pretrained, tracking_uri
+):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.create_experiment("t")
     run_id = client.create_run(exp).info.run_id
-    cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={
-        "max_steps": 6, "val_every": 3, "init_from": str(pretrained[0]), "warmup_steps": 0, "lr": 1e-4}))
+    cfg = load_config(
+        tiny_config_yaml(
+            tmp_path / "cfg.yaml",
+            pretrain={
+                "max_steps": 6,
+                "val_every": 3,
+                "init_from": str(pretrained[0]),
+                "warmup_steps": 0,
+                "lr": 1e-4,
+            },
+        )
+    )
     metrics = run_pretrain(cfg, token_dir, tmp_path / "out", run_id=run_id, tracking_uri=tracking_uri)
     run = client.get_run(run_id)
-    for key in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/ppl", "throughput/tokens_per_s"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "val/ppl",
+        "throughput/tokens_per_s",
+    ):
         assert key in run.data.metrics, key
     assert "throughput/mfu" not in run.data.metrics  # CPU: no known peak
     assert len(client.get_metric_history(run_id, "val/loss")) == 2
@@ -94,8 +120,13 @@ def test_metrics_reach_the_given_mlflow_run_and_init_from_continues(tmp_path, to
 
 
 def test_encoder_pretrains_with_masked_language_modelling(tmp_path, token_dir):
-    cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", model={"kind": "encoder", "preset": "tiny", "seq_len": 32},
-                                       pretrain={"max_steps": 8, "val_every": 4}))
+    cfg = load_config(
+        tiny_config_yaml(
+            tmp_path / "cfg.yaml",
+            model={"kind": "encoder", "preset": "tiny", "seq_len": 32},
+            pretrain={"max_steps": 8, "val_every": 4},
+        )
+    )
     metrics = run_pretrain(cfg, token_dir, tmp_path / "out")
     assert np.isfinite(metrics["val/loss"]) and metrics["val/loss"] < 6.0
     assert load_model(tmp_path / "out").meta["kind"] == "encoder"
@@ -152,7 +183,9 @@ def test_finetune_classifier_on_the_pretrained_backbone(tmp_path, token_dir, pre
     assert {"train/loss", "val/loss", "val/accuracy", "steps", "params", "tokens_per_s"} <= set(saved)
     # The backbone started from the pretrained weights.
     pre = load_model(pretrained[0])
-    assert not torch.equal(clf.backbone.layers[0].mlp.up_proj.weight, Decoder(pre.args).layers[0].mlp.up_proj.weight)
+    assert not torch.equal(
+        clf.backbone.layers[0].mlp.up_proj.weight, Decoder(pre.args).layers[0].mlp.up_proj.weight
+    )
 
 
 @pytest.mark.slow  # ~6 s: a fresh `python -m lm.train` process
@@ -163,8 +196,22 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
     save_model(poisoned, tmp_path / "nan-model")
     cfg = tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={"init_from": str(tmp_path / "nan-model")})
     proc = subprocess.run(
-        [sys.executable, "-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(token_dir),
-         "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "lm.train",
+            "pretrain",
+            "--config",
+            str(cfg),
+            "--data",
+            str(token_dir),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 1
@@ -194,12 +241,29 @@ class _PoisonAt(pl.Callback):
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, token_dir):
     """Weights turn NaN after step 5: the step-4 checkpoint stays, none is written after it."""
     net = Decoder(load_model_args(token_dir))
-    module = LanguageModelModule(net, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), warmup_steps=1, max_steps=12,
-                                 min_lr_ratio=0.1, grad_clip=1.0, check_every=2)
+    module = LanguageModelModule(
+        net,
+        lr=1e-3,
+        weight_decay=0.1,
+        betas=(0.9, 0.95),
+        warmup_steps=1,
+        max_steps=12,
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        check_every=2,
+    )
     ckpt = StepCheckpoint(tmp_path / "ckpt", every=4, keep_last=3, before_save=module.raise_if_diverged)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=12, logger=False, enable_checkpointing=False,
-                         callbacks=[ckpt, _PoisonAt(5)], enable_progress_bar=False, limit_val_batches=0,
-                         use_distributed_sampler=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=12,
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[ckpt, _PoisonAt(5)],
+        enable_progress_bar=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        enable_model_summary=False,
+    )
     dm = TokenDataModule(token_dir, 32, 2, seed=0, train_samples=24)
     with pytest.raises(TrainingError, match="step 6"):
         trainer.fit(module, datamodule=dm)
@@ -210,7 +274,9 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, token_dir):
 
 def test_truncated_checkpoint_is_skipped_and_old_ones_pruned(tmp_path):
     for step in (10, 20, 30):
-        atomic_torch_save({"state_dict": {"w": torch.full((1000,), float(step))}}, tmp_path / f"step-{step:08d}.ckpt")
+        atomic_torch_save(
+            {"state_dict": {"w": torch.full((1000,), float(step))}}, tmp_path / f"step-{step:08d}.ckpt"
+        )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left behind
     newest = tmp_path / "step-00000030.ckpt"
     newest.write_bytes(newest.read_bytes()[:-200])  # a torn write
@@ -224,10 +290,14 @@ def test_truncated_checkpoint_is_skipped_and_old_ones_pruned(tmp_path):
 def test_bad_trainer_settings_are_config_errors(tmp_path, token_dir):
     from lm.errors import ConfigError
 
-    cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "strategy": "fsdp"}))
+    cfg = load_config(
+        tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "strategy": "fsdp"})
+    )
     with pytest.raises(ConfigError, match="fsdp needs GPUs"):
         run_pretrain(cfg, token_dir, tmp_path / "out")
-    cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "precision": "17-mixed"}))
+    cfg = load_config(
+        tiny_config_yaml(tmp_path / "cfg.yaml", trainer={"accelerator": "cpu", "precision": "17-mixed"})
+    )
     with pytest.raises(ConfigError, match="precision=17-mixed"):
         run_pretrain(cfg, token_dir, tmp_path / "out")
 
@@ -235,12 +305,31 @@ def test_bad_trainer_settings_are_config_errors(tmp_path, token_dir):
 @pytest.mark.gpu
 def test_fsdp_bf16_on_gpu_exports_full_weights(tmp_path, token_dir):
     n = min(2, torch.cuda.device_count())
-    cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", trainer={
-        "accelerator": "cuda", "strategy": "fsdp", "devices": n, "precision": "bf16-mixed"}))
+    cfg = load_config(
+        tiny_config_yaml(
+            tmp_path / "cfg.yaml",
+            trainer={"accelerator": "cuda", "strategy": "fsdp", "devices": n, "precision": "bf16-mixed"},
+        )
+    )
     if n > 1:  # more than one rank: through the entry point, as the pipeline launches it
         proc = subprocess.run(
-            [sys.executable, "-m", "lm.train", "pretrain", "--config", str(tmp_path / "cfg.yaml"), "--data",
-             str(token_dir), "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=600)
+            [
+                sys.executable,
+                "-m",
+                "lm.train",
+                "pretrain",
+                "--config",
+                str(tmp_path / "cfg.yaml"),
+                "--data",
+                str(token_dir),
+                "--out",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     else:
         run_pretrain(cfg, token_dir, tmp_path / "out")

@@ -30,8 +30,12 @@ def make_token_dir(root: Path, vocab_size: int = 384, train_files: int = 2) -> P
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = stdlib_texts()
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(root / "tokenizer.json"))
@@ -50,9 +54,15 @@ def make_token_dir(root: Path, vocab_size: int = 384, train_files: int = 2) -> P
         files.append(name)
     val.tofile(root / "val_00000.bin")
     index = {
-        "dtype": "uint16", "vocab_size": tok.get_vocab_size(), "eot_id": eot, "pad_id": pad, "mask_id": mask,
-        "splits": {"train": {"files": files, "tokens": int(len(train))},
-                   "val": {"files": ["val_00000.bin"], "tokens": int(len(val))}},
+        "dtype": "uint16",
+        "vocab_size": tok.get_vocab_size(),
+        "eot_id": eot,
+        "pad_id": pad,
+        "mask_id": mask,
+        "splits": {
+            "train": {"files": files, "tokens": int(len(train))},
+            "val": {"files": ["val_00000.bin"], "tokens": int(len(val))},
+        },
         "tokenizer": "tokenizer.json",
     }
     (root / "index.json").write_text(json.dumps(index, indent=2))
@@ -67,12 +77,18 @@ def make_finetune_dir(root: Path) -> Path:
     names = ["textwrap", "shlex", "glob"]
     rows = []
     for label, name in enumerate(names):
-        lines = [ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20]
+        lines = [
+            ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20
+        ]
         rows += [{"text": ln, "label": label} for ln in lines[:60]]
     rng = np.random.default_rng(0)
     rng.shuffle(rows)
     n = len(rows)
-    splits = {"train": rows[: int(0.7 * n)], "val": rows[int(0.7 * n) : int(0.85 * n)], "test": rows[int(0.85 * n) :]}
+    splits = {
+        "train": rows[: int(0.7 * n)],
+        "val": rows[int(0.7 * n) : int(0.85 * n)],
+        "test": rows[int(0.85 * n) :],
+    }
     for split, part in splits.items():
         pd.DataFrame(part).to_parquet(root / f"{split}.parquet")
     (root / "labels.json").write_text(json.dumps(names))
@@ -85,8 +101,17 @@ def tiny_config_yaml(path: Path, **sections: dict) -> Path:
 
     base = {
         "model": {"preset": "tiny", "seq_len": 32},
-        "pretrain": {"max_steps": 12, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "val_every": 6,
-                     "val_batches": 2, "ckpt_every": 4, "keep_last": 2, "seed": 7},
+        "pretrain": {
+            "max_steps": 12,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "val_every": 6,
+            "val_batches": 2,
+            "ckpt_every": 4,
+            "keep_last": 2,
+            "seed": 7,
+        },
         "finetune": {"max_steps": 10, "batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "seed": 7},
         "trainer": {"accelerator": "cpu", "devices": 1, "log_every": 2},
     }
