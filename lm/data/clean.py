@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lm.config import DataConfig
@@ -262,12 +263,14 @@ def finish_clean(
             if part.num_rows:
                 writers[name].write_table(part)
                 docs[name] += part.num_rows
-        texts = table.filter(pa.array(keep)).column("text").to_pylist()
-        bytes_out += sum(len(t.encode("utf-8", errors="surrogatepass")) for t in texts)
-        hist_out += np.histogram([len(t) for t in texts], bins=HIST_BINS)[0]
+        kept_text = table.filter(pa.array(keep)).column("text")  # lengths in Arrow: no Python strings
+        bytes_out += int(pc.sum(pc.binary_length(kept_text)).as_py() or 0)
+        hist_out += np.histogram(pc.utf8_length(kept_text).to_numpy(), bins=HIST_BINS)[0]
+        del table, kept_text
         Path(task.out_path).unlink()
     for w in writers.values():
         w.close()
+    pa.default_memory_pool().release_unused()  # the next stage may run in this process
     if docs[TRAIN] == 0:
         raise DataError(
             f"no training documents are left: {n} passed the filters, {exact_dups} exact and {near_dups} "
