@@ -5,6 +5,7 @@ Examples:
   lmforge run --config conf/tiny.yaml pretrain.max_steps=50
   lmforge data --config my.yaml data.sources=[docs/,notes/*.md]
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
+  lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         _config_args(sp)
     sp = sub.add_parser("config", help="print the resolved config (preset + overrides) as YAML")
+    _config_args(sp)
+    sp = sub.add_parser("schedule", help="serve the pipeline as a Prefect deployment that retrains on a cron schedule",
+                        description="Serve the pipeline as a Prefect deployment run on a cron schedule (one run "
+                        "at a time); it can also be triggered from the Prefect UI. Runs until stopped.")
+    sp.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
+    sp.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
     _config_args(sp)
     return p
 
@@ -92,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_yaml(), end="")
             return 0
         preflight(cfg)
+        config_file = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else args.config
         # Persisted task results (the cache records) live beside the outputs they point to, so
         # removing the work directory forgets both.
         os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.workdir).expanduser().resolve() / ".prefect"))
@@ -100,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.common import quiet_user_errors
 
         quiet_user_errors()
+        if args.command == "schedule":
+            from flows.schedule import serve_retraining
+
+            print(f"lmforge: serving deployment 'lmforge-pipeline/{args.name}' on cron {args.cron!r}; Ctrl-C stops")
+            serve_retraining(args.name, args.cron, config_file, list(args.overrides))
+            return 0
 
         t0 = time.monotonic()
-        config_file = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else args.config
         out = pipeline(config_file=config_file, overrides=list(args.overrides), until=STAGE_COMMANDS[args.command][0])
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
