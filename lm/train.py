@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import os
 import sys
@@ -469,6 +470,17 @@ def run_finetune(
     return metrics
 
 
+def _quiet_lightning_tips() -> None:
+    """Lightning advertises cloud services on every start; our users read a log, not ads."""
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in str(record.msg)
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoTips())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lm.train", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -493,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--tokens", required=True, help="token data dir (tokenizer.json, ids)")
             sp.add_argument("--init", default=None, help="pretrained model folder or checkpoint")
     a = parser.parse_args(argv)
+    _quiet_lightning_tips()
     try:
         cfg = load_config(a.config, a.override)
         if a.command == "pretrain":
