@@ -26,6 +26,9 @@ from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
 
+# A cached stage's child run repeats its small artifacts (stats, tables, samples), not its weights.
+CACHED_ARTIFACT_MAX_BYTES = 5_000_000
+
 STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate", "export", "deploy")
 
 
@@ -183,6 +186,8 @@ def log_stage_result(
         if not path.is_relative_to(out_dir.resolve()) or not path.exists():
             log.warning("artifact %s is not inside %s; not logged", rel, out_dir)
             continue
+        if cached and path.is_file() and path.stat().st_size > CACHED_ARTIFACT_MAX_BYTES:
+            continue  # uploaded by the run that made it (tag lmforge.output points at it); not again
         if path.is_dir():
             client.log_artifacts(run_id, str(path), rel)
         else:

@@ -43,11 +43,15 @@ def _train(kind: str, cfg: Config, out_dir: str, run_id: str | None, args: list[
     return digests
 
 
-def _result_from_training(out: Path, extra_artifacts: list[str], digests: dict[str, str]) -> None:
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+def _result_from_training(kind: str, out: Path, extra_artifacts: list[str], digests: dict[str, str]) -> None:
+    """The stage manifest from the training process's ``metrics.json`` (under MLflow's metric names)."""
+    raw = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    names = {"tokens_per_s": "throughput/tokens_per_s"}
+    metrics = {names.get(k, k if "/" in k else f"{kind}/{k}"): float(v) for k, v in raw.items()
+               if isinstance(v, int | float)}
     artifacts = [a for a in ["config.yaml", "metrics.json", "model.json", *extra_artifacts] if (out / a).exists()]
     StageResult(
-        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        metrics=metrics,
         params={f"weights_sha256/{rank}": d for rank, d in sorted(digests.items())},
         artifacts=artifacts,
         outputs={"model": "model.safetensors", "checkpoints": "checkpoints"},
@@ -58,7 +62,7 @@ def _result_from_training(out: Path, extra_artifacts: list[str], digests: dict[s
 def pretrain(config: dict, out_dir: str, tokens_dir: str, run_id: str | None = None) -> str:
     cfg = Config.model_validate(config)
     digests = _train("pretrain", cfg, out_dir, run_id, ["--data", tokens_dir])
-    _result_from_training(Path(out_dir), ["samples.txt", "model.safetensors"], digests)
+    _result_from_training("pretrain", Path(out_dir), ["samples.txt", "model.safetensors"], digests)
     return out_dir
 
 
@@ -68,5 +72,5 @@ def finetune(config: dict, out_dir: str, ft_data_dir: str, tokens_dir: str, pret
     cfg = Config.model_validate(config)
     digests = _train("finetune", cfg, out_dir, run_id,
                      ["--data", ft_data_dir, "--tokens", tokens_dir, "--init", pretrain_dir])
-    _result_from_training(Path(out_dir), [], digests)
+    _result_from_training("finetune", Path(out_dir), [], digests)
     return out_dir
