@@ -178,3 +178,28 @@ def test_everything_removed_names_the_filter(tmp_path):
     docs = write_docs(tmp_path / "documents.parquet", ["short one", "short two", "x"])
     with pytest.raises(DataError, match=r"removed all 3 documents \(too_short: 3\)"):
         clean(DataConfig(workers=1), docs, out_dir=tmp_path)
+
+
+def test_process_pool_under_a_threaded_caller_matches_one_process(tmp_path):
+    """A Prefect worker has threads: the pool then spawns instead of forking, with the same result."""
+    import threading
+
+    rng = random.Random(1)
+    vocab = make_vocab(rng)
+    docs = write_docs(tmp_path / "documents.parquet", [random_prose(rng, vocab, 100) for _ in range(40)])
+    stop = threading.Event()
+    busy = threading.Thread(target=stop.wait, daemon=True)
+    busy.start()
+    try:
+        (tmp_path / "pool").mkdir()
+        pooled = clean(DataConfig(workers=2), docs, out_dir=tmp_path / "pool")
+    finally:
+        stop.set()
+    (tmp_path / "one").mkdir()
+    single = clean(DataConfig(workers=1), docs, out_dir=tmp_path / "one")
+    assert pooled.metrics["clean/train_docs"] == single.metrics["clean/train_docs"]
+    for name in ("train.parquet", "val.parquet"):
+        pd.testing.assert_frame_equal(
+            pq.read_table(tmp_path / "pool" / name).to_pandas(),
+            pq.read_table(tmp_path / "one" / name).to_pandas(),
+        )

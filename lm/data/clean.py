@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -154,9 +155,22 @@ def _map_parts(tasks: list[PartTask], cfg: DataConfig, workers: int) -> Iterable
         for t in tasks:
             yield clean_part(t, cfg)
         return
-    # spawn, not fork: the caller (a Prefect worker, MLflow) may hold threads and locks.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    # fork is fast and needs no `if __name__ == "__main__"` guard in the caller's script, but forking
+    # a process whose other threads hold locks (a Prefect worker, an MLflow client) can deadlock the
+    # child; there spawn (which does need the guard in a script) is the safe choice.
+    method = "fork" if _single_threaded() and sys.platform == "linux" else "spawn"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context(method)) as pool:
         yield from pool.map(clean_part, tasks, [cfg] * len(tasks))
+
+
+def _single_threaded() -> bool:
+    """No thread but the main one (tqdm's progress-bar monitor, which only sleeps, does not count)."""
+    from tqdm._monitor import TMonitor
+
+    others = [
+        t for t in threading.enumerate() if t is not threading.main_thread() and not isinstance(t, TMonitor)
+    ]
+    return not others
 
 
 def clean(cfg: DataConfig, documents: Path, *, out_dir: Path) -> StageResult:
