@@ -164,6 +164,12 @@ def test_clean_stage_outputs_metrics_and_deterministic_split(tmp_path):
     assert {CHINESE, JAPANESE, RUSSIAN} <= set(train.text) | set(val.text)
     samples = [json.loads(line) for line in (out1 / "dropped_samples.jsonl").read_text().splitlines()]
     assert {s["reason"] for s in samples} == {"too_short"} and samples[0]["text"] == "tiny"
+    pairs = [json.loads(line) for line in (out1 / "dedup_samples.jsonl").read_text().splitlines()]
+    assert sorted((x["kind"], x["dropped_id"], x["kept_id"]) for x in pairs) == [
+        ("exact", "doc104", "doc0"),
+        ("exact", "doc105", "doc1"),
+    ]
+    assert "dedup_samples.jsonl" in r.artifacts
     stats = json.loads((out1 / "stats.json").read_text())
     assert stats["dropped"] == {"too_short": 1}
     # Reproducible: same input and config, same split, also with a process pool.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -75,6 +76,12 @@ def test_planted_near_duplicates_precision_and_recall(tmp_path):
     assert precision >= 0.95 and recall >= 0.95, (precision, recall)
     assert result.metrics["dedup/near_dups"] == len(removed)
     assert result.metrics["dedup/clusters"] >= 0.9 * len({i.split("_of")[1] for i in planted})
+    # A person can judge the threshold from sampled pairs: each names a copy and its original.
+    pairs = [json.loads(line) for line in (out / "dedup_samples.jsonl").read_text().splitlines()]
+    near = [x for x in pairs if x["kind"] == "near"]
+    assert len(near) == 10
+    assert sum(x["dropped_id"].endswith("_of" + x["kept_id"].removeprefix("orig")) for x in near) >= 9
+    assert all(0.5 < x["jaccard_estimate"] <= 1 and x["dropped_text"] and x["kept_text"] for x in near)
     # Dedup ran before the split: a found copy is gone from both sides, so the only copies that can
     # train on a validation document's near twin are the few that MinHash missed.
     val = set(pq.read_table(out / "val.parquet", columns=["doc_id"]).column(0).to_pylist())

@@ -44,6 +44,8 @@ from lm.tokenizer import char_bounded
 
 TRAIN, VAL = "train.parquet", "val.parquet"
 STATS, DROPPED, HIST = "stats.json", "dropped_samples.jsonl", "length_hist.png"
+DEDUP_PAIRS = "dedup_samples.jsonl"  # (dropped, kept) duplicate pairs, to judge the threshold
+DEDUP_SAMPLES = 10  # pairs of each kind (exact, near)
 SAMPLE_CHARS = 2000  # characters of each dropped document kept for a person to judge the filter
 MINHASH_CHARS = 1_000_000
 HIST_BINS = np.logspace(0, 7, 71)  # document length in characters, 1 .. 10M, 10 bins per decade
@@ -238,27 +240,41 @@ def finish_clean(
     # Dedup over the whole corpus, in document order: the first copy survives.
     n = agg.docs_kept
     exact_all = np.concatenate(exact)
-    drop = np.zeros(n, dtype=bool)
+    keeper = np.full(n, -1, dtype=np.int64)  # the kept copy of each dropped duplicate
     exact_dups = exact_clusters = 0
     if cfg.dedup.exact:
-        _, first, counts = np.unique(exact_all, return_index=True, return_counts=True)
-        drop[:] = True
-        drop[first] = False
-        exact_dups = int(drop.sum())
+        _, first, inverse, counts = np.unique(
+            exact_all, return_index=True, return_inverse=True, return_counts=True
+        )
+        keeper = np.where(first[inverse] != np.arange(n), first[inverse], -1)
+        exact_dups = int((keeper >= 0).sum())
         exact_clusters = int((counts > 1).sum())
     near_dups = near_clusters = 0
+    pairs: list[dict] = []  # a sample of (dropped, kept) pairs for a person to judge the dedup
     if cfg.dedup.near and n:
         sigs = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(n, cfg.dedup.num_perm))
-        near_drop, near_clusters = near_duplicates(
+        near_keeper, near_clusters = near_duplicates(
             np.concatenate(keys),
-            np.concatenate(has) & ~drop,
+            np.concatenate(has) & (keeper < 0),
             lambda i: np.asarray(sigs[i]),
             cfg.dedup.threshold,
         )
-        near_dups = int(near_drop.sum())
-        drop |= near_drop
+        near_dups = int((near_keeper >= 0).sum())
+        for i in np.flatnonzero(near_keeper >= 0)[:DEDUP_SAMPLES]:
+            j = int(near_keeper[i])
+            pairs.append(
+                {"kind": "near", "dropped": int(i), "kept": j, "jaccard": float(np.mean(sigs[i] == sigs[j]))}
+            )
+        keeper = np.where(near_keeper >= 0, near_keeper, keeper)
         del sigs
     sig_path.unlink()
+    drop = keeper >= 0
+    for i in np.flatnonzero(drop & ~np.isin(np.arange(n), [p["dropped"] for p in pairs]))[:DEDUP_SAMPLES]:
+        if len(pairs) >= 2 * DEDUP_SAMPLES:
+            break
+        pairs.append({"kind": "exact", "dropped": int(i), "kept": int(keeper[i]), "jaccard": 1.0})
+    wanted = {p["dropped"] for p in pairs} | {p["kept"] for p in pairs}
+    snippets: dict[int, tuple[str, str]] = {}
 
     # Split by content hash, streaming the part files into train/val.
     is_val = np.concatenate(split_h).astype(np.float64) / 2.0**64 < cfg.val_fraction
@@ -271,6 +287,13 @@ def finish_clean(
         table = pq.read_table(task.out_path)
         keep = ~drop[offset : offset + k]
         val = is_val[offset : offset + k]
+        here = [i - offset for i in sorted(wanted) if offset <= i < offset + k]
+        if here:
+            picked = table.take(here)
+            for local, doc_id, text in zip(
+                here, picked.column("doc_id").to_pylist(), picked.column("text").to_pylist(), strict=True
+            ):
+                snippets[offset + local] = (doc_id, text[:SAMPLE_CHARS])
         offset += k
         for name, mask in ((TRAIN, keep & ~val), (VAL, keep & val)):
             part = table.filter(pa.array(mask))
@@ -284,6 +307,18 @@ def finish_clean(
         Path(task.out_path).unlink()
     for w in writers.values():
         w.close()
+    with open(out_dir / DEDUP_PAIRS, "w", encoding="utf-8") as f:
+        for p in pairs:
+            (dropped_id, dropped_text), (kept_id, kept_text) = snippets[p["dropped"]], snippets[p["kept"]]
+            item = {
+                "kind": p["kind"],
+                "jaccard_estimate": round(p["jaccard"], 3),
+                "dropped_id": dropped_id,
+                "kept_id": kept_id,
+                "dropped_text": dropped_text,
+                "kept_text": kept_text,
+            }
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
     pa.default_memory_pool().release_unused()  # the next stage may run in this process
     if docs[TRAIN] == 0:
         raise DataError(
@@ -337,7 +372,7 @@ def finish_clean(
             "dedup.rows": rows,
             "val_fraction": cfg.val_fraction,
         },
-        artifacts=[STATS, DROPPED, HIST],
+        artifacts=[STATS, DROPPED, HIST, DEDUP_PAIRS],
         outputs={"train": TRAIN, "val": VAL},
         datasets=[
             {

@@ -244,7 +244,8 @@ class UnionFind:
 def near_duplicates(
     keys: np.ndarray, candidates: np.ndarray, signature_of, threshold: float
 ) -> tuple[np.ndarray, int]:
-    """Documents to drop as near duplicates, and the number of clusters (of size >= 2) found.
+    """For each document the index of the copy that is kept instead of it (-1: it is kept), and
+    the number of clusters (of size >= 2) found.
 
     ``keys`` (N, bands) band keys; ``candidates`` bool (N,) which documents take part;
     ``signature_of(i)`` the uint32 signature of document i (may read from disk). In every
@@ -273,11 +274,11 @@ def near_duplicates(
             checked.add(pair)
             if np.mean(signature_of(a) == signature_of(b)) >= threshold:
                 uf.union(a, b)
-    drop = np.zeros(n, dtype=bool)
+    keeper = np.full(n, -1, dtype=np.int64)
     roots: set[int] = set()
     for x in list(uf.parent):
         r = uf.find(x)
         if r != x:
-            drop[x] = True
+            keeper[x] = r
             roots.add(r)
-    return drop, len(roots)
+    return keeper, len(roots)
