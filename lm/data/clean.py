@@ -249,6 +249,7 @@ def finish_clean(
         keeper = np.where(first[inverse] != np.arange(n), first[inverse], -1)
         exact_dups = int((keeper >= 0).sum())
         exact_clusters = int((counts > 1).sum())
+    exact_keeper = keeper.copy()
     near_dups = near_clusters = 0
     pairs: list[dict] = []  # a sample of (dropped, kept) pairs for a person to judge the dedup
     if cfg.dedup.near and n:
@@ -269,10 +270,8 @@ def finish_clean(
         del sigs
     sig_path.unlink()
     drop = keeper >= 0
-    for i in np.flatnonzero(drop & ~np.isin(np.arange(n), [p["dropped"] for p in pairs]))[:DEDUP_SAMPLES]:
-        if len(pairs) >= 2 * DEDUP_SAMPLES:
-            break
-        pairs.append({"kind": "exact", "dropped": int(i), "kept": int(keeper[i]), "jaccard": 1.0})
+    for i in np.flatnonzero(exact_keeper >= 0)[:DEDUP_SAMPLES]:
+        pairs.append({"kind": "exact", "dropped": int(i), "kept": int(exact_keeper[i]), "jaccard": 1.0})
     wanted = {p["dropped"] for p in pairs} | {p["kept"] for p in pairs}
     snippets: dict[int, tuple[str, str]] = {}
 
