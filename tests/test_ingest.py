@@ -105,6 +105,7 @@ def test_malformed_jsonl_lines_are_counted_with_line_numbers(tmp_path):
     assert len(docs) == 198
     assert result.metrics["ingest/bad_jsonl_lines"] == 2
     assert prov.first_bad_lines[0] == "5 10"
+    assert result.params["bad_lines_first"] == "r.jsonl: lines 5 10"
 
 
 def test_too_many_malformed_jsonl_lines_fail_the_stage(tmp_path):

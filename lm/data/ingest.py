@@ -162,7 +162,17 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
     }
     return StageResult(
         metrics={k: float(v) for k, v in metrics.items()},
-        params={"sources": ",".join(cfg.sources), "text_field": cfg.text_field, "max_docs": cfg.max_docs},
+        params={
+            "sources": ",".join(cfg.sources),
+            "text_field": cfg.text_field,
+            "max_docs": cfg.max_docs,
+            # Where the skipped records are, for a person to look (full list in provenance.csv).
+            "bad_lines_first": "; ".join(
+                f"{Path(r.path).name}: lines {' '.join(map(str, r.first_bad_lines))}"
+                for r in reports
+                if r.bad_lines
+            )[:500],
+        },
         artifacts=[PROVENANCE],
         outputs={"documents": DOCUMENTS, "provenance": PROVENANCE},
         datasets=[
