@@ -232,9 +232,10 @@ def finish_clean(
         raise DataError("the documents file holds no documents")
     if agg.docs_kept == 0:
         top = ", ".join(f"{r}: {n}" for r, n in agg.reasons.most_common())
+        hint = "" if cfg.clean.preset == "code" else " (for source code: data.clean.preset=code)"
         raise DataError(
-            f"the clean filters removed all {agg.docs_in} documents ({top}). Relax data.clean "
-            f"(preset={cfg.clean.preset}, e.g. data.clean.preset=code for source code) and see {DROPPED}."
+            f"the clean filters removed all {agg.docs_in} documents ({top}): check data.sources, or relax "
+            f"the data.clean thresholds named there{hint}; {DROPPED} shows what was dropped."
         )
 
     # Dedup over the whole corpus, in document order: the first copy survives.
