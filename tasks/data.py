@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
-from lm.config import Config
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import unmapped
+
+from lm.config import Config, DataConfig
+from lm.data.clean import PartResult, PartTask, clean_part, finish_clean, plan_parts
 from lm.data.clean import clean as clean_documents
 from lm.data.ingest import ingest as ingest_documents
 from lm.data.labelled import build_finetune_data
-from lm.stage import run_stage
+from lm.stage import StageResult, run_stage
 from lm.tokenizer import tokenize as tokenize_corpus
 from tasks.common import stage_task
 
@@ -20,10 +27,40 @@ def ingest(config: dict, out_dir: str) -> str:
     return out_dir
 
 
+@task(name="clean-part", cache_policy=NO_CACHE, persist_result=False, retries=1)
+def clean_part_task(part: PartTask, data: dict) -> PartResult:
+    """One row group through the filters and MinHash, on whichever Dask worker takes it."""
+    return clean_part(part, DataConfig.model_validate(data))
+
+
+@flow(name="clean-parts")
+def clean_parts_flow(parts: list[PartTask], data: dict) -> list[PartResult]:
+    futures = clean_part_task.map(parts, unmapped(data))
+    return [f.result() for f in futures]  # in part order: the reduce step relies on it
+
+
+def clean_on_dask(cfg: DataConfig, documents: Path, *, out_dir: Path) -> StageResult:
+    """The clean stage with its map step as Prefect tasks on the Dask cluster at data.dask_address.
+    Workers need lmforge installed and the work directory on a filesystem they share."""
+    from prefect_dask import DaskTaskRunner
+
+    start = time.perf_counter()
+    scratch = out_dir / "_parts"
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts = plan_parts(Path(documents), scratch)
+    on_cluster = clean_parts_flow.with_options(task_runner=DaskTaskRunner(address=cfg.dask_address))
+    try:
+        results = on_cluster(parts, cfg.model_dump(mode="json"))
+        return finish_clean(cfg, parts, results, out_dir=out_dir, start=start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @stage_task
 def clean(config: dict, out_dir: str, ingest_dir: str) -> str:
     cfg = Config.model_validate(config)
-    run_stage(clean_documents, Path(out_dir), cfg.data, Path(ingest_dir) / "documents.parquet")
+    fn = clean_on_dask if cfg.data.dask_address else clean_documents
+    run_stage(fn, Path(out_dir), cfg.data, Path(ingest_dir) / "documents.parquet")
     return out_dir
 
 

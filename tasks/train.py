@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from lm import tracking
+from lm.checkpoint import CKPT_DIR, latest_valid_checkpoint
 from lm.config import Config
 from lm.errors import TrainingError
 from lm.stage import StageResult
@@ -50,6 +51,9 @@ def _result_from_training(kind: str, out: Path, extra_artifacts: list[str], dige
     metrics = {names.get(k, k if "/" in k else f"{kind}/{k}"): float(v) for k, v in raw.items()
                if isinstance(v, int | float)}
     artifacts = [a for a in ["config.yaml", "metrics.json", "model.json", *extra_artifacts] if (out / a).exists()]
+    final_ckpt = latest_valid_checkpoint(out / CKPT_DIR, log=lambda *_: None)
+    if final_ckpt is not None:  # logged once, at the end (large uploads mid-run can time out, mlflow#7564)
+        artifacts.append(str(final_ckpt.relative_to(out)))
     StageResult(
         metrics=metrics,
         params={f"weights_sha256/{rank}": d for rank, d in sorted(digests.items())},

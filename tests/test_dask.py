@@ -1,4 +1,5 @@
-"""The clean stage on a real two-worker Dask cluster gives the same result as the local path."""
+"""The clean stage on a real two-worker Dask cluster, through Prefect's DaskTaskRunner, gives the
+same result as the local process pool."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from lm.data.clean import clean
 from lm.data.ingest import ingest
 
 
-@pytest.mark.slow  # ~10 s: starts a scheduler and two worker processes
-def test_two_worker_dask_cluster_matches_local(tmp_path):
+@pytest.mark.slow  # ~15 s: starts a scheduler and two worker processes
+def test_two_worker_dask_cluster_matches_local(prefect_harness, tmp_path):
     from distributed import LocalCluster
+
+    from tasks.data import clean_on_dask
 
     docs_dir = tmp_path / "ingest"
     docs_dir.mkdir()
@@ -26,10 +29,14 @@ def test_two_worker_dask_cluster_matches_local(tmp_path):
     local.mkdir(), remote.mkdir()
     r_local = clean(cfg.model_copy(update={"workers": 1}), documents, out_dir=local)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        r_dask = clean(
+        r_dask = clean_on_dask(
             cfg.model_copy(update={"dask_address": cluster.scheduler_address}), documents, out_dir=remote
         )
         assert len(cluster.workers) == 2
+        # Both workers took parts: the work really was spread over the cluster.
+        with cluster.get_client() as client:
+            done = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        assert all(n > 0 for n in done.values()), done
     for key in (
         "clean/docs_out",
         "clean/train_docs",

@@ -1,16 +1,16 @@
 """Clean: filters -> exact + near dedup -> deterministic train/val split.
 
 Work is split into parts (row groups of ``documents.parquet``). Each part is cleaned by
-:func:`clean_part`, in a process pool over every core or on a Dask cluster
-(``data.dask_address``): it runs the filters, writes its surviving documents to a part file and
+:func:`clean_part`, in a process pool over every core, or (``data.dask_address``) as Prefect
+tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/data.py``): it runs the filters, writes its surviving documents to a part file and
 returns small arrays (dedup hashes, MinHash signatures, split hashes) and counts. The driver
 then finds exact and near duplicates over the whole corpus, BEFORE the split, so no near copy of
 a validation document is trained on, and streams the part files into ``train.parquet`` and
 ``val.parquet``. Memory holds one part's text per worker plus ~(bands * 8 + 20) bytes per
 document; signatures go to a scratch file that is memory-mapped for verification.
 
-For Prefect, ``plan_parts`` / ``clean_part`` / ``finish_clean`` are the map and reduce steps
-(``clean`` composes them with a pool or Dask).
+``plan_parts`` / ``clean_part`` / ``finish_clean`` are the map and reduce steps: ``clean`` composes
+them with a process pool; the Prefect task composes them with a Dask cluster.
 """
 
 from __future__ import annotations
@@ -144,15 +144,8 @@ def clean_part(task: PartTask, cfg: DataConfig) -> PartResult:
 
 
 def _map_parts(tasks: list[PartTask], cfg: DataConfig, workers: int) -> Iterable[PartResult]:
-    """Results in task order: in this process, a process pool, or a Dask cluster."""
-    if cfg.dask_address:
-        from distributed import Client
-
-        with Client(cfg.dask_address, timeout="30s") as client:
-            futures = client.map(clean_part, tasks, cfg=cfg, pure=False)
-            for fut in futures:
-                yield fut.result()
-        return
+    """Results in task order: in this process or a process pool over this machine's cores.
+    (On a Dask cluster, ``tasks/data.py`` maps :func:`clean_part` with Prefect's DaskTaskRunner.)"""
     if workers <= 1 or len(tasks) == 1:
         for t in tasks:
             yield clean_part(t, cfg)
