@@ -101,6 +101,26 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+# The config sections each stage's result depends on: logged as the stage run's params, so a stage
+# run in the MLflow UI can be compared with another without opening the parent.
+STAGE_SECTIONS = {
+    "ingest": ("data",),
+    "clean": ("data",),
+    "tokenize": ("tokenizer",),
+    "finetune_data": ("finetune",),
+    "pretrain": ("model", "pretrain", "trainer"),
+    "finetune": ("finetune", "trainer"),
+    "evaluate": ("evaluate",),
+    "export": ("model",),
+    "deploy": ("deploy",),
+}
+
+
+def stage_params(cfg: Config, stage: str) -> dict[str, str]:
+    dumped = cfg.model_dump(mode="json")
+    return _flatten({s: dumped[s] for s in STAGE_SECTIONS.get(stage, ())})
+
+
 def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
     """Create the parent run of one pipeline run; returns its id."""
     uri = cfg.tracking_uri()

@@ -50,7 +50,8 @@ def run_stage_in_child_run(stage_task_fn, stage: str, cfg: Config, parent_run_id
     """
     logger = get_run_logger()
     uri = cfg.tracking_uri()
-    run_id = tracking.start_stage_run(cfg, parent_run_id, stage) if parent_run_id else None
+    params = tracking.stage_params(cfg, stage)
+    run_id = tracking.start_stage_run(cfg, parent_run_id, stage, params) if parent_run_id else None
     logger.info("stage %s: started -> %s", stage, out_dir)
     t0 = time.monotonic()
     ok = False

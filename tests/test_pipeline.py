@@ -43,6 +43,8 @@ def test_run_tree_has_a_child_per_stage_with_results(tiny_run):
         assert run.info.status == "FINISHED", stage
         has_artifacts = bool(client.list_artifacts(run.info.run_id))
         assert run.data.metrics or has_artifacts, f"stage {stage} logged nothing"
+    assert children["pretrain"].data.params["model.n_layer"] == "2"
+    assert children["tokenize"].data.params["tokenizer.vocab_size"] == "512"
     pre = children["pretrain"].data.metrics
     assert "train/loss" in pre and "val/loss" in pre
     history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
