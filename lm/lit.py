@@ -82,6 +82,21 @@ class _OptimisedModule(pl.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def batch_loss(self, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss = self.batch_loss(batch)
+        self._track_loss(loss)
+        if self._is_log_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        self._last_loss = loss.detach()
+        return loss
+
+    def on_train_end(self) -> None:
+        if getattr(self, "_last_loss", None) is not None:
+            self.last_train_loss = float(self._last_loss)
+
     def _track_loss(self, loss: torch.Tensor) -> None:
         # Accumulate a device-side flag instead of syncing every step (a .item() per step stalls the
         # GPU queue); it is read at log steps and before every checkpoint.
@@ -152,18 +167,9 @@ class LanguageModelModule(_OptimisedModule):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.net(idx, targets)
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+    def batch_loss(self, batch) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
-        _, loss = self.net(x, y)
-        self._track_loss(loss)
-        if self._is_log_step():
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self._last_loss = loss.detach()
-        return loss
-
-    def on_train_end(self) -> None:
-        if getattr(self, "_last_loss", None) is not None:
-            self.last_train_loss = float(self._last_loss)
+        return self.net(x, y)[1]
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros(2, device=self.device, dtype=torch.float64)
@@ -198,18 +204,9 @@ class ClassifierModule(_OptimisedModule):
                 p.requires_grad_(False)
         self.last_val: dict[str, float] = {}
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        ids, mask, labels = batch
-        _, loss = self.net(ids, mask, labels)
-        self._track_loss(loss)
-        if self._is_log_step():
-            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self._last_loss = loss.detach()
-        return loss
-
-    def on_train_end(self) -> None:
-        if getattr(self, "_last_loss", None) is not None:
-            self.last_train_loss = float(self._last_loss)
+    def batch_loss(self, batch) -> torch.Tensor:
+        ids, mask, labels = batch  # (B, T), (B, T), (B,)
+        return self.net(ids, mask, labels)[1]
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum = torch.zeros(3, device=self.device, dtype=torch.float64)

@@ -194,6 +194,18 @@ def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
     return net
 
 
+def _fit(trainer, module, dm, ckpt_path: Path | None) -> float:
+    """Train (resuming from ``ckpt_path``), then validate the final weights if the last step was not
+    validated, so metrics.json reports the weights that are saved. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=dm, verbose=False)
+    return time.perf_counter() - t0
+
+
 def run_pretrain(
     cfg: Config,
     data_dir: str | os.PathLike,
@@ -297,13 +309,7 @@ def run_pretrain(
             f"{p.max_steps} steps" + (f", resuming from {ckpt_path}" if ckpt_path else ""),
             flush=True,
         )
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        if module.last_val_step != trainer.global_step:  # metrics.json reports the final weights
-            trainer.validate(module, datamodule=dm, verbose=False)
-    elapsed = time.perf_counter() - t0
+    elapsed = _fit(trainer, module, dm, ckpt_path)
 
     if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
@@ -433,13 +439,7 @@ def run_finetune(
             f"{len(dm._load('train'))} train examples, {f.max_steps} steps",
             flush=True,
         )
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, datamodule=dm, weights_only=True)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False)
-    elapsed = time.perf_counter() - t0
+    elapsed = _fit(trainer, module, dm, None)
     if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
     metrics = {
