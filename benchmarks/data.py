@@ -296,18 +296,25 @@ def rss_child(mb: float, work: Path, workers: int) -> None:
     link_corpus(files, work / "corpus")
     me = psutil.Process()
     peak = {"stage": "ingest", "ingest": 0, "clean": 0, "tokenize": 0}
+    peak_pss = {"ingest": 0, "clean": 0, "tokenize": 0}
     stop = threading.Event()
 
     def sample() -> None:
+        # RSS summed over forked workers counts their copy-on-write pages shared with this process
+        # once per process; PSS (proportional set size) splits each shared page among its sharers,
+        # so its sum is the memory the stage really holds. Both are reported.
         while not stop.is_set():
-            total = 0
+            total = total_pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    info = p.memory_full_info()
+                    total += info.rss
+                    total_pss += info.pss
                 except psutil.Error:
                     pass
             stage = peak["stage"]
             peak[stage] = max(peak[stage], total)
+            peak_pss[stage] = max(peak_pss[stage], total_pss)
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -333,6 +340,7 @@ def rss_child(mb: float, work: Path, workers: int) -> None:
                 "mb": r.metrics["ingest/bytes"] / 2**20,
                 "seconds": time.perf_counter() - t,
                 **{k: peak[k] / 2**20 for k in ("ingest", "clean", "tokenize")},
+                **{f"pss_{k}": peak_pss[k] / 2**20 for k in ("ingest", "clean", "tokenize")},
             }
         )
     )
@@ -423,13 +431,17 @@ def main() -> None:
             tag = f"{int(size)}mb"
             figures[f"rss_{tag}_input_mb"] = round(res["mb"], 1)
             figures[f"rss_{tag}_peak_mb"] = round(max(res["ingest"], res["clean"], res["tokenize"]))
+            figures[f"pss_{tag}_peak_mb"] = round(max(res[f"pss_{k}"] for k in ("ingest", "clean", "tokenize")))
             for stage in ("ingest", "clean", "tokenize"):
                 figures[f"rss_{tag}_{stage}_mb"] = round(res[stage])
+                figures[f"pss_{tag}_{stage}_mb"] = round(res[f"pss_{stage}"])
             figures[f"rss_{tag}_seconds"] = round(res["seconds"], 1)
             shutil.rmtree(child_dir, ignore_errors=True)
         if len(sizes) == 2:
             a, b = (f"rss_{int(s)}mb_peak_mb" for s in sizes)
             figures["rss_ratio"] = round(figures[b] / figures[a], 2)
+            a, b = (f"pss_{int(s)}mb_peak_mb" for s in sizes)
+            figures["pss_ratio"] = round(figures[b] / figures[a], 2)
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
