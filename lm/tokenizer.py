@@ -184,8 +184,35 @@ def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int
             writer.write(np.concatenate(parts))
             docs += len(texts)
             bar.update(len(texts))
+            trim_heap()
     bar.close()
     return docs
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS.
+
+    tokenizers' encoder allocates through glibc malloc, which keeps what it freed; measured on 474 MB
+    of code, peak memory grew to 782 MB over the stage (555 MB still held at its end, 240 MB of it
+    free pages that ``malloc_trim`` returns). Trimming after each batch holds the peak at ~590 MB,
+    for a few milliseconds a batch."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def char_bounded(texts: list[str], max_chars: int) -> Iterator[list[str]]:
