@@ -82,25 +82,12 @@ def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> float:
     return float(np.mean(f1s)) if f1s else 0.0
 
 
-@torch.no_grad()
-def predict_labels(
-    model, texts: list[str], tokenizer, seq_len: int, pad_id: int, batch_size: int = 64
-) -> np.ndarray:
-    from lm.datamodule import encode_texts
-
-    preds = []
-    for i in range(0, len(texts), batch_size):
-        idx, mask = encode_texts(tokenizer, texts[i : i + batch_size], seq_len, pad_id)
-        logits, _ = model(idx, mask)
-        preds.append(logits.argmax(-1).numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-
-
 def classifier_metrics(
     classifier_dir: Path, ft_data_dir: Path, tokens_dir: Path, seq_len: int, out_dir: Path
 ) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, beside the majority-class baseline."""
     from lm.model import load_model
+    from lm.serving import class_probabilities
     from lm.shards import TokenShards
     from lm.tokenizer import load_tokenizer
 
@@ -111,7 +98,7 @@ def classifier_metrics(
     train = pd.read_parquet(Path(ft_data_dir) / "train.parquet")
     test = pd.read_parquet(Path(ft_data_dir) / "test.parquet")
     y_true = test["label"].to_numpy()
-    y_pred = predict_labels(model, test["text"].tolist(), tok, seq_len, pad_id)
+    y_pred = class_probabilities(model, tok, test["text"].tolist(), seq_len, pad_id).argmax(-1)
     majority = int(train["label"].value_counts().idxmax())
     baseline = np.full_like(y_true, majority)
     k = len(labels)

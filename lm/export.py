@@ -35,8 +35,7 @@ def export(
     # loaded must fail here, not at deploy time.
     model = load_model(out_dir)
     lm = load_model(backbone)
-    spec = json.loads((out_dir / "model.json").read_text())
-    seq = min(8, int(spec.get("seq_len", spec.get("args", {}).get("seq_len", 8)) or 8))
+    seq = min(8, model.args.seq_len)
     with torch.no_grad():
         idx = torch.zeros(1, seq, dtype=torch.long)
         logits, _ = model(idx, torch.ones(1, seq, dtype=torch.bool))

@@ -174,12 +174,6 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
         _client(uri).log_batch(run_id, metrics=items[i : i + 500])
 
 
-def set_tags(uri: str, run_id: str, tags: Mapping[str, str]) -> None:
-    client = _client(uri)
-    for k, v in tags.items():
-        client.set_tag(run_id, k, str(v))
-
-
 def log_stage_result(
     uri: str,
     run_id: str,

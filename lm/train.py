@@ -206,6 +206,21 @@ def _fit(trainer, module, dm, ckpt_path: Path | None) -> float:
     return time.perf_counter() - t0
 
 
+def _final_metrics(trainer, module, throughput, n_params: int, elapsed: float, print_digest: bool) -> dict:
+    """What metrics.json reports; with ``print_digest`` every rank prints its weights' sha256 first
+    (the pipeline checks that DDP ranks agree)."""
+    if print_digest and not _is_fsdp(trainer):
+        print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
+    return {
+        "train/loss": module.last_train_loss,
+        **module.last_val,
+        "tokens_per_s": throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan"),
+        "steps": float(trainer.global_step),
+        "params": float(n_params),
+        "train_seconds": elapsed,
+    }
+
+
 def run_pretrain(
     cfg: Config,
     data_dir: str | os.PathLike,
@@ -310,19 +325,7 @@ def run_pretrain(
             flush=True,
         )
     elapsed = _fit(trainer, module, dm, ckpt_path)
-
-    if print_weight_digest and not _is_fsdp(trainer):
-        print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
-    metrics = {
-        "train/loss": module.last_train_loss,
-        **module.last_val,
-        "tokens_per_s": throughput.total_tokens / throughput.total_time
-        if throughput.total_time
-        else float("nan"),
-        "steps": float(trainer.global_step),
-        "params": float(n_params),
-        "train_seconds": elapsed,
-    }
+    metrics = _final_metrics(trainer, module, throughput, n_params, elapsed, print_weight_digest)
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
         save_model(
@@ -440,18 +443,7 @@ def run_finetune(
             flush=True,
         )
     elapsed = _fit(trainer, module, dm, None)
-    if print_weight_digest and not _is_fsdp(trainer):
-        print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
-    metrics = {
-        "train/loss": module.last_train_loss,
-        **module.last_val,
-        "steps": float(trainer.global_step),
-        "params": float(count_params(net)),
-        "train_seconds": elapsed,
-        "tokens_per_s": throughput.total_tokens / throughput.total_time
-        if throughput.total_time
-        else float("nan"),
-    }
+    metrics = _final_metrics(trainer, module, throughput, count_params(net), elapsed, print_weight_digest)
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
         save_model(

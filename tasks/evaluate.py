@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from lm.config import Config
@@ -24,7 +23,3 @@ def evaluate(config: dict, out_dir: str, pretrain_dir: str, finetune_dir: str, t
 def export(config: dict, out_dir: str, finetune_dir: str, pretrain_dir: str, tokens_dir: str, ft_data_dir: str) -> str:
     run_stage(export_model, Path(out_dir), Path(finetune_dir), Path(pretrain_dir), Path(tokens_dir), Path(ft_data_dir))
     return out_dir
-
-
-def read_metrics(evaluate_dir: str) -> dict[str, float]:
-    return json.loads((Path(evaluate_dir) / "metrics.json").read_text())

@@ -9,6 +9,7 @@ inputs, so a rerun after a crash finds the checkpoints and resumes (``pretrain.r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -34,9 +35,8 @@ def _train(kind: str, cfg: Config, out_dir: str, run_id: str | None, args: list[
            "--print-weight-digest", *args]
     if run_id:
         cmd += ["--run-id", run_id, "--tracking-uri", cfg.tracking_uri()]
-        with tracking.system_metrics(cfg.tracking_uri(), run_id):
-            lines = stream_subprocess(cmd)
-    else:
+    monitor = tracking.system_metrics(cfg.tracking_uri(), run_id) if run_id else contextlib.nullcontext()
+    with monitor:
         lines = stream_subprocess(cmd)
     digests = {f"rank{m[1]}": m[2] for m in map(DIGEST_LINE.search, lines) if m}
     if len(set(digests.values())) > 1:  # replicas that drifted apart would export one arbitrary rank

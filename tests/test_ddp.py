@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import free_port, make_token_dir, tiny_config_yaml
+from train_fixtures import free_port, make_token_dir, pretrain_args, tiny_config_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"lmforge: rank (\d+) weights sha256 ([0-9a-f]{64})")
@@ -57,20 +57,8 @@ def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, trackin
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "lm.train",
-            "pretrain",
-            "--config",
-            str(cfg),
-            "--data",
-            str(tokens),
-            "--out",
-            str(tmp_path / "out"),
-            "--run-id",
-            run_id,
-            "--tracking-uri",
-            tracking_uri,
-            "--print-weight-digest",
+            *pretrain_args(cfg, tokens, tmp_path / "out", "--run-id", run_id, "--tracking-uri", tracking_uri,
+                           "--print-weight-digest"),
         ],
         capture_output=True,
         text=True,
@@ -103,20 +91,8 @@ def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, track
             f"--node-rank={node}",
             "--master-addr=127.0.0.1",
             f"--master-port={port}",
-            "-m",
-            "lm.train",
-            "pretrain",
-            "--config",
-            str(cfg),
-            "--data",
-            str(tokens),
-            "--out",
-            str(tmp_path / "out"),
-            "--run-id",
-            run_id,
-            "--tracking-uri",
-            tracking_uri,
-            "--print-weight-digest",
+            *pretrain_args(cfg, tokens, tmp_path / "out", "--run-id", run_id, "--tracking-uri", tracking_uri,
+                           "--print-weight-digest"),
         ]
         procs.append(
             subprocess.Popen(

@@ -10,24 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import make_token_dir, tiny_config_yaml
+from train_fixtures import make_token_dir, pretrain_args, tiny_config_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(cfg: Path, tokens: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "lm.train",
-        "pretrain",
-        "--config",
-        str(cfg),
-        "--data",
-        str(tokens),
-        "--out",
-        str(out),
-    ]
+    return [sys.executable, *pretrain_args(cfg, tokens, out)]
 
 
 def _env() -> dict[str, str]:

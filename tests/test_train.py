@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from train_fixtures import make_finetune_dir, make_token_dir, tiny_config_yaml
+from train_fixtures import make_finetune_dir, make_token_dir, pretrain_args, tiny_config_yaml
 
 from lm.checkpoint import (
     StepCheckpoint,
@@ -196,18 +196,7 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
     save_model(poisoned, tmp_path / "nan-model")
     cfg = tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={"init_from": str(tmp_path / "nan-model")})
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm.train",
-            "pretrain",
-            "--config",
-            str(cfg),
-            "--data",
-            str(token_dir),
-            "--out",
-            str(tmp_path / "out"),
-        ],
+        [sys.executable, *pretrain_args(cfg, token_dir, tmp_path / "out")],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -313,18 +302,7 @@ def test_fsdp_bf16_on_gpu_exports_full_weights(tmp_path, token_dir):
     )
     if n > 1:  # more than one rank: through the entry point, as the pipeline launches it
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lm.train",
-                "pretrain",
-                "--config",
-                str(tmp_path / "cfg.yaml"),
-                "--data",
-                str(token_dir),
-                "--out",
-                str(tmp_path / "out"),
-            ],
+            [sys.executable, *pretrain_args(tmp_path / "cfg.yaml", token_dir, tmp_path / "out")],
             capture_output=True,
             text=True,
             cwd=ROOT,

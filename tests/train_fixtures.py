@@ -17,6 +17,12 @@ STDLIB = Path(sys.modules["json"].__file__).parent.parent
 SOURCES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py"]
 
 
+def pretrain_args(cfg: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
+    """``-m lm.train pretrain ...``: the entry point's arguments as the pipeline's task passes them
+    (after ``python`` or after a ``torchrun`` prefix)."""
+    return ["-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens), "--out", str(out), *extra]
+
+
 def stdlib_texts() -> list[str]:
     return [(STDLIB / s).read_text(encoding="utf-8") for s in SOURCES]
 
