@@ -123,6 +123,9 @@ class DataConfig(Section):
     dask_address: str | None = None  # tcp://host:8786 to run the data stage on a Dask cluster
     stdlib_tests: bool = True  # include the stdlib's own test suites (about 19 of its 31 MB)
     row_group_mb: float = 4.0  # documents per parquet row group: the unit of parallel work
+    # A longer document (a big text file, a huge record) is cut at line breaks into pieces of at most
+    # this many characters (ids name#1, name#2 ...): what one document costs in memory is bounded.
+    max_doc_chars: int = Field(default=1_000_000, ge=1000)
     clean: CleanConfig = Field(default_factory=CleanConfig)
     dedup: DedupConfig = Field(default_factory=DedupConfig)
 

@@ -171,3 +171,62 @@ def test_row_groups_bound_memory(tmp_path):
     run(tmp_path, [str(d)], row_group_mb=0.1)
     meta = pq.ParquetFile(tmp_path / "out" / "documents.parquet").metadata
     assert meta.num_row_groups >= 10 and meta.num_rows == 40
+
+
+def test_long_text_file_is_cut_at_line_breaks_into_pieces_that_join_back(tmp_path):
+    # A nanoGPT-style corpus: one big text file. Read in 1 MiB chunks and cut into documents of at
+    # most max_doc_chars, so neither ingest nor a later stage ever holds the whole file as one text.
+    from lm.data import sources
+
+    d = tmp_path / "c"
+    d.mkdir()
+    lines = [f"line {i}: " + "é" * (i % 50) + "\n" for i in range(60_000)]  # 2-byte chars straddle chunks
+    text = "".join(lines)
+    assert len(text.encode()) > 2 * sources.READ_CHUNK
+    (d / "big.txt").write_text(text, encoding="utf-8")
+    (d / "small.txt").write_text("short\n")
+    result, docs, prov = run(tmp_path, [str(d)], max_doc_chars=200_000)
+    big = docs[docs.doc_id.str.startswith("big.txt")]
+    assert list(big.doc_id) == ["big.txt"] + [f"big.txt#{i}" for i in range(1, len(big))]
+    assert len(big) >= len(text) // 200_000
+    assert "".join(big.text) == text  # nothing lost, nothing added
+    assert big.text.str.len().max() <= 200_000
+    assert big.text.iloc[:-1].str.endswith("\n").all()  # cut after a line break
+    assert result.metrics["ingest/split_documents"] == 1 and result.metrics["ingest/invalid_utf8"] == 0
+    assert docs.set_index("doc_id").loc["small.txt", "text"] == "short\n"
+    assert prov.set_index(prov.path.map(lambda p: Path(p).name)).loc["big.txt", "split"] == 1
+    assert result.params["max_doc_chars"] == 200_000
+
+
+def test_long_record_and_a_line_without_breaks_are_cut_too(tmp_path):
+    long_record = "word " * 50_000  # 250,000 characters, one line
+    (tmp_path / "r.jsonl").write_text(
+        json.dumps({"text": long_record}) + "\n" + json.dumps({"text": "ok"}) + "\n"
+    )
+    result, docs, _ = run(tmp_path, [str(tmp_path / "r.jsonl")], max_doc_chars=100_000)
+    ids = [i.rpartition("/")[2] for i in docs.doc_id]  # a single-file source's ids carry its path
+    assert ids == ["r.jsonl:1", "r.jsonl:1#1", "r.jsonl:1#2", "r.jsonl:2"]
+    assert "".join(docs.text[:3]) == long_record and docs.text.str.len().max() == 100_000
+    assert result.metrics["ingest/split_documents"] == 1
+
+
+def test_invalid_utf8_after_the_first_chunk_is_counted_once(tmp_path):
+    from lm.data import sources
+
+    d = tmp_path / "c"
+    d.mkdir()
+    good = ("ü" * 1000 + "\n").encode() * ((sources.READ_CHUNK // 2001) + 5)
+    (d / "late.txt").write_bytes(good + b"\xff\xfe broken \xc3" + "ö".encode())
+    result, docs, _ = run(tmp_path, [str(d)])
+    assert result.metrics["ingest/invalid_utf8"] == 1
+    assert docs.text.iloc[0] == good.decode() + "\ufffd\ufffd broken \ufffdö"
+
+
+def test_a_file_named_by_two_sources_is_read_once(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "a.txt").write_text("alpha")
+    (d / "b.txt").write_text("beta")
+    result, docs, prov = run(tmp_path, [str(d), str(d / "a.txt"), str(d / "*.txt")])
+    assert sorted(docs.text) == ["alpha", "beta"] and result.metrics["ingest/files"] == 2
+    assert len(prov) == 2

@@ -1,8 +1,9 @@
 """Ingest: every configured source -> one ``documents.parquet`` (doc_id, source, text) + provenance.
 
-Documents are written in row groups of about ``data.row_group_mb`` as they are read, so memory
-stays bounded by one row group whatever the corpus size; the row groups are also the unit of
-parallel work for the clean stage.
+Documents are written in row groups of about ``data.row_group_mb`` as they are read, and no
+document is longer than ``data.max_doc_chars`` (longer ones are cut at line breaks), so memory
+stays bounded whatever the corpus size; the row groups are also the unit of parallel work for
+the clean stage.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import csv
 import hashlib
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,7 +65,7 @@ class DocumentWriter:
         self.writer.close()
 
 
-def _source_files(spec: str, cfg: DataConfig) -> list[SourceFile] | None:
+def _source_files(spec: str, cfg: DataConfig) -> Iterable[SourceFile] | None:
     if spec == sources.STDLIB:
         return sources.stdlib_sources(cfg.stdlib_tests)
     if spec.startswith(sources.HF_PREFIX):
@@ -86,75 +88,135 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=None, leave=False)
 
 
+PROVENANCE_FIELDS = [
+    "source",
+    "path",
+    "size",
+    "sha256",
+    "documents",
+    "invalid_utf8",
+    "split",
+    "bad_lines",
+    "lines",
+    "binary_skipped",
+    "first_bad_lines",
+]
+TOTALS = ("invalid_utf8", "split", "bad_lines", "binary_skipped", "size")
+BAD_LINES_PARAM_CHARS = 500
+
+
+class Provenance:
+    """``provenance.csv`` written a row per file as ingest goes, with running totals and digest: its
+    memory does not grow with the number of files."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "w", newline="", encoding="utf-8")
+        self._csv = csv.DictWriter(self._f, fieldnames=PROVENANCE_FIELDS)
+        self._csv.writeheader()
+        self.files = 0
+        self.totals = dict.fromkeys(TOTALS, 0)
+        self.digest = hashlib.sha256()
+        self.bad_lines_first = ""  # where skipped records are, for a person to look (params)
+
+    def add(self, r: FileReport) -> None:
+        row = asdict(r)
+        row["first_bad_lines"] = " ".join(map(str, r.first_bad_lines))
+        self._csv.writerow(row)
+        self.files += 1
+        for k in TOTALS:
+            self.totals[k] += getattr(r, k)
+        self.digest.update(f"{r.path}\0{r.sha256}\0{r.documents}\n".encode())
+        if r.bad_lines and len(self.bad_lines_first) < BAD_LINES_PARAM_CHARS:
+            note = f"{Path(r.path).name}: lines {' '.join(map(str, r.first_bad_lines))}"
+            self.bad_lines_first = f"{self.bad_lines_first}; {note}" if self.bad_lines_first else note
+
+    def close(self) -> None:
+        self._f.close()
+
+
 def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
-    """Read every source in ``cfg.sources`` into ``documents.parquet`` and ``provenance.csv``."""
+    """Read every source in ``cfg.sources`` into ``documents.parquet`` and ``provenance.csv``.
+
+    Memory holds one row group of documents, one document of at most ``data.max_doc_chars``, and per
+    file nothing (its provenance row is written at once), so it does not grow with the corpus."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    # Resolve every source first so that a missing path fails before any work is done.
-    plan: list[tuple[str, list[SourceFile] | None]] = [(s, _source_files(s, cfg)) for s in cfg.sources]
-    if not plan:
+    if not cfg.sources:
         raise DataError("data.sources is empty: give at least one file, directory, glob or 'stdlib'")
+    # Walk every source once first (counting its files, keeping none) so that a missing path fails
+    # before any work is done.
+    total_files = 0
+    for spec in cfg.sources:
+        files = _source_files(spec, cfg)
+        total_files += 1 if files is None else sum(1 for _ in files)
     writer = DocumentWriter(out_dir / DOCUMENTS, int(cfg.row_group_mb * 2**20))
-    reports: list[FileReport] = []
-    seen: set[str] = set()  # doc ids must be unique; a file listed by two sources is read once
-    total_files = sum(len(f) if f is not None else 1 for _, f in plan)
+    provenance = Provenance(out_dir / PROVENANCE)
+    # Doc ids must be unique, so a file listed by two sources is read once. One source never lists
+    # a file twice: the set is needed (and grows, 8 bytes a file) only with several.
+    seen: set[bytes] | None = set() if len(cfg.sources) > 1 else None
     limit = cfg.max_docs
     bar = _progress(total_files, "ingest")
+
+    def add(doc_id: str, spec: str, text: str, report: FileReport) -> bool:
+        """Write a document (cut into pieces if it is too long); False once max_docs is reached."""
+        for piece_id, piece in sources.split_document(doc_id, text, cfg.max_doc_chars, report):
+            writer.add(piece_id, spec, piece)
+            report.documents += 1
+            if limit is not None and writer.documents >= limit:
+                return False
+        return True
+
     try:
-        for spec, files in plan:
+        for spec in cfg.sources:
+            files = _source_files(spec, cfg)
             if files is None:
                 report = FileReport(source=spec, path=spec)
-                reports.append(report)
                 for doc_id, text in sources.read_hf(spec, report, cfg.text_field, limit):
-                    writer.add(doc_id, spec, text)
-                    report.documents += 1
-                    if limit is not None and writer.documents >= limit:
+                    if not add(doc_id, spec, text, report):
                         break
                 bar.update(1)
                 _check_bad_fraction(report, cfg.max_bad_fraction)
+                provenance.add(report)
                 continue
             for sf in files:
                 if limit is not None and writer.documents >= limit:
                     break
-                key = str(sf.path.resolve())
-                if key in seen:
-                    continue
-                seen.add(key)
+                if seen is not None:
+                    key = hashlib.blake2b(str(sf.path.resolve()).encode(), digest_size=8).digest()
+                    if key in seen:
+                        continue
+                    seen.add(key)
                 report = FileReport(source=spec, path=str(sf.path))
-                reports.append(report)
-                for doc_id, text in sources.read_source_file(sf, report, cfg.text_field):
-                    writer.add(doc_id, spec, text)
-                    report.documents += 1
-                    if limit is not None and writer.documents >= limit:
+                for doc_id, text in sources.read_source_file(sf, report, cfg.text_field, cfg.max_doc_chars):
+                    if not add(doc_id, spec, text, report):
                         break
                 _check_bad_fraction(report, cfg.max_bad_fraction)
+                provenance.add(report)
                 bar.update(1)
     finally:
         bar.close()
         writer.close()
+        provenance.close()
     elapsed = time.perf_counter() - start
 
-    _write_provenance(out_dir / PROVENANCE, reports)
-    totals = {
-        k: sum(getattr(r, k) for r in reports)
-        for k in ("invalid_utf8", "bad_lines", "binary_skipped", "size")
-    }
+    totals = provenance.totals
     if writer.documents == 0:
         raise DataError(
-            f"no documents were read from data.sources={cfg.sources}: {len(reports)} files, "
+            f"no documents were read from data.sources={cfg.sources}: {provenance.files} files, "
             f"{totals['binary_skipped']} binary files skipped, {totals['bad_lines']} malformed records. "
             f"See the sources' contents or add text files."
         )
-    digest = hashlib.sha256()
-    for r in reports:
-        digest.update(f"{r.path}\0{r.sha256}\0{r.documents}\n".encode())
-    digest.update(f"text_field={cfg.text_field};max_docs={cfg.max_docs}".encode())
+    digest = provenance.digest
+    digest.update(
+        f"text_field={cfg.text_field};max_docs={cfg.max_docs};max_doc_chars={cfg.max_doc_chars}".encode()
+    )
     metrics = {
         "ingest/documents": writer.documents,
         "ingest/bytes": writer.bytes,
-        "ingest/files": len(reports),
+        "ingest/files": provenance.files,
         "ingest/file_bytes": totals["size"],
         "ingest/invalid_utf8": totals["invalid_utf8"],
+        "ingest/split_documents": totals["split"],
         "ingest/bad_jsonl_lines": totals["bad_lines"],
         "ingest/binary_skipped": totals["binary_skipped"],
         "ingest/seconds": elapsed,
@@ -166,12 +228,9 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
             "sources": ",".join(cfg.sources),
             "text_field": cfg.text_field,
             "max_docs": cfg.max_docs,
+            "max_doc_chars": cfg.max_doc_chars,
             # Where the skipped records are, for a person to look (full list in provenance.csv).
-            "bad_lines_first": "; ".join(
-                f"{Path(r.path).name}: lines {' '.join(map(str, r.first_bad_lines))}"
-                for r in reports
-                if r.bad_lines
-            )[:500],
+            "bad_lines_first": provenance.bad_lines_first[:BAD_LINES_PARAM_CHARS],
         },
         artifacts=[PROVENANCE],
         outputs={"documents": DOCUMENTS, "provenance": PROVENANCE},
@@ -185,25 +244,3 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
             }
         ],
     )
-
-
-def _write_provenance(path: Path, reports: list[FileReport]) -> None:
-    fields = [
-        "source",
-        "path",
-        "size",
-        "sha256",
-        "documents",
-        "invalid_utf8",
-        "bad_lines",
-        "lines",
-        "binary_skipped",
-        "first_bad_lines",
-    ]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in reports:
-            row = asdict(r)
-            row["first_bad_lines"] = " ".join(map(str, r.first_bad_lines))
-            w.writerow(row)

@@ -8,6 +8,7 @@ read record by record or batch by batch, never whole.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -27,6 +28,7 @@ TABLE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet":
 # Directories never walked: VCS metadata and bytecode caches are not documents.
 SKIP_DIRS = {".git", ".hg", ".svn", "__pycache__", ".ipynb_checkpoints"}
 BINARY_SNIFF = 8192  # bytes inspected for a NUL byte, the mark of a binary file (as git does)
+READ_CHUNK = 1 << 20  # bytes read at a time from a text file
 FIRST_BAD_LINES = 5  # line numbers of malformed records reported per file
 STDLIB = "stdlib"
 HF_PREFIX = "hf:"
@@ -42,6 +44,7 @@ class FileReport:
     sha256: str = ""
     documents: int = 0
     invalid_utf8: int = 0  # documents that held invalid UTF-8 (decoded with U+FFFD)
+    split: int = 0  # documents longer than data.max_doc_chars, cut into pieces
     bad_lines: int = 0  # malformed JSONL lines or records without usable text
     lines: int = 0  # records seen (JSONL/CSV/Parquet)
     binary_skipped: int = 0
@@ -107,34 +110,74 @@ def _has_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
-def _walk(root: Path) -> list[Path]:
-    files = []
+def _walk(root: Path) -> Iterator[Path]:
+    """Files under ``root`` in sorted order, directory by directory (never the whole list at once)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        files.extend(Path(dirpath) / f for f in sorted(filenames))
-    return files
+        for f in sorted(filenames):
+            yield Path(dirpath) / f
 
 
-def resolve(spec: str) -> list[SourceFile]:
-    """Files of one path/glob/directory source, sorted so that ingest is deterministic."""
+def resolve(spec: str) -> Iterator[SourceFile]:
+    """Files of one path/glob/directory source, sorted so that ingest is deterministic.
+
+    A generator: a directory of a million files is walked, not listed. The errors (a missing path,
+    an empty directory, a glob that matches nothing) are raised at the first ``next()``."""
     if _has_glob(spec):
-        paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-        paths = [p for p in paths if p.is_file() and not (set(p.parts) & SKIP_DIRS)]
-        if not paths:
+        # glob's own order is the file system's: sort (as strings, 10x smaller than Paths).
+        paths = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+        found = False
+        for name in paths:
+            p = Path(name)
+            if p.is_file() and not (set(p.parts) & SKIP_DIRS):
+                found = True
+                yield SourceFile(spec, p, name)
+        if not found:
             raise DataError(f"data source {spec!r}: the glob matches no files")
-        return [SourceFile(spec, p, str(p)) for p in paths]
+        return
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
-        files = _walk(path)
-        if not files:
+        found = False
+        for p in _walk(path):
+            found = True
+            yield SourceFile(spec, p, str(p.relative_to(path)))
+        if not found:
             raise DataError(f"data source {spec!r}: the directory holds no files")
-        return [SourceFile(spec, p, str(p.relative_to(path))) for p in files]
+        return
     if path.is_file():
-        return [SourceFile(spec, path, str(path))]
+        yield SourceFile(spec, path, str(path))
+        return
     raise DataError(
         f"data source {spec!r} does not exist: give a file, directory, glob, 'stdlib' or 'hf:<dataset>' "
         "in data.sources"
     )
+
+
+def piece_id(doc_id: str, i: int) -> str:
+    """The id of piece ``i`` of a document cut by :func:`split_document`: the first keeps the id."""
+    return doc_id if i == 0 else f"{doc_id}#{i}"
+
+
+def _cut(text: str, start: int, max_chars: int) -> int:
+    """End of the piece of ``text`` that begins at ``start``: after the last line break in the second
+    half of the next ``max_chars`` characters, else after exactly ``max_chars`` of them."""
+    end = start + max_chars
+    return text.rfind("\n", start + max_chars // 2, end) + 1 or end
+
+
+def split_document(doc_id: str, text: str, max_chars: int, report: FileReport) -> Iterator[tuple[str, str]]:
+    """``text`` whole, or (longer than ``max_chars``) cut at line breaks into consecutive pieces that
+    join back into it exactly; counted in ``report.split``."""
+    if len(text) <= max_chars:
+        yield doc_id, text
+        return
+    report.split += 1
+    start, i = 0, 0
+    while len(text) - start > max_chars:
+        end = _cut(text, start, max_chars)
+        yield piece_id(doc_id, i), text[start:end]
+        start, i = end, i + 1
+    yield piece_id(doc_id, i), text[start:]
 
 
 def stdlib_root() -> Path:
@@ -181,22 +224,45 @@ def read_pydoc_topics(sf: SourceFile, report: FileReport) -> Iterator[tuple[str,
         yield f"{sf.name}/{topic}", pydoc_data.topics.topics[topic]
 
 
-def read_text_file(sf: SourceFile, report: FileReport) -> Iterator[tuple[str, str]]:
-    """One document per file; binary files (a NUL byte in the first 8 KiB) are skipped and counted
+def read_text_file(sf: SourceFile, report: FileReport, max_chars: int) -> Iterator[tuple[str, str]]:
+    """One document per file, read in chunks; a file of more than ``max_chars`` characters becomes
+    several documents cut at line breaks (:func:`split_document`), so memory never holds more than
+    about ``max_chars`` of it. Binary files (a NUL byte in the first 8 KiB) are skipped and counted
     after reading only that much (a directory may hold gigabytes of shared libraries)."""
     report.size = sf.path.stat().st_size
+    compressed = sf.path.name.lower().endswith(COMPRESSIONS)
+    h = hashlib.sha256()
     with open_binary(sf.path) as f:
-        head = f.read(BINARY_SNIFF)
-        if b"\x00" in head:
+        chunk = f.read(BINARY_SNIFF)
+        if b"\x00" in chunk:
             report.binary_skipped += 1
             return
-        raw = head + f.read()
-    report.sha256 = (
-        file_sha256(sf.path)
-        if sf.path.name.lower().endswith(COMPRESSIONS)
-        else hashlib.sha256(raw).hexdigest()
-    )
-    yield sf.name, decode(raw, report)
+        decoder = codecs.getincrementaldecoder("utf-8")("strict")
+        buf, pieces = "", 0
+        while True:
+            h.update(chunk)
+            final = not chunk
+            try:
+                buf += decoder.decode(chunk, final)
+            except UnicodeDecodeError:
+                # From here on invalid bytes become U+FFFD; the bytes the strict decoder held back
+                # (a sequence split across chunks) are decoded again with the chunk.
+                report.invalid_utf8 += 1
+                held = decoder.getstate()[0]
+                decoder = codecs.getincrementaldecoder("utf-8")("replace")
+                buf += decoder.decode(held + chunk, final)
+            while len(buf) > max_chars:
+                end = _cut(buf, 0, max_chars)
+                yield piece_id(sf.name, pieces), buf[:end]
+                buf, pieces = buf[end:], pieces + 1
+            if final:
+                break
+            chunk = f.read(READ_CHUNK)
+    report.sha256 = file_sha256(sf.path) if compressed else h.hexdigest()
+    if pieces:
+        report.split += 1
+    if buf or not pieces:
+        yield piece_id(sf.name, pieces), buf
 
 
 def _record_text(rec: object, field_name: str, where: str) -> str | None:
@@ -292,7 +358,11 @@ def read_parquet(sf: SourceFile, report: FileReport, text_field: str) -> Iterato
             yield f"{sf.name}:{row}", str(text)
 
 
-def read_source_file(sf: SourceFile, report: FileReport, text_field: str) -> Iterator[tuple[str, str]]:
+def read_source_file(
+    sf: SourceFile, report: FileReport, text_field: str, max_chars: int
+) -> Iterator[tuple[str, str]]:
+    """The documents of one file; a text file is cut into pieces of at most ``max_chars`` as it is
+    read, records are cut by the caller (:func:`split_document`)."""
     if sf.source == STDLIB and sf.name == "stdlib:pydoc_data/topics":
         return read_pydoc_topics(sf, report)
     kind = kind_of(sf.path)
@@ -302,7 +372,7 @@ def read_source_file(sf: SourceFile, report: FileReport, text_field: str) -> Ite
         return read_csv(sf, report, text_field)
     if kind == "parquet":
         return read_parquet(sf, report, text_field)
-    return read_text_file(sf, report)
+    return read_text_file(sf, report, max_chars)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
