@@ -13,11 +13,13 @@ into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -25,6 +27,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm.config import Config, TokenizerConfig
 from lm.errors import ConfigError, DataError
+from lm.memory import trim_heap
 from lm.stage import StageResult
 
 TOKENIZER, INDEX = "tokenizer.json", "index.json"
@@ -33,6 +36,8 @@ BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, litt
 # ...and at most this many characters: an Encoding costs ~50 bytes per token on the Rust side, so a
 # batch of large files would otherwise cost memory in proportion to the corpus's largest files.
 BATCH_CHARS = 2_000_000
+ENCODE_PIECE_CHARS = 100_000  # a longer document is encoded in pieces (see encoding_pieces)
+T = TypeVar("T")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -91,11 +96,24 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DataError(f"{path} is not a tokenizers tokenizer.json: {e}") from None
 
 
+def text_batches(path: Path, batch_size: int = BATCH_DOCS) -> Iterator[list[str]]:
+    """The texts of a documents parquet file written by the clean stage, in lists of ``batch_size``,
+    read a row group at a time (clean writes one per part, so a row group is a few MB).
+
+    Not ``ParquetFile.iter_batches``: measured on a 359 MB train split, its reader held 47 MB of
+    Arrow memory from the first batch and 100 MB by the end; row group by row group holds 5 MB."""
+    pf = pq.ParquetFile(path)
+    for i in range(pf.metadata.num_row_groups):
+        texts = pf.read_row_group(i, columns=["text"]).column(0).to_pylist()
+        for j in range(0, len(texts), batch_size):
+            yield texts[j : j + batch_size]
+
+
 def iter_texts(path: Path, max_bytes: float | None = None) -> Iterator[str]:
-    """Texts of a documents parquet file, batch by batch; stop after ``max_bytes`` of UTF-8."""
+    """Texts of a documents parquet file; stop after ``max_bytes`` of UTF-8."""
     seen = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
-        for text in batch.column(0).to_pylist():
+    for texts in text_batches(path):
+        for text in texts:
             yield text
             seen += len(text.encode("utf-8", errors="surrogatepass"))
             if max_bytes is not None and seen >= max_bytes:
@@ -161,10 +179,9 @@ def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int
     """Encode every document of ``parquet`` into ``writer``; returns the number of documents."""
     from tqdm import tqdm
 
-    pf = pq.ParquetFile(parquet)
     docs = 0
     bar = tqdm(
-        total=pf.metadata.num_rows,
+        total=pq.ParquetFile(parquet).metadata.num_rows,
         desc=f"tokenize {writer.split}",
         unit="doc",
         file=sys.stderr,
@@ -172,59 +189,76 @@ def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int
         leave=False,
     )
     eot = np.array([eot_id], dtype=np.int64)
-    for batch in pf.iter_batches(batch_size=BATCH_DOCS, columns=["text"]):
-        for texts in char_bounded(batch.column(0).to_pylist(), BATCH_CHARS):
+    piece_chars = ENCODE_PIECE_CHARS if can_encode_in_pieces(tok) else None
+    for texts in text_batches(parquet):
+        # (piece, whether it ends its document): the end-of-text token follows only a document's end.
+        pieces = [
+            (text[a:b], b == len(text)) for text in texts for a, b in encoding_pieces(text, piece_chars)
+        ]
+        for group in char_bounded(pieces, BATCH_CHARS, size=lambda p: len(p[0])):
             # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
-            encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+            encodings = tok.encode_batch_fast([p for p, _ in group], add_special_tokens=False)
             parts = []
-            for enc in encodings:
+            for enc, (_, ends) in zip(encodings, group, strict=True):
                 parts.append(np.asarray(enc.ids, dtype=np.int64))
-                parts.append(eot)
+                if ends:
+                    parts.append(eot)
             del encodings
             writer.write(np.concatenate(parts))
-            docs += len(texts)
-            bar.update(len(texts))
             trim_heap()
+        docs += len(texts)
+        bar.update(len(texts))
     bar.close()
     return docs
 
 
-def trim_heap() -> None:
-    """Give the C heap's free pages back to the OS.
-
-    tokenizers' encoder allocates through glibc malloc, which keeps what it freed; measured on 474 MB
-    of code, peak memory grew to 782 MB over the stage (555 MB still held at its end, 240 MB of it
-    free pages that ``malloc_trim`` returns). Trimming after each batch holds the peak at ~590 MB,
-    for a few milliseconds a batch."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+def can_encode_in_pieces(tok: Tokenizer) -> bool:
+    """Whether cutting a text before a line break that follows a non-space character leaves its
+    tokens unchanged: true of byte-level tokenizers with GPT-2's pre-tokenizer regex (ours), whose
+    pieces never span such a point, and with no normaliser and no prefix space added per text."""
+    pre = tok.pre_tokenizer
+    return tok.normalizer is None and isinstance(pre, pre_tokenizers.ByteLevel) and not pre.add_prefix_space
 
 
-def _load_libc():
-    import ctypes
+def encoding_pieces(text: str, max_chars: int | None) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive pieces of ``text`` of about ``max_chars`` (None: the whole
+    text), each cut just before a line break that follows a non-space character.
 
-    if sys.platform != "linux":
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl): nothing to trim
-        return None
+    The tokenizer's encoder needs ~100-250 bytes per character of the text it encodes at once (the
+    normalised string keeps an alignment per byte): a 1M-character document cost 230 MB, pieces of
+    100k characters 25 MB. Where there is no such line break the piece runs on to the next one."""
+    start, n = 0, len(text)
+    while max_chars is not None and n - start > max_chars:
+        cut = text.rfind("\n", start + 1, start + max_chars)
+        while cut > start and text[cut - 1].isspace():
+            cut = text.rfind("\n", start + 1, cut)
+        if cut <= start:
+            m = _CUT_AFTER.search(text, start + max_chars)
+            if m is None:
+                break
+            cut = m.start()
+        yield start, cut
+        start = cut
+    yield start, n
 
 
-_LIBC = _load_libc()
+# A line break after a non-space character. (str.isspace counts as space all that the pre-tokenizer's
+# \s does, and a few more: only ever fewer cut points, never an unsafe one.)
+_CUT_AFTER = re.compile(r"(?<=\S)\n")
 
 
-def char_bounded(texts: list[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive sub-lists of at most ``max_chars`` characters (a longer text goes alone)."""
-    start, size = 0, 0
-    for i, t in enumerate(texts):
-        if i > start and size + len(t) > max_chars:
-            yield texts[start:i]
-            start, size = i, 0
-        size += len(t)
-    if start < len(texts):
-        yield texts[start:]
+def char_bounded(items: list[T], max_chars: int, size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """Consecutive sub-lists of at most ``max_chars`` characters (``size`` of each item; a longer
+    item goes alone)."""
+    start, total = 0, 0
+    for i, item in enumerate(items):
+        n = size(item)
+        if i > start and total + n > max_chars:
+            yield items[start:i]
+            start, total = i, 0
+        total += n
+    if start < len(items):
+        yield items[start:]
 
 
 def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:

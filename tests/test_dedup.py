@@ -118,3 +118,19 @@ def test_lsh_parameters_fit_the_threshold():
     assert bands * rows <= 128
     # The S-curve's midpoint (1/b)^(1/r) sits near the threshold.
     assert abs((1 / bands) ** (1 / rows) - 0.8) < 0.1
+
+
+def test_a_batch_longer_than_the_powers_cache_hashes_the_same(monkeypatch):
+    # The cached powers are capped (so one huge batch does not pin their memory for the process's
+    # life); past the cap they are computed for the batch: the hashes must not change.
+    from lm.data import dedup
+
+    rng = random.Random(0)
+    texts = [" ".join(f"w{rng.randrange(500)}" for _ in range(3000)) for _ in range(4)]
+    cached = word_hashes(texts)
+    monkeypatch.setattr(dedup, "_POW_CACHE", {})
+    monkeypatch.setattr(dedup, "_POW_CACHE_MAX", 1000)
+    uncached = word_hashes(texts)
+    assert dedup._POW_CACHE == {}
+    np.testing.assert_array_equal(cached[0], uncached[0])
+    np.testing.assert_array_equal(cached[1], uncached[1])

@@ -103,3 +103,58 @@ def test_shards_are_cut_at_the_configured_size(clean_dir, tmp_path):
     assert len(files) > 3 and files[0] == "train_00000.bin"
     sizes = [(tmp_path / "s" / f).stat().st_size // 2 for f in files]
     assert all(s == 1000 for s in sizes[:-1]) and sum(sizes) == index["splits"]["train"]["tokens"]
+
+
+def _tricky_text(n_lines: int) -> str:
+    """Lines that end every way the pre-tokenizer cares about: in letters, digits, punctuation,
+    spaces, tabs, blank runs, CRLF, CJK, emoji."""
+    endings = ["word", "42", "();", "   ", "\t", "", "é", "。", "🎉", " x", "\r", "'s", "  y  "]
+    lines = []
+    for i in range(n_lines):
+        indent = " " * (i % 5) + "\t" * (i % 2 == 0 and i % 3 == 0)
+        lines.append(f"{indent}line {i} {DOCS[i % len(DOCS)][:20]}{endings[i % len(endings)]}")
+    return "\n".join(lines) + "\n\n \n"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "byte"])
+def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(clean_dir, tmp_path, monkeypatch, kind):
+    # The encoder's memory grows with the text it encodes at once, so long documents are encoded in
+    # pieces cut before a line break; the tokens must be exactly those of the whole document.
+    import lm.tokenizer as T
+
+    run(clean_dir, tmp_path / "tok", kind=kind, vocab_size=400)
+    tok = load_tokenizer(tmp_path / "tok")
+    tok.encode_special_tokens = True
+    assert T.can_encode_in_pieces(tok)
+    text = _tricky_text(3000)
+    bounds = list(T.encoding_pieces(text, 500))
+    assert len(bounds) > 50 and "".join(text[a:b] for a, b in bounds) == text
+    whole = tok.encode(text, add_special_tokens=False).ids
+    pieces = [i for a, b in bounds for i in tok.encode(text[a:b], add_special_tokens=False).ids]
+    assert pieces == whole
+    # Through the stage: one long validation document, a short one; each ends with one end-of-text.
+    d = tmp_path / "clean2"
+    d.mkdir()
+    write_split(d, "train", DOCS * 5)
+    write_split(d, "val", [text, "short"])
+    monkeypatch.setattr(T, "ENCODE_PIECE_CHARS", 500)
+    cfg = Config(tokenizer=TokenizerConfig(kind="file", path=str(tmp_path / "tok" / "tokenizer.json")))
+    (tmp_path / "out").mkdir()
+    tokenize(cfg, d, out_dir=tmp_path / "out")
+    val = TokenShards(tmp_path / "out", "val")
+    eot = val.eot_id
+    short = tok.encode("short", add_special_tokens=False).ids
+    assert val.window(0, val.num_tokens).tolist() == whole + [eot] + short + [eot]
+
+
+def test_a_tokenizer_whose_tokens_depend_on_the_cut_is_encoded_whole():
+    from tokenizers import models, pre_tokenizers
+
+    import lm.tokenizer as T
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before every text
+    assert not T.can_encode_in_pieces(tok)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    assert not T.can_encode_in_pieces(tok)
+    assert list(T.encoding_pieces("a\nb" * 1000, None)) == [(0, 3000)]

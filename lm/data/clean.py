@@ -39,6 +39,7 @@ from lm.data.dedup import MinHasher, band_keys, exact_key, lsh_params, near_dupl
 from lm.data.filters import Document, build_filters, effective, run_filters
 from lm.data.ingest import SCHEMA
 from lm.errors import DataError
+from lm.memory import trim_heap
 from lm.stage import StageResult
 from lm.tokenizer import char_bounded
 
@@ -139,6 +140,8 @@ def clean_part(task: PartTask, cfg: DataConfig) -> PartResult:
             sigs.append(s)
             has.append(h)
         res.signatures, res.has_shingles = np.concatenate(sigs), np.concatenate(has)
+    del ids, srcs, texts, kept_ids, kept_srcs, kept_texts
+    trim_heap()  # a worker cleans many parts: without this its memory creeps up part by part
     res.seconds = time.perf_counter() - start
     return res
 
@@ -313,6 +316,7 @@ def finish_clean(
             }
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
     pa.default_memory_pool().release_unused()  # the next stage may run in this process
+    trim_heap()
     if docs[TRAIN] == 0:
         raise DataError(
             f"no training documents are left: {n} passed the filters, {exact_dups} exact and {near_dups} "

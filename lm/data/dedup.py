@@ -55,6 +55,7 @@ def _char_classes() -> np.ndarray:
 
 _CLASSES = _char_classes()
 _POW_CACHE: dict[str, np.ndarray] = {}
+_POW_CACHE_MAX = 1 << 22  # 32 MB per base: a longer batch computes its powers without keeping them
 
 
 def _powers(base: np.uint64, n: int, key: str) -> np.ndarray:
@@ -62,6 +63,10 @@ def _powers(base: np.uint64, n: int, key: str) -> np.ndarray:
     cached = _POW_CACHE.get(key)
     if cached is None or cached.size < n:
         size = max(n, 1 << 20, 0 if cached is None else 2 * cached.size)
+        if size > _POW_CACHE_MAX:
+            out = np.full(n, base, dtype=np.uint64)
+            out[0] = 1
+            return np.cumprod(out, out=out)
         cached = np.full(size, base, dtype=np.uint64)
         cached[0] = 1
         np.cumprod(cached, out=cached)
