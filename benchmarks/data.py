@@ -11,11 +11,12 @@ Three figures, in one run:
    both sides split words on whitespace instead (the rules are defined on words either way).
 2. tokenization throughput (tokens/s) of the tokenize stage (read parquet, encode, write uint16
    shards) against ``tokenizers``' own ``encode_batch`` on the same texts already in memory.
-3. peak RSS (the process and its workers) of ingest -> clean -> tokenize at two input sizes.
+3. peak memory (PSS and RSS of the process and its workers) of ingest -> clean -> tokenize at two
+   input sizes.
 
-The last line of output is one line of key=value figures. Run (about 10 minutes on 2 cores):
+The last line of output is one line of key=value figures. Run (6 minutes on 2 idle cores):
 
-    .venv/bin/python benchmarks/data.py                       # 200 MB; RSS at 50 and 500 MB
+    .venv/bin/python benchmarks/data.py                       # 200 MB; memory at 50 and 500 MB
     .venv/bin/python benchmarks/data.py --max-mb 20 --rss-mb 10,40 --workers 2   # quick
 """
 
@@ -283,8 +284,9 @@ def bench_tokenize(clean_dir: Path, work: Path, vocab_size: int) -> dict:
     return {"train_s": train_s, "ours_tps": ours_tps, "hf_tps": best, "tokens": n}
 
 
-def rss_child(mb: float, work: Path, workers: int) -> None:
-    """Ingest -> clean -> tokenize on ``mb`` MB, sampling the RSS of this process and its workers."""
+def rss_child(corpus: Path, work: Path, workers: int) -> None:
+    """Ingest -> clean -> tokenize of the ``corpus`` folder, sampling the RSS of this process and its
+    workers. (The parent lists and links the corpus, so its file list is not counted here.)"""
     import psutil
 
     from lm.config import Config, TokenizerConfig
@@ -292,8 +294,6 @@ def rss_child(mb: float, work: Path, workers: int) -> None:
     from lm.data.ingest import ingest
     from lm.tokenizer import tokenize
 
-    files = corpus_files(mb, CORPUS_EXT + EXTRA_EXT)
-    link_corpus(files, work / "corpus")
     me = psutil.Process()
     peak = {"stage": "ingest", "ingest": 0, "clean": 0, "tokenize": 0}
     peak_pss = {"ingest": 0, "clean": 0, "tokenize": 0}
@@ -320,13 +320,13 @@ def rss_child(mb: float, work: Path, workers: int) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cfg = Config(
-        data=data_config(workers, sources=[str(work / "corpus")]),
+        data=data_config(workers, sources=[str(corpus)]),
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=8192, train_max_mb=16),
     )
     cfg.data.clean.preset = "code"
     t = time.perf_counter()
     for d in ("ingest", "clean", "tokens"):
-        (work / d).mkdir()
+        (work / d).mkdir(parents=True)
     r = ingest(cfg.data, out_dir=work / "ingest")
     peak["stage"] = "clean"
     clean(cfg.data, work / "ingest" / "documents.parquet", out_dir=work / "clean")
@@ -354,7 +354,7 @@ def main() -> None:
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--skip-datatrove", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
-    ap.add_argument("--rss-child", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lmforge-bench-"))
     if args.rss_child is not None:
@@ -411,12 +411,13 @@ def main() -> None:
         sizes = [float(s) for s in args.rss_mb.split(",") if s]
         for size in sizes:
             child_dir = work / f"rss_{int(size)}"
+            link_corpus(corpus_files(size, CORPUS_EXT + EXTRA_EXT), work / f"rss_corpus_{int(size)}")
             out = subprocess.run(
                 [
                     sys.executable,
                     __file__,
                     "--rss-child",
-                    str(size),
+                    str(work / f"rss_corpus_{int(size)}"),
                     "--workdir",
                     str(child_dir),
                     "--workers",
@@ -431,12 +432,15 @@ def main() -> None:
             tag = f"{int(size)}mb"
             figures[f"rss_{tag}_input_mb"] = round(res["mb"], 1)
             figures[f"rss_{tag}_peak_mb"] = round(max(res["ingest"], res["clean"], res["tokenize"]))
-            figures[f"pss_{tag}_peak_mb"] = round(max(res[f"pss_{k}"] for k in ("ingest", "clean", "tokenize")))
+            figures[f"pss_{tag}_peak_mb"] = round(
+                max(res[f"pss_{k}"] for k in ("ingest", "clean", "tokenize"))
+            )
             for stage in ("ingest", "clean", "tokenize"):
                 figures[f"rss_{tag}_{stage}_mb"] = round(res[stage])
                 figures[f"pss_{tag}_{stage}_mb"] = round(res[f"pss_{stage}"])
             figures[f"rss_{tag}_seconds"] = round(res["seconds"], 1)
             shutil.rmtree(child_dir, ignore_errors=True)
+            shutil.rmtree(work / f"rss_corpus_{int(size)}", ignore_errors=True)
         if len(sizes) == 2:
             a, b = (f"rss_{int(s)}mb_peak_mb" for s in sizes)
             figures["rss_ratio"] = round(figures[b] / figures[a], 2)
