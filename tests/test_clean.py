@@ -186,6 +186,26 @@ def test_everything_removed_names_the_filter(tmp_path):
         clean(DataConfig(workers=1), docs, out_dir=tmp_path)
 
 
+def test_one_long_text_is_kept_once_ingest_cuts_it_below_the_length_limit(tmp_path):
+    # A nanoGPT-style corpus: one big prose file. Whole, it is longer than the prose preset's
+    # max_chars and the error says how to cut it; cut by ingest, it passes.
+    from lm.data.ingest import ingest
+
+    rng = random.Random(0)
+    text = random_prose(rng, make_vocab(rng), 75_000) + "\n"  # ~500k characters
+    (tmp_path / "input.txt").write_text(text)
+    cfg = DataConfig(sources=[str(tmp_path / "input.txt")], workers=1)
+    for sub in ("a", "b", "c", "d"):
+        (tmp_path / sub).mkdir()
+    ingest(cfg, out_dir=tmp_path / "a")
+    with pytest.raises(DataError, match=r"too_long: 1\).*data\.max_doc_chars=200000"):
+        clean(cfg, tmp_path / "a" / "documents.parquet", out_dir=tmp_path / "b")
+    cut = cfg.model_copy(update={"max_doc_chars": 200_000})
+    ingest(cut, out_dir=tmp_path / "c")
+    r = clean(cut, tmp_path / "c" / "documents.parquet", out_dir=tmp_path / "d")
+    assert r.metrics["clean/docs_in"] == 3 and r.metrics["clean/docs_out"] == 3
+
+
 def test_process_pool_under_a_threaded_caller_matches_one_process(tmp_path):
     """A Prefect worker has threads: the pool then spawns instead of forking, with the same result."""
     import threading

@@ -229,6 +229,11 @@ def finish_clean(
     if agg.docs_kept == 0:
         top = ", ".join(f"{r}: {n}" for r, n in agg.reasons.most_common())
         hint = "" if cfg.clean.preset == "code" else " (for source code: data.clean.preset=code)"
+        if agg.reasons.most_common(1)[0][0] == "too_long":
+            hint += (
+                f" (one long text, e.g. a single input.txt: data.max_doc_chars={cfg.clean.max_chars} cuts it "
+                "at line breaks into documents the length filter keeps)"
+            )
         raise DataError(
             f"the clean filters removed all {agg.docs_in} documents ({top}): check data.sources, or relax "
             f"the data.clean thresholds named there{hint}; {DROPPED} shows what was dropped."
