@@ -37,3 +37,12 @@ def prefect_harness(tmp_path_factory):
 def tracking_uri(tmp_path) -> str:
     """A fresh MLflow sqlite store in a temporary folder."""
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core CI box makes 2 threads wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -6,14 +6,13 @@ run (the one created by the caller and passed by id) holds the metrics.
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import free_port, make_token_dir, pretrain_args, tiny_config_yaml
+from train_fixtures import child_env, free_port, make_token_dir, pretrain_args, tiny_config_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"lmforge: rank (\d+) weights sha256 ([0-9a-f]{64})")
@@ -25,12 +24,6 @@ def _mlflow_run(tracking_uri: str) -> tuple[object, str, str]:
     client = mlflow.MlflowClient(tracking_uri)
     exp = client.create_experiment("ddp")
     return client, exp, client.create_run(exp).info.run_id
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("MLFLOW_RUN_ID", None)
-    return env
 
 
 def _check(outputs: str, client, exp: str, run_id: str, out: Path) -> None:
@@ -57,13 +50,21 @@ def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, trackin
     proc = subprocess.run(
         [
             sys.executable,
-            *pretrain_args(cfg, tokens, tmp_path / "out", "--run-id", run_id, "--tracking-uri", tracking_uri,
-                           "--print-weight-digest"),
+            *pretrain_args(
+                cfg,
+                tokens,
+                tmp_path / "out",
+                "--run-id",
+                run_id,
+                "--tracking-uri",
+                tracking_uri,
+                "--print-weight-digest",
+            ),
         ],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,12 +92,20 @@ def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, track
             f"--node-rank={node}",
             "--master-addr=127.0.0.1",
             f"--master-port={port}",
-            *pretrain_args(cfg, tokens, tmp_path / "out", "--run-id", run_id, "--tracking-uri", tracking_uri,
-                           "--print-weight-digest"),
+            *pretrain_args(
+                cfg,
+                tokens,
+                tmp_path / "out",
+                "--run-id",
+                run_id,
+                "--tracking-uri",
+                tracking_uri,
+                "--print-weight-digest",
+            ),
         ]
         procs.append(
             subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=_env()
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=child_env()
             )
         )
     outputs = []

@@ -24,14 +24,7 @@ from lm.model import (
     to_llama_state_dict,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes 2 threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(kind: str = "decoder", **kw) -> ModelArgs:

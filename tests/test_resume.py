@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import make_token_dir, pretrain_args, tiny_config_yaml
+from train_fixtures import child_env, make_token_dir, pretrain_args, tiny_config_yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cmd(cfg: Path, tokens: Path, out: Path) -> list[str]:
     return [sys.executable, *pretrain_args(cfg, tokens, out)]
-
-
-def _env() -> dict[str, str]:
-    # One thread everywhere: the same float reduction order in every process.
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 @pytest.mark.slow  # ~20 s: three training processes
@@ -40,7 +34,12 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     )
 
     reference = subprocess.run(
-        _cmd(cfg, tokens, tmp_path / "ref"), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300
+        _cmd(cfg, tokens, tmp_path / "ref"),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=child_env(),
+        timeout=300,
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads((tmp_path / "ref" / "metrics.json").read_text())
@@ -52,7 +51,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         stderr=subprocess.DEVNULL,
         text=True,
         cwd=ROOT,
-        env=_env(),
+        env=child_env(),
     )
     for line in proc.stdout:
         if "saved checkpoint" in line and "step-00000016.ckpt" in line:
@@ -68,7 +67,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
     resumed = subprocess.run(
-        _cmd(cfg, tokens, out), capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=300
+        _cmd(cfg, tokens, out), capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=300
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{newest} (step" in resumed.stdout and "truncated or corrupt" in resumed.stdout

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from train_fixtures import make_finetune_dir, make_token_dir, pretrain_args, tiny_config_yaml
+from train_fixtures import child_env, make_finetune_dir, make_token_dir, pretrain_args, tiny_config_yaml
 
 from lm.checkpoint import (
     StepCheckpoint,
@@ -30,6 +29,7 @@ from lm.model import Decoder, SequenceClassifier, load_model, save_model
 from lm.train import run_finetune, run_pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,6 @@ def pretrained(tmp_path_factory, token_dir) -> tuple[Path, dict]:
     cfg = load_config(tiny_config_yaml(tmp / "cfg.yaml", pretrain={"max_steps": 30, "val_every": 10}))
     metrics = run_pretrain(cfg, token_dir, tmp / "out")
     return tmp / "out", metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes 2 threads wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_pretrain_writes_the_contract_outputs_and_learns(pretrained):
@@ -201,7 +192,7 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
         text=True,
         cwd=ROOT,
         timeout=120,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        env=child_env(),
     )
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmforge: error:")]

@@ -7,6 +7,7 @@ tokenizer is a byte-level BPE trained on it in well under a second.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from pathlib import Path
@@ -20,7 +21,27 @@ SOURCES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "shlex.py", "fnm
 def pretrain_args(cfg: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
     """``-m lm.train pretrain ...``: the entry point's arguments as the pipeline's task passes them
     (after ``python`` or after a ``torchrun`` prefix)."""
-    return ["-m", "lm.train", "pretrain", "--config", str(cfg), "--data", str(tokens), "--out", str(out), *extra]
+    return [
+        "-m",
+        "lm.train",
+        "pretrain",
+        "--config",
+        str(cfg),
+        "--data",
+        str(tokens),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def child_env() -> dict[str, str]:
+    """Environment of a training subprocess in tests: unbuffered output, and one thread everywhere (the
+    same float reduction order in every process; two threads on a busy 2-core box wait on each other).
+    No MLFLOW_RUN_ID from the caller: it would make MLflow resume the wrong run (mlflow#15713)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("MLFLOW_RUN_ID", None)
+    return env
 
 
 def stdlib_texts() -> list[str]:
