@@ -60,14 +60,15 @@ def _config_args(sp: argparse.ArgumentParser) -> None:
 def preflight(cfg: Config) -> None:
     """Everything that can be checked before the first stage starts: fail in seconds, not later."""
     from lm import tracking
-    from lm.workspace import fingerprint_sources, resolve_source_files
+    from lm.data import sources
+    from lm.workspace import fingerprint_sources
 
     tracking.check_tracking_uri(cfg.tracking_uri())
     fingerprint_sources(cfg.data.sources)  # a missing path stops here, naming it
     if cfg.finetune.data != "stdlib":
-        resolve_source_files(cfg.finetune.data)
+        next(sources.resolve(cfg.finetune.data))  # raises DataError naming a missing path
     if cfg.tokenizer.kind == "file":
-        resolve_source_files(cfg.tokenizer.path)
+        next(sources.resolve(cfg.tokenizer.path))
     workdir = Path(cfg.workdir).expanduser()
     workdir.mkdir(parents=True, exist_ok=True)
 

@@ -6,7 +6,6 @@ finished stages and lets a killed training run resume from its own checkpoints.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import sys
@@ -17,6 +16,7 @@ from typing import Any
 
 from lm import __version__
 from lm.config import Config
+from lm.data import sources
 from lm.errors import DataError
 
 REMOTE_PREFIXES = ("hf:", "hf://", "s3://", "gs://", "http://", "https://")
@@ -27,44 +27,23 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resolve_source_files(source: str) -> list[Path]:
-    """The files one ``data.sources`` entry names; raises DataError when it names nothing."""
-    if source == "stdlib" or source.startswith(REMOTE_PREFIXES):
-        return []
-    path = Path(source).expanduser()
-    if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
-        if not files:
-            raise DataError(f"data source {source!r}: the pattern matches no file; check the path")
-        return files
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            raise DataError(f"data source {source!r}: the folder holds no file")
-        return files
-    if path.is_file():
-        return [path]
-    raise DataError(
-        f"data source {source!r} does not exist; fix data.sources (a path, a glob, a folder or 'stdlib')"
-    )
-
-
-def fingerprint_sources(sources: list[str]) -> str:
-    """Cheap content fingerprint (path, size, mtime) of every file behind ``sources``."""
-    if not sources:
+def fingerprint_sources(specs: list[str]) -> str:
+    """Cheap content fingerprint (path, size, mtime) of every file ingest will read behind ``specs``
+    (the same walk as ingest's, ``lm.data.sources.resolve``); a missing path raises DataError."""
+    if not specs:
         raise DataError("data.sources is empty: name at least one path, glob, folder or 'stdlib'")
-    entries: list[Any] = []
-    for src in sources:
-        if src == "stdlib":
-            entries.append(["stdlib", sys.version, sysconfig.get_paths()["stdlib"]])
+    h = hashlib.sha256()
+    for spec in specs:
+        if spec == sources.STDLIB:
+            h.update(f"stdlib\0{sys.version}\0{sysconfig.get_paths()['stdlib']}\n".encode())
             continue
-        if src.startswith(REMOTE_PREFIXES):
-            entries.append([src])
+        if spec.startswith(REMOTE_PREFIXES):
+            h.update(f"{spec}\n".encode())
             continue
-        for f in resolve_source_files(src):
-            st = f.stat()
-            entries.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    return _hash(entries)
+        for sf in sources.resolve(spec):
+            st = sf.path.stat()
+            h.update(f"{sf.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def _file_fingerprint(path: str | None) -> Any:
