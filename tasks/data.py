@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -11,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import unmapped
 
 from lm.config import Config, DataConfig
-from lm.data.clean import PartResult, PartTask, clean_part, finish_clean, plan_parts
+from lm.data.clean import PartResult, PartTask, clean_part
 from lm.data.clean import clean as clean_documents
 from lm.data.ingest import ingest as ingest_documents
 from lm.data.labelled import build_finetune_data
@@ -44,16 +42,13 @@ def clean_on_dask(cfg: DataConfig, documents: Path, *, out_dir: Path) -> StageRe
     Workers need lmforge installed and the work directory on a filesystem they share."""
     from prefect_dask import DaskTaskRunner
 
-    start = time.perf_counter()
-    scratch = out_dir / "_parts"
-    scratch.mkdir(parents=True, exist_ok=True)
-    parts = plan_parts(Path(documents), scratch)
     on_cluster = clean_parts_flow.with_options(task_runner=DaskTaskRunner(address=cfg.dask_address))
-    try:
-        results = on_cluster(parts, cfg.model_dump(mode="json"))
-        return finish_clean(cfg, parts, results, out_dir=out_dir, start=start)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    return clean_documents(
+        cfg,
+        documents,
+        out_dir=out_dir,
+        map_parts=lambda parts, c: on_cluster(parts, c.model_dump(mode="json")),
+    )
 
 
 @stage_task

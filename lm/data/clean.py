@@ -2,15 +2,15 @@
 
 Work is split into parts (row groups of ``documents.parquet``). Each part is cleaned by
 :func:`clean_part`, in a process pool over every core, or (``data.dask_address``) as Prefect
-tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/data.py``): it runs the filters, writes its surviving documents to a part file and
-returns small arrays (dedup hashes, MinHash signatures, split hashes) and counts. The driver
+tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/data.py``): it runs the
+filters, writes its surviving documents to a part file and returns small arrays (dedup hashes, MinHash signatures, split hashes) and counts. The driver
 then finds exact and near duplicates over the whole corpus, BEFORE the split, so no near copy of
 a validation document is trained on, and streams the part files into ``train.parquet`` and
 ``val.parquet``. Memory holds one part's text per worker plus ~(bands * 8 + 20) bytes per
 document; signatures go to a scratch file that is memory-mapped for verification.
 
-``plan_parts`` / ``clean_part`` / ``finish_clean`` are the map and reduce steps: ``clean`` composes
-them with a process pool; the Prefect task composes them with a Dask cluster.
+``plan_parts`` / ``clean_part`` / ``finish_clean`` are the map and reduce steps that ``clean``
+composes; its ``map_parts`` argument says where the map step runs.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def clean_part(task: PartTask, cfg: DataConfig) -> PartResult:
         # In slices of ~1M characters: the vectorised hashing needs ~40 bytes per character.
         mh = MinHasher(cfg.dedup.num_perm, cfg.dedup.shingle_size, cfg.seed)
         sigs, has = [np.zeros((0, cfg.dedup.num_perm), np.uint32)], [np.zeros(0, bool)]
-        for texts in char_bounded(kept_texts, MINHASH_CHARS):
-            s, h = mh.signatures(texts)
+        for batch in char_bounded(kept_texts, MINHASH_CHARS):
+            s, h = mh.signatures(batch)
             sigs.append(s)
             has.append(h)
         res.signatures, res.has_shingles = np.concatenate(sigs), np.concatenate(has)
@@ -171,16 +172,27 @@ def _single_threaded() -> bool:
     return not others
 
 
-def clean(cfg: DataConfig, documents: Path, *, out_dir: Path) -> StageResult:
-    """Clean, deduplicate and split ``documents.parquet`` into ``train.parquet`` and ``val.parquet``."""
+MapParts = Callable[[list[PartTask], DataConfig], Iterable[PartResult]]
+
+
+def clean(
+    cfg: DataConfig, documents: Path, *, out_dir: Path, map_parts: MapParts | None = None
+) -> StageResult:
+    """Clean, deduplicate and split ``documents.parquet`` into ``train.parquet`` and ``val.parquet``.
+
+    ``map_parts(parts, cfg)`` runs :func:`clean_part` over the parts and yields the results in part
+    order; by default a process pool over ``data.workers`` cores (the Prefect task passes one that
+    runs them on a Dask cluster)."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    workers = cfg.workers or os.cpu_count() or 1
+    if map_parts is None:
+        workers = cfg.workers or os.cpu_count() or 1
+        map_parts = partial(_map_parts, workers=workers)
     scratch = out_dir / "_parts"
     scratch.mkdir(parents=True, exist_ok=True)
     tasks = plan_parts(Path(documents), scratch)
     try:
-        return finish_clean(cfg, tasks, _map_parts(tasks, cfg, workers), out_dir=out_dir, start=start)
+        return finish_clean(cfg, tasks, map_parts(tasks, cfg), out_dir=out_dir, start=start)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -274,7 +286,7 @@ def finish_clean(
     drop = keeper >= 0
     for i in np.flatnonzero(exact_keeper >= 0)[:DEDUP_SAMPLES]:
         pairs.append({"kind": "exact", "dropped": int(i), "kept": int(exact_keeper[i]), "jaccard": 1.0})
-    wanted = {p["dropped"] for p in pairs} | {p["kept"] for p in pairs}
+    wanted = sorted({p["dropped"] for p in pairs} | {p["kept"] for p in pairs})
     snippets: dict[int, tuple[str, str]] = {}
 
     # Split by content hash, streaming the part files into train/val.
@@ -288,7 +300,7 @@ def finish_clean(
         table = pq.read_table(task.out_path)
         keep = ~drop[offset : offset + k]
         val = is_val[offset : offset + k]
-        here = [i - offset for i in sorted(wanted) if offset <= i < offset + k]
+        here = [i - offset for i in wanted if offset <= i < offset + k]
         if here:
             picked = table.take(here)
             for local, doc_id, text in zip(
