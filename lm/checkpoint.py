@@ -124,9 +124,8 @@ class StepCheckpoint(pl.Callback):
         if self.before_save is not None:
             self.before_save(trainer, pl_module)
         path = self.ckpt_dir / checkpoint_name(step)
-        trainer.save_checkpoint(
-            path, weights_only=False
-        )  # collective: every rank calls, the strategy writes on rank 0
+        # Collective: every rank calls, the strategy writes on rank 0.
+        trainer.save_checkpoint(path, weights_only=False)
         self.last_saved = step
         self.saved.append(path)
         if trainer.is_global_zero:

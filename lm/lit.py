@@ -67,6 +67,7 @@ class _OptimisedModule(pl.LightningModule):
         self.last_val_step = -1  # global step of the latest validation
         self._nonfinite: torch.Tensor | None = None  # device flag: a loss was NaN/inf since the last check
         self.last_train_loss = float("nan")
+        self._last_loss: torch.Tensor | None = None
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(
@@ -94,7 +95,7 @@ class _OptimisedModule(pl.LightningModule):
         return loss
 
     def on_train_end(self) -> None:
-        if getattr(self, "_last_loss", None) is not None:
+        if self._last_loss is not None:
             self.last_train_loss = float(self._last_loss)
 
     def _track_loss(self, loss: torch.Tensor) -> None:
@@ -266,11 +267,9 @@ class ThroughputMonitor(pl.Callback):
     """tokens/s over the last ``window`` optimizer steps (all ranks), and MFU when the peak is known."""
 
     def __init__(self, tokens_per_micro_batch: int, flops_per_token: float, window: int = 10):
-        self.tokens_per_micro_batch, self.flops_per_token, self.window = (
-            tokens_per_micro_batch,
-            flops_per_token,
-            window,
-        )
+        self.tokens_per_micro_batch = tokens_per_micro_batch
+        self.flops_per_token = flops_per_token
+        self.window = window
         self._t0: float | None = None
         self._tokens = 0
         self._steps = 0
@@ -307,9 +306,8 @@ class ThroughputMonitor(pl.Callback):
             mfu = self.tokens_per_s * self.flops_per_token / (self.peak * trainer.world_size)
             pl_module.log("throughput/mfu", mfu, rank_zero_only=True)
         if trainer.is_global_zero:
-            loss = (
-                outputs.get("loss") if isinstance(outputs, dict) else None
-            )  # this step's (last micro-batch)
+            # This step's loss (its last micro-batch's).
+            loss = outputs.get("loss") if isinstance(outputs, dict) else None
             loss_s = f" train/loss {float(loss):.4f}" if loss is not None else ""
             print(
                 f"lmforge: step {trainer.global_step}{loss_s} tokens/s {self.tokens_per_s:,.0f}", flush=True

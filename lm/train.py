@@ -194,6 +194,20 @@ def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
     return net
 
 
+def _tokenizer_path(tokens_dir: Path, index: dict) -> Path:
+    return tokens_dir / index.get("tokenizer", "tokenizer.json")
+
+
+def _token_meta(tokens_dir: Path, index: dict) -> dict:
+    """What a saved model needs to read and write text: its special token ids and tokenizer."""
+    return {
+        "eot_id": index.get("eot_id"),
+        "pad_id": index.get("pad_id"),
+        "mask_id": index.get("mask_id"),
+        "tokenizer": str(_tokenizer_path(tokens_dir, index).resolve()),
+    }
+
+
 def _fit(trainer, module, dm, ckpt_path: Path | None) -> float:
     """Train (resuming from ``ckpt_path``), then validate the final weights if the last step was not
     validated, so metrics.json reports the weights that are saved. Returns the seconds it took."""
@@ -211,10 +225,11 @@ def _final_metrics(trainer, module, throughput, n_params: int, elapsed: float, p
     (the pipeline checks that DDP ranks agree)."""
     if print_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
+    tokens_per_s = throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan")
     return {
         "train/loss": module.last_train_loss,
         **module.last_val,
-        "tokens_per_s": throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan"),
+        "tokens_per_s": tokens_per_s,
         "steps": float(trainer.global_step),
         "params": float(n_params),
         "train_seconds": elapsed,
@@ -258,10 +273,10 @@ def run_pretrain(
     ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, p.ckpt_every, p.keep_last)
     throughput = ThroughputMonitor(tokens_per_micro, flops_per_token(args), window=cfg.trainer.log_every)
     callbacks: list[pl.Callback] = [ckpt_cb, throughput, *(extra_callbacks or [])]
-    if args.kind == "decoder" and (data_dir / index.get("tokenizer", "tokenizer.json")).is_file():
+    if args.kind == "decoder" and _tokenizer_path(data_dir, index).is_file():
         callbacks.append(
             SampleWriter(
-                data_dir / index.get("tokenizer", "tokenizer.json"),
+                _tokenizer_path(data_dir, index),
                 out_dir / "samples.txt",
                 PROMPTS,
                 eot_id=index.get("eot_id"),
@@ -328,16 +343,7 @@ def run_pretrain(
     metrics = _final_metrics(trainer, module, throughput, n_params, elapsed, print_weight_digest)
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(
-            net_out,
-            out_dir,
-            extra={
-                "eot_id": index.get("eot_id"),
-                "pad_id": index.get("pad_id"),
-                "mask_id": index.get("mask_id"),
-                "tokenizer": str((data_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
-            },
-        )
+        save_model(net_out, out_dir, extra=_token_meta(data_dir, index))
         _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
     return metrics
@@ -395,7 +401,7 @@ def run_finetune(
     args = backbone.args
     dm = ClassificationDataModule(
         ft_dir,
-        tokens_dir / index.get("tokenizer", "tokenizer.json"),
+        _tokenizer_path(tokens_dir, index),
         args.seq_len,
         f.batch_size,
         f.seed,
@@ -419,9 +425,10 @@ def run_finetune(
         logger=_logger(run_id, tracking_uri, cfg),
         callbacks=[ckpt_cb, throughput],
         plugins=[AtomicCheckpointIO()],
-        distributed_sampler=True,
-    )  # a shuffled map-style set: Lightning's DistributedSampler splits it
-    steps_per_epoch = math.ceil(len(dm._load("train")) / (f.batch_size * trainer.world_size))
+        distributed_sampler=True,  # a shuffled map-style set: Lightning's DistributedSampler splits it
+    )
+    n_train = len(dm._load("train"))
+    steps_per_epoch = math.ceil(n_train / (f.batch_size * trainer.world_size))
     trainer.val_check_interval = max(1, min(steps_per_epoch, cfg.pretrain.val_every))
     module = ClassifierModule(
         net,
@@ -439,24 +446,14 @@ def run_finetune(
     if trainer.is_global_zero:
         print(
             f"lmforge: finetune {dm.num_classes}-class classifier, {count_params(net) / 1e6:.2f}M params, "
-            f"{len(dm._load('train'))} train examples, {f.max_steps} steps",
+            f"{n_train} train examples, {f.max_steps} steps",
             flush=True,
         )
     elapsed = _fit(trainer, module, dm, None)
     metrics = _final_metrics(trainer, module, throughput, count_params(net), elapsed, print_weight_digest)
     if trainer.is_global_zero:
         net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(
-            net_out,
-            out_dir,
-            extra={
-                "labels": dm.label_names,
-                "eot_id": index.get("eot_id"),
-                "pad_id": int(index["pad_id"]),
-                "mask_id": index.get("mask_id"),
-                "tokenizer": str((tokens_dir / index.get("tokenizer", "tokenizer.json")).resolve()),
-            },
-        )
+        save_model(net_out, out_dir, extra={"labels": dm.label_names, **_token_meta(tokens_dir, index)})
         _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
     return metrics
@@ -521,9 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                 print_weight_digest=a.print_weight_digest,
             )
     except LmforgeError as e:
-        if (
-            _is_rank_zero()
-        ):  # every rank meets the same error (the divergence flag is all-reduced): say it once
+        # Every rank meets the same error (the divergence flag is all-reduced): say it once.
+        if _is_rank_zero():
             print(f"lmforge: error: {e}", file=sys.stderr, flush=True)
         return 1
     return 0

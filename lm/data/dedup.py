@@ -61,17 +61,16 @@ _POW_CACHE_MAX = 1 << 22  # 32 MB per base: a longer batch computes its powers w
 def _powers(base: np.uint64, n: int, key: str) -> np.ndarray:
     """base**0 .. base**(n-1) mod 2^64, cached and grown on demand (the same for every batch)."""
     cached = _POW_CACHE.get(key)
-    if cached is None or cached.size < n:
-        size = max(n, 1 << 20, 0 if cached is None else 2 * cached.size)
-        if size > _POW_CACHE_MAX:
-            out = np.full(n, base, dtype=np.uint64)
-            out[0] = 1
-            return np.cumprod(out, out=out)
-        cached = np.full(size, base, dtype=np.uint64)
-        cached[0] = 1
-        np.cumprod(cached, out=cached)
-        _POW_CACHE[key] = cached
-    return cached[:n]
+    if cached is not None and cached.size >= n:
+        return cached[:n]
+    size = max(n, 1 << 20, 0 if cached is None else 2 * cached.size)
+    keep = size <= _POW_CACHE_MAX
+    powers = np.full(size if keep else n, base, dtype=np.uint64)
+    powers[0] = 1
+    np.cumprod(powers, out=powers)
+    if keep:
+        _POW_CACHE[key] = powers
+    return powers[:n]
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
