@@ -40,6 +40,11 @@ def _check(outputs: str, client, exp: str, run_id: str, out: Path) -> None:
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
 
 
+def _logged_pretrain_args(cfg: Path, tokens: Path, out: Path, run_id: str, uri: str) -> list[str]:
+    """The entry point's arguments with an MLflow run to log into and every rank's weight digest."""
+    return pretrain_args(cfg, tokens, out, "--run-id", run_id, "--tracking-uri", uri, "--print-weight-digest")
+
+
 @pytest.mark.slow  # ~25 s: two gloo ranks started by Lightning's ddp launcher
 def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, tracking_uri):
     tokens = make_token_dir(tmp_path / "tokens")
@@ -50,16 +55,7 @@ def test_two_process_ddp_ranks_agree_and_one_run_holds_metrics(tmp_path, trackin
     proc = subprocess.run(
         [
             sys.executable,
-            *pretrain_args(
-                cfg,
-                tokens,
-                tmp_path / "out",
-                "--run-id",
-                run_id,
-                "--tracking-uri",
-                tracking_uri,
-                "--print-weight-digest",
-            ),
+            *_logged_pretrain_args(cfg, tokens, tmp_path / "out", run_id, tracking_uri),
         ],
         capture_output=True,
         text=True,
@@ -92,16 +88,7 @@ def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, track
             f"--node-rank={node}",
             "--master-addr=127.0.0.1",
             f"--master-port={port}",
-            *pretrain_args(
-                cfg,
-                tokens,
-                tmp_path / "out",
-                "--run-id",
-                run_id,
-                "--tracking-uri",
-                tracking_uri,
-                "--print-weight-digest",
-            ),
+            *_logged_pretrain_args(cfg, tokens, tmp_path / "out", run_id, tracking_uri),
         ]
         procs.append(
             subprocess.Popen(
