@@ -74,13 +74,13 @@ def link_corpus(files: list[Path], dest: Path) -> None:
         (dest / f"{i:06d}_{f.name}").symlink_to(f)
 
 
-def data_config(workers: int, **kw):
+def data_config(workers: int, preset: str = "prose", **kw):
     from lm.config import CleanConfig, DataConfig, DedupConfig
 
     # Prose preset = Gopher rules, the set datatrove also implements.
     return DataConfig(
         workers=workers,
-        clean=CleanConfig(preset="prose", min_chars=1, max_chars=10**9),
+        clean=CleanConfig(preset=preset, min_chars=1, max_chars=10**9),
         dedup=DedupConfig(shingle_size=5, num_perm=128, threshold=0.8),
         **kw,
     )
@@ -320,10 +320,9 @@ def rss_child(corpus: Path, work: Path, workers: int) -> None:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     cfg = Config(
-        data=data_config(workers, sources=[str(corpus)]),
+        data=data_config(workers, preset="code", sources=[str(corpus)]),
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=8192, train_max_mb=16),
     )
-    cfg.data.clean.preset = "code"
     t = time.perf_counter()
     for d in ("ingest", "clean", "tokens"):
         (work / d).mkdir(parents=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import tempfile
@@ -31,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lm.config import Config, ModelConfig, PretrainConfig, TrainerConfig  # noqa: E402
 from lm.datamodule import TokenDataModule  # noqa: E402
 from lm.lit import device_peak_flops, param_groups, warmup_cosine  # noqa: E402
-from lm.model import build_model, count_params, flops_per_token, llama_config_dict, resolve_model_config  # noqa: E402
+from lm.model import build_model, count_params, flops_per_token, llama_config_dict, model_args  # noqa: E402
+from lm.shards import TokenIndex  # noqa: E402
 
 
 def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Path:
@@ -42,22 +42,18 @@ def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Pa
     n_val = max(n_tokens // 50, 4096)
     ids[n_val:].astype(dtype).tofile(root / "train_00000.bin")
     ids[:n_val].astype(dtype).tofile(root / "val_00000.bin")
-    (root / "index.json").write_text(
-        json.dumps(
-            {
-                "dtype": dtype,
-                "vocab_size": vocab_size,
-                "eot_id": 0,
-                "pad_id": 1,
-                "mask_id": 2,
-                "splits": {
-                    "train": {"files": ["train_00000.bin"], "tokens": int(n_tokens - n_val)},
-                    "val": {"files": ["val_00000.bin"], "tokens": int(n_val)},
-                },
-                "tokenizer": "tokenizer.json",  # absent: no sample generations in a benchmark
-            }
-        )
-    )
+    TokenIndex(
+        dtype=dtype,
+        vocab_size=vocab_size,
+        eot_id=0,
+        pad_id=1,
+        mask_id=2,
+        splits={
+            "train": {"files": ["train_00000.bin"], "tokens": int(n_tokens - n_val), "documents": 1},
+            "val": {"files": ["val_00000.bin"], "tokens": int(n_val), "documents": 1},
+        },
+        tokenizer="tokenizer.json",  # absent: no sample generations in a benchmark
+    ).save(root)
     return root
 
 
@@ -201,7 +197,7 @@ def main() -> None:
     else:
         torch.set_num_threads(1)  # see _Timer: all work on the one thread whose CPU clock is read
     a.tokens_per_step = a.batch_size * a.seq_len
-    args = resolve_model_config(ModelConfig(preset=a.preset, seq_len=a.seq_len), a.vocab_size)
+    args = model_args(ModelConfig(preset=a.preset, seq_len=a.seq_len), a.vocab_size)
     only = set(a.only.split(","))
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,7 @@ Examples:
   lmforge run                                   # the demo: conf/default.yaml on the stdlib corpus
   lmforge run --config conf/tiny.yaml pretrain.max_steps=50
   lmforge data --config my.yaml data.sources=[docs/,notes/*.md]
+  lmforge tokenize tokenizer.vocab_size=16000   # ingest, clean and tokenize (from cache when unchanged)
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
   lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
 """
@@ -15,32 +16,36 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lm.config import Config, list_presets, load_config
 from lm.errors import LmforgeError
+from lm.stage import Stage
+from lm.stages import STAGES, groups, stages_for
 
-STAGE_COMMANDS = {
-    "run": ("deploy", "run the whole pipeline: ingest, clean, tokenize, pretrain, finetune, evaluate, export, deploy"),
-    "data": ("data", "ingest, clean, deduplicate and tokenize the corpus; build the fine-tuning data"),
-    "pretrain": ("pretrain", "pretrain the language model (after the data stages)"),
-    "finetune": ("finetune", "fine-tune the classifier on the pretrained model"),
-    "evaluate": ("evaluate", "evaluate the language model and the classifier beside their baselines"),
-    "export": ("export", "write the model folder: safetensors weights, config, tokenizer"),
-    "deploy": ("deploy", "register the exported model in MLflow; promote it if it beats the champion"),
-}
+# A temporary Prefect server (no PREFECT_API_URL) must start within this many seconds. Prefect's
+# default, 20 s, is not enough on a busy 2-core machine, where a run then died before its first
+# stage ("Timed out while attempting to connect to ephemeral Prefect API server").
+EPHEMERAL_STARTUP_SECONDS = "120"
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="lmforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def commands(table: Sequence[Stage]) -> dict[str, tuple[list[str], str]]:
+    """CLI command -> (the targets it runs, help), derived from the stage table."""
+    out = {"run": ([], "run the whole pipeline: " + ", ".join(s.name for s in table))}
+    for group, names in groups(table).items():
+        out[group] = ([group], f"run the {group} stages: {', '.join(names)}")
+    for stage in table:
+        out[stage.command] = ([stage.name], f"{stage.help} (after the stages it needs)")
+    return out
+
+
+def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmforge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_) in STAGE_COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        _config_args(sp)
-    sp = sub.add_parser("config", help="print the resolved config (preset + overrides) as YAML")
-    _config_args(sp)
+    for name, (_, help_) in commands(table).items():
+        _config_args(sub.add_parser(name, help=help_, description=help_))
+    _config_args(sub.add_parser("config", help="print the resolved config (preset + overrides) as YAML"))
     sp = sub.add_parser("schedule", help="serve the pipeline as a Prefect deployment that retrains on a cron schedule",
                         description="Serve the pipeline as a Prefect deployment run on a cron schedule (one run "
                         "at a time); it can also be triggered from the Prefect UI. Runs until stopped.")
@@ -57,29 +62,15 @@ def _config_args(sp: argparse.ArgumentParser) -> None:
                     help="override any config key, e.g. pretrain.max_steps=100 data.sources=[a,b]")
 
 
-def preflight(cfg: Config) -> None:
-    """Everything that can be checked before the first stage starts: fail in seconds, not later."""
-    from lm import tracking
-    from lm.data import sources
-    from lm.workspace import fingerprint_sources
-
-    tracking.check_tracking_uri(cfg.tracking_uri())
-    fingerprint_sources(cfg.data.sources)  # a missing path stops here, naming it
-    if cfg.finetune.data != "stdlib":
-        next(sources.resolve(cfg.finetune.data))  # raises DataError naming a missing path
-    if cfg.tokenizer.kind == "file":
-        next(sources.resolve(cfg.tokenizer.path))
-    workdir = Path(cfg.workdir).expanduser()
-    workdir.mkdir(parents=True, exist_ok=True)
+SHOWN = ["eval/loss", "eval/ppl", "eval/bpb", "eval/baseline_bpb", "eval/mlm_loss", "eval/mlm_accuracy",
+         "eval/baseline_mlm_loss", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy"]
 
 
-def _summary(cfg: Config, out: dict, seconds: float) -> str:
+def _summary(out: dict, seconds: float) -> str:
     lines = ["", f"lmforge: pipeline finished in {seconds / 60:.1f} min"]
     if "evaluate" in out:
         m = json.loads((Path(out["evaluate"]) / "metrics.json").read_text())
-        shown = ["val/loss", "val/ppl", "eval/bpb", "eval/baseline_bpb", "eval/accuracy", "eval/macro_f1",
-                 "eval/baseline_accuracy"]
-        lines += [f"  {k:<22} {m[k]:.4f}" for k in shown if k in m]
+        lines += [f"  {k:<22} {m[k]:.4f}" for k in SHOWN if k in m]
     if "deploy" in out:
         d = json.loads((Path(out["deploy"]) / "manifest.json").read_text())
         promoted = "promoted to" if d["metrics"].get("deploy/promoted") else "registered; not better than"
@@ -92,32 +83,37 @@ def _summary(cfg: Config, out: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _prefect_environment(cfg: Config) -> None:
+    # Persisted task results (the cache records) live beside the outputs they point to, so
+    # removing the work directory forgets both.
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.workdir).expanduser().resolve() / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_SECONDS)
+
+
+def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
+    args = _parser(table).parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # the one parse of this run's config
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
-        preflight(cfg)
-        config_file = str(Path(args.config).resolve()) if args.config and Path(args.config).is_file() else args.config
-        # Persisted task results (the cache records) live beside the outputs they point to, so
-        # removing the work directory forgets both.
-        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(Path(cfg.workdir).expanduser().resolve() / ".prefect"))
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        from flows.pipeline import pipeline
+        targets = [] if args.command == "schedule" else commands(table)[args.command][0]
+        _prefect_environment(cfg)
+        from flows.pipeline import build_pipeline, check, pipeline
         from tasks.common import quiet_user_errors
 
+        check(cfg, stages_for(targets, table))  # seconds, before Prefect starts
         quiet_user_errors()
         if args.command == "schedule":
             from flows.schedule import serve_retraining
 
             print(f"lmforge: serving deployment 'lmforge-pipeline/{args.name}' on cron {args.cron!r}; Ctrl-C stops")
-            serve_retraining(args.name, args.cron, config_file, list(args.overrides))
+            serve_retraining(args.name, args.cron, cfg)
             return 0
-
         t0 = time.monotonic()
-        out = pipeline(config_file=config_file, overrides=list(args.overrides), until=STAGE_COMMANDS[args.command][0])
+        flow_ = pipeline if table is STAGES else build_pipeline(table)
+        out = flow_(config=cfg, targets=targets)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2
@@ -132,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"lmforge: error: {msg}", file=sys.stderr)
         return 2
-    print(_summary(cfg, out, time.monotonic() - t0))
+    print(_summary(out, time.monotonic() - t0))
     return 0
 
 

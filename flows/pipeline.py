@@ -1,64 +1,77 @@
-"""The lmforge pipeline: ingest -> clean -> tokenize -> pretrain -> finetune -> evaluate -> export -> deploy."""
+"""The lmforge pipeline, built by walking the stage table (``lm/stages.py``).
+
+Each stage runs as its own subflow, named after it, around its one task (``tasks/stage.py``); the
+pipeline flow runs, in table order, the stages its targets need (all of them by default), each
+with the output folders of the stages it reads. One MLflow parent run holds a child run per stage.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.stages import (
-    clean_flow,
-    deploy_flow,
-    evaluate_flow,
-    export_flow,
-    finetune_data_flow,
-    finetune_flow,
-    ingest_flow,
-    pretrain_flow,
-    tokenize_flow,
-)
 from lm import tracking
-from lm.config import load_config
+from lm.config import Config
+from lm.stage import Stage
+from lm.stages import STAGES, preflight, stages_for
 from lm.workspace import stage_dirs
+from tasks.stage import run_in_child_run, stage_task
 
-STAGE_ORDER = ("data", "pretrain", "finetune", "evaluate", "export", "deploy")
+
+def stage_flow(stage: Stage) -> Flow:
+    """The subflow of one stage: its task inside the stage's MLflow child run; returns its folder."""
+    task_ = stage_task(stage)
+
+    def run(
+        config: Config, out_dir: str, inputs: dict[str, str] | None = None, parent_run_id: str | None = None
+    ) -> str:
+        return run_in_child_run(stage, task_, config, out_dir, inputs or {}, parent_run_id)
+
+    run.__doc__ = stage.help
+    return flow(run, name=stage.command)
 
 
-@flow(name="lmforge-pipeline")
-def pipeline(config_file: str | None = None, overrides: list[str] | None = None, until: str = "deploy") -> dict:
-    """Run the pipeline up to and including stage ``until``; finished, unchanged stages are reused."""
-    cfg = load_config(config_file, overrides or [])
-    dirs = stage_dirs(cfg)
-    c = cfg.model_dump(mode="json")
-    uri = cfg.tracking_uri()
-    logger = get_run_logger()
-    parent = tracking.start_pipeline_run(cfg, {"lmforge.prefect_flow_run_id": str(flow_run.id),
-                                              "lmforge.until": until})
-    logger.info("MLflow parent run %s (tracking %s)", parent, uri)
-    last = STAGE_ORDER.index(until)
-    out: dict[str, str] = {"mlflow_run_id": parent, "tracking_uri": uri}
-    ok = False
-    try:
-        out["ingest"] = ingest_flow(c, str(dirs.ingest), parent)
-        out["clean"] = clean_flow(c, str(dirs.clean), out["ingest"], parent)
-        out["tokenize"] = tokenize_flow(c, str(dirs.tokenize), out["clean"], parent)
-        out["finetune_data"] = finetune_data_flow(c, str(dirs.finetune_data), parent)
-        if last >= STAGE_ORDER.index("pretrain"):
-            out["pretrain"] = pretrain_flow(c, str(dirs.pretrain), out["tokenize"], parent)
-        if last >= STAGE_ORDER.index("finetune"):
-            out["finetune"] = finetune_flow(c, str(dirs.finetune), out["finetune_data"], out["tokenize"],
-                                            out["pretrain"], parent)
-        if last >= STAGE_ORDER.index("evaluate"):
-            out["evaluate"] = evaluate_flow(c, str(dirs.evaluate), out["pretrain"], out["finetune"],
-                                            out["tokenize"], out["finetune_data"], parent)
-        if last >= STAGE_ORDER.index("export"):
-            out["export"] = export_flow(c, str(dirs.export), out["finetune"], out["pretrain"], out["tokenize"],
-                                        out["finetune_data"], parent)
-        if last >= STAGE_ORDER.index("deploy"):
-            deploy_dir = Path(cfg.workdir).expanduser().resolve() / "deploy" / dirs.export.name
-            out["deploy"] = deploy_flow(c, str(deploy_dir), out["export"], out["evaluate"], parent)
-        ok = True
-        return out
-    finally:
-        tracking.end_run(uri, parent, ok)
+def check(config: Config, stages: Sequence[Stage]) -> None:
+    """Everything that can be checked before the first stage starts (the CLI runs it before Prefect
+    starts; the flow again, for runs started from a deployment)."""
+    tracking.check_tracking_uri(config.tracking_uri())
+    preflight(config, stages)
+
+
+def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
+    """The pipeline flow of a stage table."""
+    subflows = {stage.name: stage_flow(stage) for stage in table}
+
+    @flow(name="lmforge-pipeline")
+    def pipeline(config: Config, targets: list[str] | None = None) -> dict[str, str]:
+        """Run the stages ``targets`` need (stage or group names; all stages when empty); finished,
+        unchanged stages are reused from cache. Returns each stage's output folder and the MLflow run."""
+        stages = stages_for(targets or [], table)
+        check(config, stages)
+        dirs = stage_dirs(config, stages)
+        uri = config.tracking_uri()
+        parent = tracking.start_pipeline_run(
+            config,
+            {
+                "lmforge.prefect_flow_run_id": str(flow_run.id),
+                "lmforge.targets": ",".join(targets or ["all"]),
+            },
+        )
+        get_run_logger().info("MLflow parent run %s (tracking %s)", parent, uri)
+        out: dict[str, str] = {"mlflow_run_id": parent, "tracking_uri": uri}
+        ok = False
+        try:
+            for stage in stages:
+                inputs = {name: out[name] for name in stage.inputs}
+                out[stage.name] = subflows[stage.name](config, str(dirs[stage.name]), inputs, parent)
+            ok = True
+            return out
+        finally:
+            tracking.end_run(uri, parent, ok)
+
+    return pipeline
+
+
+pipeline = build_pipeline()

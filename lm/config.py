@@ -7,14 +7,13 @@ silently falls back to a default half-way through a run.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lm.errors import ConfigError
 
@@ -24,7 +23,9 @@ DEFAULT_CONFIG = CONF_DIR / "default.yaml"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Frozen: the config is parsed once and handed to every stage; nothing changes it on the way.
+    # (``model_copy(update=...)`` makes a changed copy where a test or benchmark needs one.)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TrackingConfig(Section):
@@ -38,10 +39,11 @@ class CleanConfig(Section):
 
     preset: Literal["prose", "code"] = "prose"
     normalize_unicode: bool = True
+    # Every threshold below that the config leaves out takes the preset's value (CLEAN_PRESETS), so
+    # the loaded config holds the values in force. None switches a rule off.
     min_chars: int = 200
     max_chars: int = 200_000
-    # Gopher-style quality rules (Rae et al. 2021, appendix A); None switches a rule off.
-    # Unset thresholds take the preset's value (CLEAN_PRESETS below).
+    # Gopher-style quality rules (Rae et al. 2021, appendix A).
     min_mean_word_len: float | None = None
     max_mean_word_len: float | None = None
     max_symbol_ratio: float | None = None
@@ -56,16 +58,15 @@ class CleanConfig(Section):
     redact_pii: bool = True
     dropped_samples: int = 5  # dropped documents kept per reason in dropped_samples.jsonl
 
-    @model_validator(mode="after")
-    def _apply_preset(self) -> CleanConfig:
-        # Every threshold the config did not set takes the preset's value, here at validation, so
-        # that a dumped and re-validated config (Prefect parameters, stage keys) keeps the same
-        # values. Written to __dict__ so that the fields still count as unset: assigning another
-        # preset later re-fills them.
-        for name, value in CLEAN_PRESETS[self.preset].items():
-            if name not in self.model_fields_set:
-                self.__dict__[name] = value
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "prose")
+        if preset not in CLEAN_PRESETS:
+            return data  # the field's own validation names the allowed values
+        return {**CLEAN_PRESETS[preset], **data}
 
 
 # Thresholds per preset. prose: Gopher's published values (Rae et al. 2021, A.1.1). code: the
@@ -113,16 +114,18 @@ class DedupConfig(Section):
 class DataConfig(Section):
     # Paths, globs, directories, or the word ``stdlib`` (the Python standard library's sources and
     # pydoc topics: a real corpus every Python installation carries, so the demo runs offline).
-    sources: list[str] = Field(default_factory=lambda: ["stdlib"])
+    sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
     text_field: str = "text"  # field of .jsonl records and column of .csv/.parquet tables
-    max_bad_fraction: float = 0.01  # malformed JSONL lines tolerated before the stage fails
-    max_docs: int | None = None  # cap on ingested documents (quick runs); None = all
-    val_fraction: float = 0.05
+    max_bad_fraction: float = Field(
+        0.01, ge=0, le=1
+    )  # malformed JSONL lines tolerated before the stage fails
+    max_docs: int | None = Field(None, ge=1)  # cap on ingested documents (quick runs); None = all
+    val_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
-    workers: int | None = None  # processes for cleaning/tokenizing; None = all cores
+    workers: int | None = Field(None, ge=1)  # processes for cleaning/tokenizing; None = all cores
     dask_address: str | None = None  # tcp://host:8786 to run the data stage on a Dask cluster
     stdlib_tests: bool = True  # include the stdlib's own test suites (about 19 of its 31 MB)
-    row_group_mb: float = 4.0  # documents per parquet row group: the unit of parallel work
+    row_group_mb: float = Field(4.0, gt=0)  # documents per parquet row group: the unit of parallel work
     # A longer document (a big text file, a huge record) is cut at line breaks into pieces of at most
     # this many characters (ids name#1, name#2 ...): what one document costs in memory is bounded.
     max_doc_chars: int = Field(default=1_000_000, ge=1000)
@@ -130,96 +133,221 @@ class DataConfig(Section):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
 
 
+BYTE_VOCAB = 256  # byte-level tokenizers: one token per byte value, plus the special tokens
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
+
+
 class TokenizerConfig(Section):
     kind: Literal["bpe", "byte", "file"] = "bpe"
-    vocab_size: int = 8192
+    # bpe: the vocabulary to learn. byte: always 256 + the special tokens. file: the file's own
+    # (None here; the tokenize stage logs the size it found).
+    vocab_size: int | None = 8192
     path: str | None = None  # tokenizer.json, for kind=file
-    special_tokens: list[str] = Field(default_factory=lambda: ["<|endoftext|>", "<|pad|>", "<|mask|>"])
+    # The first is the end-of-text token, the second padding, the third the MLM mask.
+    special_tokens: list[str] = Field(default_factory=lambda: list(SPECIAL_TOKENS), min_length=1)
     # BPE merges are learned from at most this much training text (deterministic prefix); None = all.
-    train_max_mb: float | None = 64.0
-    shard_tokens: int = 100_000_000  # tokens per .bin shard file
+    train_max_mb: float | None = Field(64.0, gt=0)
+    shard_tokens: int = Field(100_000_000, ge=1)  # tokens per .bin shard file
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vocab_of_kind(cls, data: Any) -> Any:
+        # Only bpe learns a vocabulary of the configured size; the config says what the others have.
+        if isinstance(data, dict) and data.get("kind") == "file":
+            data = {**data, "vocab_size": None}
+        elif isinstance(data, dict) and data.get("kind") == "byte":
+            specials = data.get("special_tokens", SPECIAL_TOKENS)
+            if isinstance(specials, list | tuple):
+                data = {**data, "vocab_size": BYTE_VOCAB + len(specials)}
+        return data
 
     @model_validator(mode="after")
-    def _file_needs_path(self) -> TokenizerConfig:
+    def _check(self) -> TokenizerConfig:
         if self.kind == "file" and not self.path:
             raise ValueError("tokenizer.kind=file needs tokenizer.path (a tokenizer.json)")
+        if self.kind == "bpe":
+            least = BYTE_VOCAB + len(self.special_tokens)
+            if self.vocab_size is None or self.vocab_size < least:
+                raise ValueError(
+                    f"tokenizer.vocab_size={self.vocab_size} is too small for byte-level BPE: it needs at least "
+                    f"{BYTE_VOCAB} byte tokens + {len(self.special_tokens)} special tokens = {least}"
+                )
         return self
+
+
+# Named model sizes; explicit model.* keys override a preset's values. seq_len comes from model.seq_len.
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    # ~0.2M parameters + embeddings: unit tests.
+    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=192),
+    # ~5M with an 8k vocabulary: the CPU demo (minutes on a laptop).
+    "small": dict(n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704),
+    # GPT-2 small's shape (Radford et al. 2019): 124M with GPT-2's 50k vocabulary and tied embeddings.
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048),
+    # Llama-3.2-1B's shape (16 layers, d 2048, GQA 32/8, d_ff 8192): ~1B with a 32k-64k vocabulary.
+    "1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192),
+}
+
+
+def swiglu_hidden(d_model: int) -> int:
+    """LLaMA keeps the MLP's parameter count of a 4x GELU MLP: 2/3 * 4d, rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
 class ModelConfig(Section):
     kind: Literal["decoder", "encoder"] = "decoder"
-    # Named size from lm.model.PRESETS; explicit keys below override the preset's values.
+    # A named size (MODEL_PRESETS) fills the dimensions the config leaves out; the loaded config
+    # holds every dimension in force.
     preset: str | None = None
-    n_layer: int | None = None
-    n_head: int | None = None
-    n_kv_head: int | None = None  # < n_head: grouped-query attention (Ainslie et al. 2023)
-    d_model: int | None = None
-    d_ff: int | None = None  # None: SwiGLU's usual 8/3 * d_model, rounded up to a multiple of 64
-    seq_len: int = 256
+    n_layer: int | None = Field(None, ge=1)
+    n_head: int | None = Field(None, ge=1)
+    n_kv_head: int | None = Field(
+        None, ge=1
+    )  # < n_head: grouped-query attention (Ainslie et al. 2023); None = n_head
+    d_model: int | None = Field(None, ge=1)
+    d_ff: int | None = Field(None, ge=1)  # None: SwiGLU's usual 8/3 * d_model, rounded up to a multiple of 64
+    seq_len: int = Field(256, ge=1)
     tie_embeddings: bool = True
-    dropout: float = 0.0
-    rope_theta: float = 10_000.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    rope_theta: float = Field(10_000.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_dimensions(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        preset = data.get("preset")
+        if preset is not None:
+            if preset not in MODEL_PRESETS:
+                raise ValueError(
+                    f"model.preset={preset!r} is unknown: choose one of {', '.join(MODEL_PRESETS)}"
+                )
+            for key, value in MODEL_PRESETS[preset].items():
+                if data.get(key) is None:
+                    data[key] = value
+        if data.get("n_kv_head") is None and data.get("n_head") is not None:
+            data["n_kv_head"] = data["n_head"]
+        if data.get("d_ff") is None and isinstance(data.get("d_model"), int):
+            data["d_ff"] = swiglu_hidden(data["d_model"])
+        return data
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        for key in ("n_layer", "n_head", "d_model"):
+            if getattr(self, key) is None:
+                raise ValueError(
+                    f"model.{key} is not set: pick model.preset ({', '.join(MODEL_PRESETS)}) or set model.{key}"
+                )
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if (self.d_model // self.n_head) % 2:
+            raise ValueError(f"head dim d_model/n_head={self.d_model // self.n_head} must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_head={self.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}"
+            )
+        return self
 
 
-class PretrainConfig(Section):
-    max_steps: int = 1000
-    batch_size: int = 16  # sequences per device per micro-batch
-    tokens_per_step: int | None = None  # gradient accumulation reaches this; None = one micro-batch
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+class TrainingConfig(Section):
+    """What pretraining and fine-tuning share: steps, batches, the optimiser and its schedule,
+    checkpoints, resume. Each stage has its own block of this type, so fine-tuning never reads
+    pretraining's settings."""
+
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)  # sequences per device per micro-batch
+    tokens_per_step: int | None = Field(
+        None, ge=1
+    )  # gradient accumulation reaches this; None = one micro-batch
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0: no clipping
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 1337
-    val_every: int = 100
-    val_batches: int = 20
-    ckpt_every: int = 200
-    keep_last: int = 2
+    val_every: int = Field(100, ge=1)
+    ckpt_every: int = Field(200, ge=1)
+    keep_last: int = Field(2, ge=1)
     resume: str = "auto"  # auto | never | path to a checkpoint
-    init_from: str | None = None  # a checkpoint or exported model folder to continue from
     compile: bool = False
-    mlm_probability: float = 0.15  # encoder only (Devlin et al. 2019)
-    sample_every: int | None = None  # steps between logged sample generations; None = at validation
 
 
-class FinetuneConfig(Section):
-    task: Literal["classify", "sft"] = "classify"
+class PretrainConfig(TrainingConfig):
+    val_batches: int = Field(20, ge=1)
+    init_from: str | None = None  # a checkpoint or exported model folder to continue from
+    mlm_probability: float = Field(0.15, gt=0, lt=1)  # encoder only (Devlin et al. 2019)
+    sample_every: int | None = Field(
+        None, ge=1
+    )  # steps between logged sample generations; None = at validation
+
+
+class FinetuneConfig(TrainingConfig):
+    # The fine-tuning method (lm.finetune.METHODS): its data, training, metrics, export, prediction.
+    task: str = "classify"
     # ``stdlib``: a labelled task derived from the same corpus (docstring -> stdlib package);
     # else a .csv/.jsonl/.parquet file with text_column and label_column.
     data: str = "stdlib"
     text_column: str = "text"
     label_column: str = "label"
-    num_classes: int = 8  # for the stdlib task: the most frequent packages
-    max_steps: int = 300
-    batch_size: int = 32
-    lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 20
-    seed: int = 1337
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    num_classes: int = Field(8, ge=2)  # for the stdlib task: the most frequent packages
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.15, gt=0, lt=1)
     freeze_backbone: bool = False
+    # Fine-tuning's own defaults (a pretrained network needs fewer, gentler steps).
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        from lm.finetune import METHODS
+
+        if task not in METHODS:
+            raise ValueError(f"finetune.task={task!r} is not available: choose one of {', '.join(METHODS)}")
+        return task
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> FinetuneConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"finetune.val_fraction + finetune.test_fraction = {self.val_fraction + self.test_fraction} "
+                "leaves nothing to train on: keep their sum below 1"
+            )
+        return self
 
 
 class TrainerConfig(Section):
     accelerator: str = "auto"
     strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
     devices: int | str = 1
-    num_nodes: int = 1
+    num_nodes: int = Field(1, ge=1)
     precision: str = "32-true"
-    log_every: int = 10
+    log_every: int = Field(10, ge=1)
+
+    @model_validator(mode="after")
+    def _fsdp_needs_gpus(self) -> TrainerConfig:
+        if self.strategy == "fsdp" and self.accelerator == "cpu":
+            raise ValueError(
+                "trainer.strategy=fsdp needs GPUs (trainer.accelerator=cuda or auto); on CPU use ddp"
+            )
+        return self
 
 
 class EvaluateConfig(Section):
-    max_batches: int = 50
+    max_batches: int = Field(50, ge=1)
 
 
 class DeployConfig(Section):
     model_name: str = "lmforge-demo"
     alias: str = "champion"
-    # The metric that decides promotion; the new version takes the alias only if it is better.
+    # The metric that decides promotion (one of the evaluate stage's eval/ metrics), and which way is
+    # better: the new version takes the alias only if it beats the current holder.
     promote_metric: str = "eval/accuracy"
+    promote_mode: Literal["max", "min"] = "max"
 
 
 class Config(Section):
@@ -228,26 +356,25 @@ class Config(Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="small"))
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
-    def digest(self, *sections: str) -> str:
-        """Stable hash of the named sections (all if none): the cache key of stage outputs."""
-        data = self.model_dump(mode="json")
-        if sections:
-            data = {s: data[s] for s in sections}
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
     def tracking_uri(self) -> str:
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def value(self, key: str) -> Any:
+        """The JSON value of a dotted key (``data.clean.min_chars``), or of a whole section."""
+        node: Any = self.model_dump(mode="json")
+        for part in key.split("."):
+            node = node[part]
+        return node
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -297,9 +424,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         else:
             raise ConfigError(f"config file {path} does not exist (presets: {', '.join(list_presets())})")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (not UTF-8): give a YAML config") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(tree).__name__}")
     for item in overrides:

@@ -1,4 +1,5 @@
-"""LightningDataModules: token windows for pretraining, labelled texts for fine-tuning.
+"""The pretraining DataModule: random token windows, resumable, DDP-aware (fine-tuning methods
+bring their own, ``lm/finetune/``).
 
 Pretraining data is a pure function of (seed, sample slot): slot ``g`` always maps to the same
 window (and, for the encoder, the same masking). A run's position in the data is therefore one
@@ -10,7 +11,6 @@ whatever the loader had prefetched. Under DDP rank ``r`` of ``w`` takes slots ``
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,30 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lm.errors import DataError
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    """A 64-bit mixing function (Steele et al. 2014): slot number -> well-spread pseudo-random integer."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+from lm.hashing import GOLDEN_GAMMA, splitmix64
+from lm.shards import TokenIndex, TokenShards
 
 
-def open_token_split(data_dir: str | os.PathLike, split: str):
-    """The data stage's reader of one split (raises DataError naming the file when it is unusable)."""
-    from lm.shards import TokenShards
-
-    return TokenShards(Path(data_dir), split)
-
-
-def read_token_index(data_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(data_dir) / "index.json"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist: --data must be the tokenize stage's output folder")
-    return json.loads(path.read_text())
+def window_starts(slots: np.ndarray, seed: int, num_starts: int) -> np.ndarray:
+    """Sample slots -> pseudo-random window starts in [0, num_starts): slot g of seed s reads the
+    window at splitmix64 of the generator state for (s, g). The same slot always gives the same window."""
+    state = (np.uint64(seed << 40) ^ slots.astype(np.uint64)) + GOLDEN_GAMMA
+    return splitmix64(state) % np.uint64(num_starts)
 
 
 def mask_tokens(
@@ -98,7 +83,7 @@ class TokenWindows(Dataset):
 
     def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.random:
-            start = _splitmix64((self.seed << 40) ^ int(g)) % self.num_starts
+            start = int(window_starts(np.array([g]), self.seed, self.num_starts)[0])
         else:
             start = int(g) * self.span
         w = np.asarray(self.shards.window(start, self.span), dtype=np.int64)
@@ -144,17 +129,17 @@ class TokenDataModule(pl.LightningDataModule):
         *,
         kind: str = "decoder",
         mlm_probability: float = 0.15,
-        train_samples: int | None = None,  # per rank; max_steps * accumulation * batch_size
+        train_samples: int | None = None,  # per rank; None: what the trainer's steps consume
         val_batches: int = 20,
         num_workers: int = 0,
     ):
         super().__init__()
         self.data_dir, self.seq_len, self.batch_size, self.seed = Path(data_dir), seq_len, batch_size, seed
         self.kind, self.mlm_probability = kind, mlm_probability
-        self.train_samples = train_samples or 2**40
+        self.train_samples = train_samples
         self.val_batches, self.num_workers = val_batches, num_workers
-        self.index = read_token_index(self.data_dir)
-        self.vocab_size = int(self.index["vocab_size"])
+        self.index = TokenIndex.load(self.data_dir)
+        self.vocab_size = self.index.vocab_size
         self.train_sampler: WindowSampler | None = None
         self._consumed = 0
 
@@ -166,7 +151,7 @@ class TokenDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
             self.train_set = TokenWindows(
-                open_token_split(self.data_dir, "train"),
+                TokenShards(self.data_dir, "train"),
                 self.seq_len,
                 self.seed,
                 True,
@@ -174,7 +159,7 @@ class TokenDataModule(pl.LightningDataModule):
                 self.mlm_probability,
             )
             self.val_set = TokenWindows(
-                open_token_split(self.data_dir, "val"),
+                TokenShards(self.data_dir, "val"),
                 self.seq_len,
                 self.seed,
                 False,
@@ -184,7 +169,11 @@ class TokenDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()
-        self.train_sampler = WindowSampler(self.train_samples, rank, world, consumed=self._consumed)
+        samples = self.train_samples
+        if samples is None:
+            t = self.trainer
+            samples = t.max_steps * t.accumulate_grad_batches * self.batch_size if t is not None else 2**40
+        self.train_sampler = WindowSampler(samples, rank, world, consumed=self._consumed)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
@@ -218,94 +207,3 @@ class TokenDataModule(pl.LightningDataModule):
         self._consumed = int(state["train_sampler"]["consumed"])
         if self.train_sampler is not None:
             self.train_sampler.load_state_dict(state["train_sampler"])
-
-
-# ---- fine-tuning ------------------------------------------------------------------------------
-
-
-def _resolve_pad_id(tokenizer_path: Path, tokenizer) -> int:
-    index = tokenizer_path.parent / "index.json"
-    if index.is_file():
-        return int(json.loads(index.read_text())["pad_id"])
-    pad = tokenizer.token_to_id("<|pad|>")
-    return 0 if pad is None else int(pad)
-
-
-def encode_texts(tokenizer, texts: list[str], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Texts -> ids (N, T) right-padded with pad_id, attention_mask (N, T) bool.
-
-    The one encoding of classifier inputs: training, evaluation and serving all call it, so a
-    model never sees text prepared differently from how it was trained."""
-    ids = torch.full((len(texts), seq_len), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(texts), seq_len), dtype=torch.bool)
-    for i, enc in enumerate(tokenizer.encode_batch(texts)):
-        row = enc.ids[:seq_len] or [pad_id]
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return ids, mask
-
-
-class ClassificationDataModule(pl.LightningDataModule):
-    """``train/val/test.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,))."""
-
-    def __init__(
-        self,
-        ft_dir: str | os.PathLike,
-        tokenizer_path: str | os.PathLike,
-        seq_len: int,
-        batch_size: int,
-        seed: int,
-        pad_id: int | None = None,
-    ):
-        super().__init__()
-        from tokenizers import Tokenizer
-
-        self.ft_dir, self.tokenizer_path = Path(ft_dir), Path(tokenizer_path)
-        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        if not self.tokenizer_path.is_file():
-            raise DataError(f"{self.tokenizer_path} does not exist: --tokens must hold tokenizer.json")
-        self.tokenizer = Tokenizer.from_file(str(self.tokenizer_path))
-        self.pad_id = _resolve_pad_id(self.tokenizer_path, self.tokenizer) if pad_id is None else pad_id
-        labels_path = self.ft_dir / "labels.json"
-        if not labels_path.is_file():
-            raise DataError(f"{labels_path} does not exist: --data must be the fine-tune data folder")
-        self.label_names: list[str] = json.loads(labels_path.read_text())
-        self.num_classes = len(self.label_names)
-        self._sets: dict[str, torch.utils.data.TensorDataset] = {}
-
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_texts(self.tokenizer, texts, self.seq_len, self.pad_id)
-
-    def _load(self, split: str) -> torch.utils.data.TensorDataset:
-        if split not in self._sets:
-            import pandas as pd
-
-            path = self.ft_dir / f"{split}.parquet"
-            if not path.is_file():
-                raise DataError(f"{path} does not exist")
-            df = pd.read_parquet(path)
-            for col in ("text", "label"):
-                if col not in df.columns:
-                    raise DataError(f"{path} has no column {col!r} (columns: {list(df.columns)})")
-            labels = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
-            if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise DataError(f"{path}: labels must lie in [0, {self.num_classes}) (labels.json)")
-            ids, mask = self.encode(df["text"].astype(str).tolist())
-            self._sets[split] = torch.utils.data.TensorDataset(ids, mask, labels)
-        return self._sets[split]
-
-    def setup(self, stage: str | None = None) -> None:
-        self._load("train")
-        self._load("val")
-
-    def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self._load("train"), batch_size=self.batch_size, shuffle=True, generator=g, drop_last=False
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self._load("val"), batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self._load("test"), batch_size=self.batch_size)

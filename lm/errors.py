@@ -19,3 +19,7 @@ class TrackingError(LmforgeError):
 
 class TrainingError(LmforgeError):
     """Training stopped: divergence, a failed training process, a bad checkpoint."""
+
+
+class StageError(LmforgeError):
+    """A stage ended without the outputs it promises, or its child process failed."""

@@ -1,58 +1,62 @@
-"""Export: one self-contained folder (safetensors weights, model config, tokenizer, labels, card)
-that the registry, the server and other tools load without lmforge's training code or pickles.
+"""Export: one self-contained folder that the registry, a server and other tools load without
+lmforge's training code, its work directory or pickles. Every path inside it is relative; nothing
+in it names the machine or the folders it was trained in.
+
+    model.safetensors, model.json   the fine-tuned network (model.json: shape, method, token ids, ...)
+    tokenizer.json                  Hugging Face ``tokenizers`` format
+    lm/                             the pretrained language model it was fine-tuned from
+    ...                             what the fine-tuning method adds (labels.json for classify)
+    README.md                       what is in the folder
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from lm.model import MODEL_JSON, MODEL_WEIGHTS, count_params, load_model
+from lm.shards import TokenIndex
 from lm.stage import StageResult
+from lm.tokenizer import TOKENIZER
 
-EXPORT_FILES = ("model.safetensors", "model.json")
+LM_DIR = "lm"
 
 
 def export(
-    finetune_dir: Path, pretrain_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
+    task: str, finetune_dir: Path, pretrain_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
 ) -> StageResult:
-    from lm.model import count_params, load_model
+    from lm.finetune import method
 
-    finetune_dir, pretrain_dir, tokens_dir = Path(finetune_dir), Path(pretrain_dir), Path(tokens_dir)
-    for name in EXPORT_FILES:
-        shutil.copy2(finetune_dir / name, out_dir / name)
-    backbone = out_dir / "lm"
-    backbone.mkdir()
-    for name in EXPORT_FILES:
-        shutil.copy2(pretrain_dir / name, backbone / name)
-    shutil.copy2(tokens_dir / "tokenizer.json", out_dir / "tokenizer.json")
-    shutil.copy2(tokens_dir / "index.json", out_dir / "tokens_index.json")
-    shutil.copy2(Path(ft_data_dir) / "labels.json", out_dir / "labels.json")
+    out_dir = Path(out_dir)
+    for name in (MODEL_WEIGHTS, MODEL_JSON):
+        shutil.copy2(Path(finetune_dir) / name, out_dir / name)
+        (out_dir / LM_DIR).mkdir(exist_ok=True)
+        shutil.copy2(Path(pretrain_dir) / name, out_dir / LM_DIR / name)
+    shutil.copy2(Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer, out_dir / TOKENIZER)
+    added = method(task).export(Path(finetune_dir), Path(ft_data_dir), out_dir=out_dir)
 
     # Load what was written, as a consumer would, and run it once: an export that cannot be
     # loaded must fail here, not at deploy time.
-    model = load_model(out_dir)
-    lm = load_model(backbone)
-    seq = min(8, model.args.seq_len)
+    predictor = method(task).Predictor(out_dir)
+    predictor.predict(predictor.input_example())
+    model, lm = predictor.model, load_model(out_dir / LM_DIR)
     with torch.no_grad():
-        idx = torch.zeros(1, seq, dtype=torch.long)
-        logits, _ = model(idx, torch.ones(1, seq, dtype=torch.bool))
-        lm_logits, _ = lm(idx)
-    labels = json.loads((out_dir / "labels.json").read_text())
-    if logits.shape[-1] != len(labels):
-        raise RuntimeError(f"exported classifier has {logits.shape[-1]} outputs but {len(labels)} labels")
+        lm(torch.zeros(1, min(8, lm.args.seq_len), dtype=torch.long))
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     (out_dir / "README.md").write_text(
         "# lmforge model\n\n"
-        f"- classifier: `model.safetensors` + `model.json`, {count_params(model):,} parameters, labels in `labels.json`\n"
-        f"- language model backbone: `lm/`, {count_params(lm):,} parameters, vocabulary {lm_logits.shape[-1]}\n"
-        "- tokenizer: `tokenizer.json` (Hugging Face `tokenizers`)\n\n"
-        "Load with `lm.model.load_model(folder)`; serve with `lmforge deploy` (MLflow registry).\n"
+        f"- `{MODEL_WEIGHTS}` + `{MODEL_JSON}`: the fine-tuned model (method `{task}`), {count_params(model):,} parameters\n"
+        f"- `{LM_DIR}/`: the pretrained {lm.args.kind} it started from, {count_params(lm):,} parameters, "
+        f"vocabulary {lm.args.vocab_size}\n"
+        f"- `{TOKENIZER}`: the tokenizer (Hugging Face `tokenizers`)\n"
+        + "".join(f"- `{name}`\n" for name in added)
+        + "\nLoad with `lm.finetune.method(task).Predictor(folder)`, or through the MLflow registry "
+        "(`mlflow.pyfunc.load_model('models:/NAME@champion')`).\n"
     )
     return StageResult(
         metrics={"export/size_mb": size / 1e6, "export/params": float(count_params(model))},
-        artifacts=["model.json", "labels.json", "README.md"],
-        outputs={"model": ".", "lm": "lm"},
+        artifacts=[MODEL_JSON, *added, "README.md"],
+        outputs={"model": ".", "lm": LM_DIR},
     )

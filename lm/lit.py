@@ -1,8 +1,8 @@
 """LightningModules: they receive a network from lm.model and own the loss, optimiser, schedule and metrics.
 
 Metric names: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``val/loss``, ``val/ppl`` (pretrain);
-``val/accuracy`` (fine-tune); ``throughput/tokens_per_s`` and ``throughput/mfu`` come from
-:class:`ThroughputMonitor`.
+a fine-tuning method's module (``lm/finetune/``) adds its own ``val/`` names; ``throughput/tokens_per_s``
+and ``throughput/mfu`` come from :class:`ThroughputMonitor`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lm.config import TrainingConfig
 from lm.errors import TrainingError
 from lm.model import generate
 
@@ -45,26 +46,19 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     ]
 
 
-class _OptimisedModule(pl.LightningModule):
-    """Shared: AdamW + warmup/cosine from max_steps, clipping with the grad norm logged, divergence check."""
+class OptimisedModule(pl.LightningModule):
+    """What every training method shares: AdamW + warmup/cosine over ``train.max_steps``, clipping
+    with the gradient norm logged, and the divergence check. A method's LightningModule subclasses
+    it, owns ``self.net`` and defines ``batch_loss`` and its validation."""
 
-    def __init__(
-        self,
-        *,
-        lr: float,
-        weight_decay: float,
-        betas: tuple[float, float],
-        warmup_steps: int,
-        max_steps: int,
-        min_lr_ratio: float,
-        grad_clip: float,
-        check_every: int,
-    ):
+    def __init__(self, net: nn.Module, train: TrainingConfig, check_every: int = 1):
         super().__init__()
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
-        self.grad_clip, self.check_every = grad_clip, max(1, check_every)
+        self.net = net
+        self.lr, self.weight_decay, self.betas = train.lr, train.weight_decay, tuple(train.betas)
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = train.warmup_steps, train.max_steps, train.min_lr_ratio
+        self.grad_clip, self.check_every = train.grad_clip, max(1, check_every)
         self.last_val_step = -1  # global step of the latest validation
+        self.last_val: dict[str, float] = {}  # the latest validation's metrics (rank-reduced)
         self._nonfinite: torch.Tensor | None = None  # device flag: a loss was NaN/inf since the last check
         self.last_train_loss = float("nan")
         self._last_loss: torch.Tensor | None = None
@@ -156,14 +150,10 @@ class _OptimisedModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-class LanguageModelModule(_OptimisedModule):
+class LanguageModelModule(OptimisedModule):
     """Pretraining of a Decoder (next token) or Encoder (masked tokens): batches are (inputs, targets)."""
 
-    def __init__(self, net: nn.Module, **opt: Any):
-        super().__init__(**opt)
-        self.net = net
-        self.last_val: dict[str, float] = {}
-        self._val_sum: torch.Tensor | None = None
+    _val_sum: torch.Tensor | None = None
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return self.net(idx, targets)
@@ -192,48 +182,6 @@ class LanguageModelModule(_OptimisedModule):
         self.last_val_step = self.global_step
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(f"lmforge: step {self.global_step} val/loss {val_loss:.4f} val/ppl {ppl:.2f}", flush=True)
-
-
-class ClassifierModule(_OptimisedModule):
-    """Fine-tuning of a SequenceClassifier: batches are (ids, attention_mask, labels)."""
-
-    def __init__(self, net: nn.Module, freeze_backbone: bool = False, **opt: Any):
-        super().__init__(**opt)
-        self.net = net
-        if freeze_backbone:
-            for p in net.backbone.parameters():
-                p.requires_grad_(False)
-        self.last_val: dict[str, float] = {}
-
-    def batch_loss(self, batch) -> torch.Tensor:
-        ids, mask, labels = batch  # (B, T), (B, T), (B,)
-        return self.net(ids, mask, labels)[1]
-
-    def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros(3, device=self.device, dtype=torch.float64)
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        ids, mask, labels = batch
-        logits, loss = self.net(ids, mask, labels)
-        n = labels.numel()
-        correct = (logits.argmax(-1) == labels).sum()
-        self._val_sum += torch.stack(
-            [loss.double() * n, correct.double(), torch.tensor(n, dtype=torch.float64, device=self.device)]
-        )
-
-    def on_validation_epoch_end(self) -> None:
-        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
-        n = float(total[2].clamp(min=1))
-        self.last_val = {"val/loss": float(total[0]) / n, "val/accuracy": float(total[1]) / n}
-        self.last_val_step = self.global_step
-        self.log("val/loss", self.last_val["val/loss"], prog_bar=True, sync_dist=True)
-        self.log("val/accuracy", self.last_val["val/accuracy"], prog_bar=True, sync_dist=True)
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            print(
-                f"lmforge: step {self.global_step} val/loss {self.last_val['val/loss']:.4f} "
-                f"val/accuracy {self.last_val['val/accuracy']:.4f}",
-                flush=True,
-            )
 
 
 # ---- callbacks ----------------------------------------------------------------------------------

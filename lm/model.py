@@ -16,7 +16,6 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,19 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.errors import ConfigError
-
-# Named sizes. seq_len comes from model.seq_len; any explicit model.* key overrides a preset value.
-PRESETS: dict[str, dict[str, Any]] = {
-    # ~0.2M parameters + embeddings: unit tests.
-    "tiny": dict(n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=192),
-    # ~5M with an 8k vocabulary: the CPU demo (minutes on a laptop).
-    "small": dict(n_layer=4, n_head=4, n_kv_head=4, d_model=256, d_ff=704),
-    # GPT-2 small's shape (Radford et al. 2019): 124M with GPT-2's 50k vocabulary and tied embeddings.
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_kv_head=12, d_model=768, d_ff=2048),
-    # Llama-3.2-1B's shape (16 layers, d 2048, GQA 32/8, d_ff 8192): ~1B with a 32k-64k vocabulary.
-    "1b": dict(n_layer=16, n_head=32, n_kv_head=8, d_model=2048, d_ff=8192),
-}
+from lm.config import ModelConfig
+from lm.fileio import atomic_write
 
 
 @dataclass
@@ -67,48 +55,21 @@ class ModelArgs:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def _swiglu_hidden(d_model: int) -> int:
-    # LLaMA keeps the MLP's parameter count of a 4x GELU MLP: 2/3 * 4d, rounded up to a multiple of 64.
-    return 64 * math.ceil(8 * d_model / 3 / 64)
-
-
-def resolve_model_config(cfg: Any, vocab_size: int) -> ModelArgs:
-    """Preset values, then the explicit keys of ``cfg`` (an ``lm.config.ModelConfig``), validated."""
-    base: dict[str, Any] = {}
-    if cfg.preset is not None:
-        if cfg.preset not in PRESETS:
-            raise ConfigError(f"model.preset={cfg.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
-        base = dict(PRESETS[cfg.preset])
-    for key in ("n_layer", "n_head", "n_kv_head", "d_model", "d_ff"):
-        value = getattr(cfg, key)
-        if value is not None:
-            base[key] = value
-    for key in ("n_layer", "n_head", "d_model"):
-        if base.get(key) is None:
-            raise ConfigError(
-                f"model.{key} is not set: pick model.preset ({', '.join(PRESETS)}) or set model.{key}"
-            )
-    base.setdefault("n_kv_head", base["n_head"])
-    if base.get("d_ff") is None:
-        base["d_ff"] = _swiglu_hidden(base["d_model"])
-    args = ModelArgs(
+def model_args(cfg: ModelConfig, vocab_size: int) -> ModelArgs:
+    """The network a (loaded, so fully resolved) ``model`` config section describes."""
+    return ModelArgs(
         vocab_size=int(vocab_size),
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_kv_head=cfg.n_kv_head,
+        d_model=cfg.d_model,
+        d_ff=cfg.d_ff,
         seq_len=cfg.seq_len,
         kind=cfg.kind,
         tie_embeddings=cfg.tie_embeddings,
         dropout=cfg.dropout,
         rope_theta=cfg.rope_theta,
-        **base,
     )
-    if args.d_model % args.n_head:
-        raise ConfigError(f"model.d_model={args.d_model} must be divisible by model.n_head={args.n_head}")
-    if args.head_dim % 2:
-        raise ConfigError(f"head dim d_model/n_head={args.head_dim} must be even for RoPE")
-    if args.n_head % args.n_kv_head:
-        raise ConfigError(
-            f"model.n_head={args.n_head} must be a multiple of model.n_kv_head={args.n_kv_head}"
-        )
-    return args
 
 
 class RMSNorm(nn.Module):
@@ -377,12 +338,6 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 
 
-def _atomic_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``model.json`` (args, kind, classes, ``extra``) atomically."""
     from safetensors.torch import save_file
@@ -399,12 +354,8 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, An
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-    tag = uuid.uuid4().hex[:8]
-    tmp_w, tmp_j = out_dir / f".{MODEL_WEIGHTS}.{tag}", out_dir / f".{MODEL_JSON}.{tag}"
-    save_file(state, str(tmp_w), metadata={"format": "pt"})
-    tmp_j.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    _atomic_replace(tmp_w, out_dir / MODEL_WEIGHTS)
-    _atomic_replace(tmp_j, out_dir / MODEL_JSON)
+    atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True))
     return out_dir / MODEL_WEIGHTS
 
 

@@ -1,127 +1,174 @@
 """The MLflow model registry: register an exported model and promote it behind an alias only if
 it beats the version that holds the alias now (a promotion gate, not a blind overwrite).
-Registry stages are deprecated in MLflow 3; aliases (``models:/name@champion``) replace them.
+
+Only ``MlflowClient`` calls, with the tracking URI and run id passed in: no global "active run",
+which Prefect's task threads would share. Registry stages are deprecated in MLflow 3; aliases
+(``models:/name@champion``) replace them, and a model is a LoggedModel linked to the run that
+made it.
+
+The registered model is self-contained: the export folder, lmforge's own ``lm`` package as code
+(it is not published on PyPI), and pip requirements pinned to the versions it was made with. It
+loads with ``mlflow.pyfunc.load_model`` through a models-from-code entry (``registry_model.py``),
+so loading never unpickles anything (CVE-2024-37052).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import math
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
 
-import mlflow
-import pandas as pd
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
-
+from lm.config import DeployConfig
+from lm.errors import ConfigError
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
 
-
-class LmforgePyfunc(mlflow.pyfunc.PythonModel):
-    """pyfunc face of an exported folder: a DataFrame with a ``text`` column in, labels out."""
-
-    def load_context(self, context) -> None:
-        from lm.serving import TextClassifier
-
-        self.classifier = TextClassifier(context.artifacts["model"])
-
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        if isinstance(model_input, pd.DataFrame):
-            texts = model_input["text"].astype(str).tolist()
-        else:
-            texts = [str(t) for t in model_input]
-        probs = self.classifier.predict_proba(texts)
-        return pd.DataFrame(
-            {"label": [self.classifier.labels[i] for i in probs.argmax(-1)], "score": probs.max(-1)}
-        )
+# What loading the model imports (lm.finetune.<method>, lm.model, lm.tokenizer, lm.config ...).
+REQUIREMENTS = (
+    "torch",
+    "lightning",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "pydantic",
+    "pyyaml",
+)
+EXPORT_KEY_TAG = "lmforge_export_key"
 
 
-def _better(new: float, old: float | None, metric: str) -> bool:
+def pip_requirements() -> list[str]:
+    """The model's requirements, pinned to this environment's versions (local build tags such as
+    ``+cpu`` dropped: pip resolves the public release)."""
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def _save_pyfunc(export_dir: Path, work: Path) -> Path:
+    """The MLflow model folder for ``export_dir``: pyfunc files, the export, lmforge's code."""
+    import mlflow
+    from mlflow.models import Model, infer_signature
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    from lm.finetune import method
+    from lm.model import read_model_json
+
+    code = work / "code" / "lm"
+    # The package's sources only: compiled .pyc files carry the absolute path they were built from.
+    shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    predictor = method(read_model_json(export_dir)["task"]).Predictor(export_dir)
+    example = predictor.input_example()
+    model_dir = work / "model"
+    mlflow.pyfunc.save_model(
+        path=str(model_dir),
+        python_model=str(Path(__file__).with_name("registry_model.py")),
+        artifacts={"model": str(export_dir)},
+        code_paths=[str(code)],
+        pip_requirements=pip_requirements(),
+        signature=infer_signature(example, predictor.predict(example)),
+        input_example=example,
+    )
+    # MLflow notes where the files came from (this machine's paths); loading reads only the copies.
+    mlmodel = Model.load(str(model_dir / MLMODEL_FILE_NAME))
+    pyfunc = mlmodel.flavors["python_function"]
+    pyfunc["model_code_path"] = Path(pyfunc["model_code_path"]).name
+    for artifact in pyfunc.get("artifacts", {}).values():
+        artifact.pop("uri", None)
+    mlmodel.save(str(model_dir / MLMODEL_FILE_NAME))
+    return model_dir
+
+
+def _better(new: float, old: float | None, mode: str) -> bool:
     if old is None or math.isnan(old):
         return True
-    lower_is_better = metric.endswith(("loss", "ppl", "bpb"))
-    return new < old if lower_is_better else new > old
+    return new > old if mode == "max" else new < old
 
 
 def deploy(
+    cfg: DeployConfig,
     uri: str,
     run_id: str,
     export_dir: Path,
     export_key: str,
     metrics: dict[str, float],
-    model_name: str,
-    alias: str,
-    promote_metric: str,
     *,
     out_dir: Path | None = None,
 ) -> StageResult:
-    """Log the exported folder as a pyfunc model, register a version, move ``alias`` if better."""
+    """Register ``export_dir`` as a version of ``cfg.model_name`` (once per export); move
+    ``cfg.alias`` to it if it beats the holder on ``cfg.promote_metric``, else tag it ``challenger``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if cfg.promote_metric not in metrics:
+        raise ConfigError(
+            f"deploy.promote_metric={cfg.promote_metric!r} is not among the evaluate stage's metrics: "
+            f"{', '.join(sorted(metrics))}"
+        )
     client = MlflowClient(tracking_uri=uri)
-    mlflow.set_tracking_uri(uri)
+    name = cfg.model_name
     try:
-        client.get_registered_model(model_name)
+        client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(model_name, description="lmforge text classifier")
+        client.create_registered_model(name, description="lmforge model (see each version's run)")
 
     # The same export registered twice is one version: reruns with nothing changed add nothing.
-    existing = client.search_model_versions(
-        f"name = '{model_name}' and tag.lmforge_export_key = '{export_key}'"
-    )
+    existing = client.search_model_versions(f"name = '{name}' and tag.{EXPORT_KEY_TAG} = '{export_key}'")
     if existing:
-        version = existing[0]
-        reused = True
+        version, reused = existing[0], True
     else:
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(Path(__file__).with_name("registry_model.py")),
-                artifacts={"model": str(export_dir)},
-                pip_requirements=["lmforge", "torch", "tokenizers", "safetensors", "pandas"],
-            )
-        version = mlflow.register_model(info.model_uri, model_name, tags={"lmforge_export_key": export_key})
+        experiment = client.get_run(run_id).info.experiment_id
+        with tempfile.TemporaryDirectory(prefix="lmforge-model-") as work:
+            model_dir = _save_pyfunc(Path(export_dir), Path(work))
+            logged = client.create_logged_model(experiment, name="model", source_run_id=run_id)
+            client.log_model_artifacts(logged.model_id, str(model_dir))
+            client.finalize_logged_model(logged.model_id, "READY")
+        tags = {EXPORT_KEY_TAG: export_key, **{k: str(v) for k, v in metrics.items()}}
+        # The logged model's storage location, not models:/<id>: MLflow's registry store resolves such a
+        # URI with the process-global tracking URI, not this client's (mlflow/store/model_registry).
+        version = client.create_model_version(
+            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
+        )
         reused = False
-        for k, v in metrics.items():
-            client.set_model_version_tag(model_name, version.version, k, str(v))
 
-    new_value = float(metrics.get(promote_metric, float("nan")))
+    new_value = float(metrics[cfg.promote_metric])
     try:
-        champion = client.get_model_version_by_alias(model_name, alias)
-        old = champion.tags.get(promote_metric)
-        old_value = float(old) if old is not None else None
-        champion_version = champion.version
+        holder = client.get_model_version_by_alias(name, cfg.alias)
+        old = holder.tags.get(cfg.promote_metric)
+        old_value, holder_version = (float(old) if old is not None else None), holder.version
     except MlflowException:
-        old_value, champion_version = None, None
+        old_value, holder_version = None, None
 
-    promoted = champion_version == version.version or _better(new_value, old_value, promote_metric)
-    if promoted and champion_version != version.version:
-        client.set_registered_model_alias(model_name, alias, version.version)
+    promoted = holder_version == version.version or _better(new_value, old_value, cfg.promote_mode)
+    if promoted and holder_version != version.version:
+        client.set_registered_model_alias(name, cfg.alias, version.version)
         log.info(
             "promoted %s version %s to @%s (%s %.4f vs %s)",
-            model_name,
+            name,
             version.version,
-            alias,
-            promote_metric,
+            cfg.alias,
+            cfg.promote_metric,
             new_value,
             old_value,
         )
     elif not promoted:
-        client.set_registered_model_alias(model_name, "challenger", version.version)
+        client.set_registered_model_alias(name, "challenger", version.version)
         log.info(
             "kept @%s on version %s: %s %.4f does not beat %.4f",
-            alias,
-            champion_version,
-            promote_metric,
+            cfg.alias,
+            holder_version,
+            cfg.promote_metric,
             new_value,
             old_value,
         )
     return StageResult(
         metrics={"deploy/version": float(version.version), "deploy/promoted": float(promoted)},
-        params={"model_name": model_name, "alias": alias, "reused_version": reused},
+        params={"reused_version": reused},
         outputs={
-            "model_uri": f"models:/{model_name}/{version.version}",
-            "alias_uri": f"models:/{model_name}@{alias}",
+            "model_uri": f"models:/{name}/{version.version}",
+            "alias_uri": f"models:/{name}@{cfg.alias}",
         },
     )

@@ -1,10 +1,16 @@
-"""What every pipeline stage returns, and how its outputs reach disk atomically.
+"""What a pipeline stage is, what it is given, what it returns, and how its outputs reach disk.
 
-A stage function in ``lm/`` takes its inputs as paths and writes into an ``out_dir`` it is given.
-It returns a :class:`StageResult`: the numbers to log, the files worth showing, and the named
-outputs the next stage reads. :func:`run_stage` gives the function a temporary directory and
-moves it into place only when the function returned, with ``manifest.json`` written last, so an
-interrupted or failed stage never leaves a half-written output that a later run would trust.
+A :class:`Stage` is one row of the stage table (``lm/stages.py``): a name, the ``lm/`` function
+that does the work, the stages whose outputs it reads, the config keys and files its result
+depends on, and the files it must leave behind. Everything else (output folders and cache keys,
+MLflow child runs and their params, the Prefect wiring, the CLI) is derived from the table.
+
+The function receives a :class:`StageContext` and returns a :class:`StageResult`: the numbers to
+log, the files worth showing, the named outputs. :func:`execute` gives it a temporary folder and
+moves it into place only when the function returned and every declared output exists, with
+``manifest.json`` written last, so an interrupted or failed stage never leaves a half-written
+output that a later run would trust. A resumable stage (training) works in its final folder, where
+its checkpoints survive a crash; its folder too counts as finished only once the manifest is there.
 """
 
 from __future__ import annotations
@@ -12,13 +18,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import uuid
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lm.errors import LmforgeError
+from lm.errors import LmforgeError, StageError
+from lm.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from lm.config import Config
 
 MANIFEST = "manifest.json"
 
@@ -26,38 +37,123 @@ MANIFEST = "manifest.json"
 @dataclass
 class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
+    # Facts the stage decided (a learned vocabulary's size, LSH bands); never a config key the
+    # stage's run already holds with another value.
     params: dict[str, Any] = field(default_factory=dict)
     # Paths relative to the stage's directory: logged as MLflow artifacts of the stage's run.
     artifacts: list[str] = field(default_factory=list)
-    # Named paths relative to the stage's directory that later stages read.
+    # Named paths relative to the stage's directory (or values such as a model URI) for later stages.
     outputs: dict[str, str] = field(default_factory=dict)
     # Dataset lineage for mlflow.log_input: dicts with name, path (relative), digest, source, context.
     datasets: list[dict[str, Any]] = field(default_factory=list)
 
     def save(self, out_dir: Path) -> None:
-        tmp = out_dir / f".{MANIFEST}.{uuid.uuid4().hex}"
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(tmp, out_dir / MANIFEST)
+        atomic_write(Path(out_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, out_dir: Path) -> StageResult:
         return cls(**json.loads((Path(out_dir) / MANIFEST).read_text()))
 
 
+def run_subprocess(cmd: list[str]) -> None:
+    """Run a command with this process's stdout/stderr (the default way a stage launches training)."""
+    rc = subprocess.run(cmd, check=False).returncode
+    if rc:
+        raise StageError(f"{' '.join(cmd[:4])} ... failed with exit code {rc}")
+
+
+@dataclass
+class StageContext:
+    """What a stage function is given."""
+
+    cfg: Config
+    inputs: dict[str, Path]  # upstream stage name -> its (finished) output folder
+    out_dir: Path  # where to write; moved into place when the stage is complete
+    run_id: str | None = None  # the stage's MLflow run (training logs live metrics into it), if tracked
+    # How to run a child process (training): the orchestrator passes one that streams its output
+    # into the run's log; outside it, a plain subprocess.
+    launch: Callable[[list[str]], None] = run_subprocess
+    # ``cluster_map(fn, items, shared) -> [fn(item, shared) ...]`` on a cluster (data.dask_address),
+    # given by the orchestrator; None: the stage maps its work over this machine's cores.
+    cluster_map: Callable[[Callable, list, Any], list] | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table."""
+
+    name: str
+    run: Callable[[StageContext], StageResult]
+    help: str
+    inputs: tuple[str, ...] = ()  # stages whose output folders ``run`` reads
+    # Dotted config keys (or whole sections) the result depends on: they enter the cache key and
+    # are the stage run's params. Keys that only say where or how to run never do (RUN_ONLY_KEYS).
+    config: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()  # config keys naming input files/folders: their contents enter the key
+    code: tuple[str, ...] = ()  # lm modules (and what they import from lm) whose source enters the key
+    outputs: tuple[str, ...] = ()  # files the stage must leave in its folder to count as finished
+    resumable: bool = False  # works in its final folder (checkpoints survive a crash)
+    cached: bool = True  # False: runs every time (the registry may have moved since)
+    live_metrics: bool = False  # logs its metrics into its run while it runs
+    group: str | None = None  # CLI command that runs the whole group (``lmforge data``)
+    check: Callable[[Config], None] | None = None  # checks before any stage runs (preflight)
+
+    @property
+    def command(self) -> str:
+        return self.name.replace("_", "-")
+
+
+def stage_by_name(table: Sequence[Stage], name: str) -> Stage:
+    for stage in table:
+        if stage.name == name:
+            return stage
+    raise KeyError(name)
+
+
+def needed(table: Sequence[Stage], targets: Sequence[str]) -> list[Stage]:
+    """The stages of ``table`` (in table order) that ``targets`` need: themselves and their inputs."""
+    wanted, todo = set(), list(targets)
+    while todo:
+        name = todo.pop()
+        if name not in wanted:
+            wanted.add(name)
+            todo.extend(stage_by_name(table, name).inputs)
+    return [s for s in table if s.name in wanted]
+
+
 def is_complete(out_dir: Path) -> bool:
     return (Path(out_dir) / MANIFEST).is_file()
 
 
-def run_stage(fn: Callable[..., StageResult], out_dir: Path, *args: Any, **kwargs: Any) -> StageResult:
-    """Run ``fn(*args, out_dir=tmp, **kwargs)`` and move ``tmp`` to ``out_dir`` once it succeeded."""
-    out_dir = Path(out_dir)
+def _check_outputs(stage: Stage, work: Path, result: StageResult) -> None:
+    declared = list(stage.outputs) + [v for v in result.outputs.values() if not _is_uri(v)]
+    missing = [name for name in declared if not (work / name).exists()]
+    if missing:
+        raise StageError(f"stage {stage.name} finished without writing {', '.join(missing)} in {work}")
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value or value.startswith("models:/")
+
+
+def execute(stage: Stage, ctx: StageContext) -> StageResult:
+    """Run ``stage.run(ctx)`` so that ``ctx.out_dir`` appears only complete (see module docstring)."""
+    out_dir = Path(ctx.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if stage.resumable:
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # a forced rerun: not finished until it is
+        result = stage.run(ctx)
+        _check_outputs(stage, out_dir, result)
+        result.save(out_dir)
+        return result
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        result = fn(*args, out_dir=tmp, **kwargs)
+        result = stage.run(replace(ctx, out_dir=tmp))
+        _check_outputs(stage, tmp, result)
         result.save(tmp)
-        if out_dir.exists():  # an earlier incomplete attempt, or a forced rerun
+        if out_dir.exists():  # an earlier incomplete attempt, or a stage that always reruns
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     except LmforgeError as e:
@@ -73,14 +169,3 @@ def run_stage(fn: Callable[..., StageResult], out_dir: Path, *args: Any, **kwarg
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return result
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -12,32 +12,30 @@ into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; 
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from lm.config import Config, TokenizerConfig
-from lm.errors import ConfigError, DataError
+from lm.data.batching import char_bounded
+from lm.errors import DataError
 from lm.memory import trim_heap
+from lm.shards import INDEX, TokenIndex
 from lm.stage import StageResult
 
-TOKENIZER, INDEX = "tokenizer.json", "index.json"
+TOKENIZER = "tokenizer.json"
 SPLITS = {"train": "train.parquet", "val": "val.parquet"}
 BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, little memory
 # ...and at most this many characters: an Encoding costs ~50 bytes per token on the Rust side, so a
 # batch of large files would otherwise cost memory in proportion to the corpus's largest files.
 BATCH_CHARS = 2_000_000
 ENCODE_PIECE_CHARS = 100_000  # a longer document is encoded in pieces (see encoding_pieces)
-T = TypeVar("T")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -121,8 +119,6 @@ def iter_texts(path: Path, max_bytes: float | None = None) -> Iterator[str]:
 
 
 def build_tokenizer(cfg: TokenizerConfig, train_parquet: Path) -> Tokenizer:
-    if not cfg.special_tokens:
-        raise ConfigError("tokenizer.special_tokens is empty: the first one is the end-of-text token")
     if cfg.kind == "byte":
         return byte_tokenizer(cfg.special_tokens)
     if cfg.kind == "file":
@@ -131,11 +127,6 @@ def build_tokenizer(cfg: TokenizerConfig, train_parquet: Path) -> Tokenizer:
         if missing:
             tok.add_special_tokens(missing)
         return tok
-    if cfg.vocab_size < 256 + len(cfg.special_tokens):
-        raise ConfigError(
-            f"tokenizer.vocab_size={cfg.vocab_size} is too small for byte-level BPE: it needs at least "
-            f"256 byte tokens + {len(cfg.special_tokens)} special tokens"
-        )
     max_bytes = None if cfg.train_max_mb is None else cfg.train_max_mb * 2**20
     return train_bpe(iter_texts(train_parquet, max_bytes), cfg.vocab_size, cfg.special_tokens)
 
@@ -247,20 +238,6 @@ def encoding_pieces(text: str, max_chars: int | None) -> Iterator[tuple[int, int
 _CUT_AFTER = re.compile(r"(?<=\S)\n")
 
 
-def char_bounded(items: list[T], max_chars: int, size: Callable[[T], int] = len) -> Iterator[list[T]]:
-    """Consecutive sub-lists of at most ``max_chars`` characters (``size`` of each item; a longer
-    item goes alone)."""
-    start, total = 0, 0
-    for i, item in enumerate(items):
-        n = size(item)
-        if i > start and total + n > max_chars:
-            yield items[start:i]
-            start, total = i, 0
-        total += n
-    if start < len(items):
-        yield items[start:]
-
-
 def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:
     """eot/pad/mask ids: the first, second and third special token (the end-of-text one if absent)."""
     ids = [tok.token_to_id(t) for t in special_tokens]
@@ -299,15 +276,15 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path) -> StageResult:
     encode_seconds = time.perf_counter() - t1
     if splits["train"]["tokens"] == 0:
         raise DataError(f"{clean_dir / SPLITS['train']} holds no documents: nothing to train on")
-    index = {
-        "dtype": "uint16" if dtype.itemsize == 2 else "uint32",
-        "vocab_size": vocab_size,
+    index = TokenIndex(
+        dtype="uint16" if dtype.itemsize == 2 else "uint32",
+        vocab_size=vocab_size,
         **ids,
-        "splits": splits,
-        "tokenizer": TOKENIZER,
-        "kind": cfg.tokenizer.kind,
-    }
-    (out_dir / INDEX).write_text(json.dumps(index, indent=2))
+        splits=splits,
+        tokenizer=TOKENIZER,
+        kind=cfg.tokenizer.kind,
+    )
+    index.save(out_dir)
     total = splits["train"]["tokens"] + splits["val"]["tokens"]
     return StageResult(
         metrics={
@@ -318,15 +295,11 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path) -> StageResult:
             "tokenize/tokens_per_s": total / max(encode_seconds, 1e-9),
         },
         params={
-            "tokenizer.kind": cfg.tokenizer.kind,
-            "tokenizer.vocab_size": vocab_size,
-            "dtype": index["dtype"],
+            "dtype": index.dtype,
+            # A tokenizer.json (kind=file) brings its own size, which the config leaves open (None).
+            **({"tokenizer.vocab_size": vocab_size} if cfg.tokenizer.vocab_size is None else {}),
         },
         artifacts=[TOKENIZER, INDEX],
         outputs={"tokenizer": TOKENIZER, "index": INDEX},
     )
 
-
-def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Place a saved tokenizer.json next to an exported model."""
-    shutil.copyfile(Path(src) / TOKENIZER if Path(src).is_dir() else src, dst)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -29,7 +30,25 @@ log = logging.getLogger(__name__)
 # A cached stage's child run repeats its small artifacts (stats, tables, samples), not its weights.
 CACHED_ARTIFACT_MAX_BYTES = 5_000_000
 
-STAGES = ("ingest", "clean", "tokenize", "pretrain", "finetune", "evaluate", "export", "deploy")
+def _user_errors(fn):
+    """MLflow's and the database driver's exceptions reach the user as one TrackingError line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as e:
+            from mlflow.exceptions import MlflowException
+            from sqlalchemy.exc import SQLAlchemyError
+
+            if not isinstance(e, MlflowException | SQLAlchemyError | OSError):
+                raise
+            message = getattr(e, "message", None) or str(e)
+            raise TrackingError(f"MLflow tracking failed in {fn.__name__}: {message.splitlines()[0][:500]}") from e
+
+    return wrapper
 
 
 def _client(uri: str):
@@ -59,12 +78,19 @@ def check_tracking_uri(uri: str) -> None:
                 f"tracking.uri {uri}: folder {parent} does not exist; create it or point "
                 "tracking.uri elsewhere"
             )
-        if not os.access(parent, os.W_OK):
-            raise TrackingError(f"tracking.uri {uri}: folder {parent} is not writable")
+        if not os.access(parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise TrackingError(f"tracking.uri {uri}: {db if db.exists() else parent} is not writable")
+        if db.is_file() and db.stat().st_size and db.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise TrackingError(f"tracking.uri {uri}: {db} is not an SQLite database; point tracking.uri elsewhere")
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
             f"tracking.uri {uri!r}: MLflow 3 no longer accepts plain file stores; use "
             "sqlite:///path/to/mlflow.db or http://host:5000"
+        )
+    elif uri.split("://")[0].split("+")[0] not in ("postgresql", "mysql", "mssql", "databricks"):
+        raise TrackingError(
+            f"tracking.uri {uri!r}: unknown scheme; use sqlite:///path/to/mlflow.db, http(s)://host:5000 "
+            "or a database URI (postgresql://...)"
         )
 
 
@@ -101,26 +127,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-# The config sections each stage's result depends on: logged as the stage run's params, so a stage
-# run in the MLflow UI can be compared with another without opening the parent.
-STAGE_SECTIONS = {
-    "ingest": ("data",),
-    "clean": ("data",),
-    "tokenize": ("tokenizer",),
-    "finetune_data": ("finetune",),
-    "pretrain": ("model", "pretrain", "trainer"),
-    "finetune": ("finetune", "trainer"),
-    "evaluate": ("evaluate",),
-    "export": ("model",),
-    "deploy": ("deploy",),
-}
-
-
-def stage_params(cfg: Config, stage: str) -> dict[str, str]:
-    dumped = cfg.model_dump(mode="json")
-    return _flatten({s: dumped[s] for s in STAGE_SECTIONS.get(stage, ())})
-
-
+@_user_errors
 def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
     """Create the parent run of one pipeline run; returns its id."""
     uri = cfg.tracking_uri()
@@ -139,28 +146,29 @@ def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> st
     return run_id
 
 
-def start_stage_run(
-    cfg: Config, parent_run_id: str, stage: str, params: Mapping[str, Any] | None = None
-) -> str:
-    uri = cfg.tracking_uri()
+@_user_errors
+def start_stage_run(uri: str, parent_run_id: str, stage: str, params: Mapping[str, Any]) -> str:
+    """A nested run for one stage, with the stage's config values as params. Values still open
+    (None: a tokenizer file's vocabulary) are left for the stage's result to fill, so that every
+    param is logged once, with the value in force."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
     tags = {"mlflow.parentRunId": parent_run_id, "lmforge.stage": stage}
     tags.update({k: v for k, v in parent.data.tags.items() if k.startswith("lmforge.prefect")})
     run = client.create_run(parent.info.experiment_id, run_name=stage, tags=tags)
-    if params:
-        _log_params(client, run.info.run_id, {k: str(v) for k, v in params.items()})
+    _log_params(client, run.info.run_id, {k: v for k, v in params.items() if v is not None})
     return run.info.run_id
 
 
-def _log_params(client, run_id: str, params: Mapping[str, str]) -> None:
+def _log_params(client, run_id: str, params: Mapping[str, Any]) -> None:
     from mlflow.entities import Param
 
-    items = [Param(k, v) for k, v in params.items()]
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # the store's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
 
 
+@_user_errors
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
     from mlflow.entities import Metric
 
@@ -174,11 +182,13 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
         _client(uri).log_batch(run_id, metrics=items[i : i + 500])
 
 
+@_user_errors
 def log_stage_result(
     uri: str,
     run_id: str,
     out_dir: Path,
     result: StageResult,
+    config_params: Mapping[str, Any],
     *,
     cached: bool,
     log_result_metrics: bool = True,
@@ -191,8 +201,8 @@ def log_stage_result(
     client = _client(uri)
     client.set_tag(run_id, "lmforge.cached", str(cached).lower())
     client.set_tag(run_id, "lmforge.output", str(out_dir))
-    if result.params:
-        _log_params(client, run_id, {k: str(v) for k, v in result.params.items()})
+    # The result's params, and the config values that were still open at the start (see start_stage_run).
+    _log_params(client, run_id, {**{k: v for k, v in config_params.items() if v is None}, **result.params})
     if log_result_metrics:
         log_metrics(uri, run_id, result.metrics)
     for rel in result.artifacts:
@@ -218,6 +228,7 @@ def log_stage_result(
         client.log_inputs(run_id, datasets=inputs)
 
 
+@_user_errors
 def end_run(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
@@ -235,6 +246,7 @@ def system_metrics(uri: str, run_id: str, interval: float = 5.0) -> Iterator[Non
         monitor.finish()
 
 
+@_user_errors
 def run_tree(uri: str, parent_run_id: str) -> dict[str, Any]:
     """The parent run and its children by stage name: what the summary and the tests read."""
     client = _client(uri)

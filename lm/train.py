@@ -4,11 +4,14 @@ Run as its own process (not inside a Prefect task) because Lightning's ddp launc
 ``sys.argv`` for each extra rank (Lightning-AI/pytorch-lightning#7699). Under ``torchrun`` or SLURM
 Lightning detects the external launcher and the same command line works unchanged:
 
-    python -m lm.train pretrain --config RESOLVED.yaml --data TOKENS --out OUT [--run-id ID --tracking-uri URI]
-    python -m lm.train finetune --config RESOLVED.yaml --data FT --tokens TOKENS --init PRETRAIN_OUT --out OUT
+    python -m lm.train pretrain --config OUT/config.yaml --data TOKENS --out OUT [--run-id ID --tracking-uri URI]
+    python -m lm.train finetune --config OUT/config.yaml --data FT --tokens TOKENS --init PRETRAIN_OUT --out OUT
 
-On success OUT holds model.safetensors + model.json, checkpoints/, metrics.json, samples.txt
-(pretrain) and config.yaml, and the process exits 0. A user-facing failure (bad config or data,
+Pretraining and every fine-tuning method share one fit-and-save path (:func:`fit_and_save`): the
+stage's training block (``pretrain.*`` or ``finetune.*``, one type) sets steps, optimiser,
+checkpoints and resume. On success OUT holds model.safetensors + model.json, checkpoints/,
+samples.txt (decoder pretraining), config.yaml and result.json (rank 0's final metrics and the
+saved weights' sha256), and the process exits 0. A user-facing failure (bad config or data,
 divergence) prints one ``lmforge: error: ...`` line on stderr and exits 1.
 """
 
@@ -28,10 +31,54 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lm.config import Config, load_config
-from lm.errors import ConfigError, LmforgeError, TrainingError
+from lm.config import Config, TrainerConfig, TrainingConfig, load_config
+from lm.errors import ConfigError, LmforgeError, StageError, TrainingError
+from lm.fileio import atomic_write, file_sha256
+from lm.stage import StageContext, StageResult
 
 PROMPTS = ["def ", "The ", "import ", "class "]
+RESULT = "result.json"
+CONFIG = "config.yaml"
+
+
+# ---- the stage side: launch the training process, read what it left -----------------------------
+
+
+def launch(kind: str, ctx: StageContext, args: list[str]) -> StageResult:
+    """Write the stage's config.yaml, run ``python -m lm.train KIND`` (through ``ctx.launch``, which
+    streams its output), and turn the result.json it wrote into the stage's result."""
+    out = Path(ctx.out_dir)
+    atomic_write(out / CONFIG, ctx.cfg.to_yaml())
+    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(out / CONFIG), "--out", str(out), *args]
+    if ctx.run_id:
+        cmd += ["--run-id", ctx.run_id, "--tracking-uri", ctx.cfg.tracking_uri()]
+    ctx.launch(cmd)
+    return training_result(kind, out)
+
+
+def training_result(kind: str, out: Path) -> StageResult:
+    """The stage result of a finished training process: its result.json, under MLflow's metric names."""
+    from lm.checkpoint import CKPT_DIR, latest_valid_checkpoint
+
+    path = Path(out) / RESULT
+    if not path.is_file():
+        raise StageError(f"the {kind} process ended without writing {path}: it did not finish")
+    result = json.loads(path.read_text())
+    names = {"tokens_per_s": "throughput/tokens_per_s"}
+    metrics = {names.get(k, k if "/" in k else f"{kind}/{k}"): float(v) for k, v in result["metrics"].items()}
+    artifacts = [a for a in [CONFIG, RESULT, "model.json", "samples.txt"] if (out / a).exists()]
+    final_ckpt = latest_valid_checkpoint(out / CKPT_DIR, log=lambda *_: None)
+    if final_ckpt is not None:  # logged once, at the end (large uploads mid-run can time out, mlflow#7564)
+        artifacts.append(str(final_ckpt.relative_to(out)))
+    return StageResult(
+        metrics=metrics,
+        params={"weights_sha256": result["weights_sha256"]},
+        artifacts=artifacts,
+        outputs={"model": "model.safetensors", "checkpoints": CKPT_DIR},
+    )
+
+
+# ---- the training process ---------------------------------------------------------------------
 
 
 def _is_rank_zero() -> bool:
@@ -40,12 +87,6 @@ def _is_rank_zero() -> bool:
         int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) == 0
         and int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")) or 0) == 0
     )
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from lm.stage import atomic_write_bytes
-
-    atomic_write_bytes(path, text.encode())
 
 
 def build_strategy(strategy: str):
@@ -72,15 +113,6 @@ def compile_network(net: nn.Module, strategy: str) -> None:
             block.compile()
     else:
         net.compile()
-
-
-def _logger(run_id: str | None, tracking_uri: str | None, cfg: Config):
-    if not run_id:
-        return False
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    # An explicit URI always: MLFlowLogger's fallback file:./mlruns is refused by MLflow 3 (mlflow#23637).
-    return MLFlowLogger(tracking_uri=tracking_uri or cfg.tracking_uri(), run_id=run_id, log_model=False)
 
 
 def load_weights_into(net: nn.Module, source: str | os.PathLike) -> None:
@@ -114,6 +146,7 @@ def load_weights_into(net: nn.Module, source: str | os.PathLike) -> None:
 
 
 def weights_digest(net: nn.Module) -> str:
+    """sha256 of a network's weights in memory (the DDP tests compare every rank's)."""
     h = hashlib.sha256()
     for name, t in sorted(net.state_dict().items()):
         h.update(name.encode())
@@ -122,27 +155,17 @@ def weights_digest(net: nn.Module) -> str:
 
 
 def _trainer(
-    cfg: Config,
-    out_dir: Path,
-    *,
-    max_steps: int,
-    logger,
-    callbacks: list,
-    plugins: list,
-    distributed_sampler: bool = False,
+    t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbacks: list, distributed_sampler: bool
 ):
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    t = cfg.trainer
+    from lm.checkpoint import AtomicCheckpointIO
+
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves alone
     # tqdm, redrawn every log_every steps: cheap per step, and readable when stderr is a log stream.
     callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, t.log_every))]
-    if t.strategy == "fsdp" and t.accelerator == "cpu":
-        raise ConfigError(
-            "trainer.strategy=fsdp needs GPUs (trainer.accelerator=cuda or auto); on CPU use ddp"
-        )
     try:
         return pl.Trainer(
             accelerator=t.accelerator,
@@ -154,12 +177,12 @@ def _trainer(
             max_epochs=-1,
             logger=logger,
             callbacks=callbacks,
-            plugins=plugins,
+            plugins=[AtomicCheckpointIO()],
             log_every_n_steps=t.log_every,
             enable_checkpointing=False,
             num_sanity_val_steps=0,
             check_val_every_n_epoch=None,
-            val_check_interval=max(1, cfg.pretrain.val_every),  # set again once accumulation is known
+            val_check_interval=1,  # set once accumulation and the epoch length are known
             # Pretraining's WindowSampler splits the data over ranks itself (and must stay resumable).
             use_distributed_sampler=distributed_sampler,
             default_root_dir=str(out_dir),
@@ -172,7 +195,7 @@ def _trainer(
         ) from None
 
 
-def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
+def _full_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
     """The final network with full weights on rank 0 (under FSDP, read back from the full checkpoint)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
@@ -182,58 +205,133 @@ def _export_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
             raise TrainingError("FSDP run ended without a final checkpoint to export weights from")
         import copy
 
-        from lm.model import SequenceClassifier, build_model
-
         ckpt = torch.load(final_ckpt, map_location="cpu", weights_only=True, mmap=True)
         state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        fresh = build_model(copy.deepcopy(net.args)) if not isinstance(net, SequenceClassifier) else None
-        if fresh is None:
-            fresh = SequenceClassifier(build_model(copy.deepcopy(net.args)), net.num_classes)
+        fresh = copy.deepcopy(net).to("cpu")
         fresh.load_state_dict(state, strict=False)
         net = fresh
     return net
 
 
-def _tokenizer_path(tokens_dir: Path, index: dict) -> Path:
-    return tokens_dir / index.get("tokenizer", "tokenizer.json")
+def _checkpoint_to_resume(train: TrainingConfig, section: str, ckpt_dir: Path) -> Path | None:
+    from lm.checkpoint import latest_valid_checkpoint
+
+    if train.resume == "never":
+        return None
+    if train.resume == "auto":
+        return latest_valid_checkpoint(ckpt_dir)
+    path = Path(train.resume)
+    if not path.is_file():
+        raise ConfigError(
+            f"{section}.resume={train.resume!r}: no such checkpoint (use auto, never or a .ckpt path)"
+        )
+    return path
 
 
-def _token_meta(tokens_dir: Path, index: dict) -> dict:
-    """What a saved model needs to read and write text: its special token ids and tokenizer."""
-    return {
-        "eot_id": index.get("eot_id"),
-        "pad_id": index.get("pad_id"),
-        "mask_id": index.get("mask_id"),
-        "tokenizer": str(_tokenizer_path(tokens_dir, index).resolve()),
-    }
+def fit_and_save(
+    cfg: Config,
+    section: str,
+    module,
+    datamodule,
+    out_dir: Path,
+    *,
+    tokens_per_batch: int,
+    describe: str,
+    meta: dict,
+    train_examples: int | None = None,
+    callbacks: list | None = None,
+    distributed_sampler: bool = False,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    print_weight_digest: bool = False,
+) -> dict[str, float]:
+    """Train ``module`` (its ``net``) on ``datamodule`` under the ``cfg.<section>`` training block and
+    ``cfg.trainer``; resume from the newest valid checkpoint (``resume: auto``); validate the final
+    weights; on rank 0 save model.safetensors + model.json (``meta`` added) and result.json.
+    Returns the final metrics."""
+    from lm.checkpoint import CKPT_DIR, StepCheckpoint
+    from lm.lit import ThroughputMonitor
+    from lm.model import count_params, flops_per_token, save_model
 
+    train: TrainingConfig = getattr(cfg, section)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _is_rank_zero() and not (out_dir / CONFIG).exists():  # the stage wrote it when it launched us
+        atomic_write(out_dir / CONFIG, cfg.to_yaml())
+    net = module.net
+    if train.compile:
+        compile_network(net, cfg.trainer.strategy)
+    ckpt_cb = StepCheckpoint(
+        out_dir / CKPT_DIR, train.ckpt_every, train.keep_last, before_save=module.raise_if_diverged
+    )
+    throughput = ThroughputMonitor(tokens_per_batch, flops_per_token(net.args), window=cfg.trainer.log_every)
+    logger = False
+    if run_id:
+        from lightning.pytorch.loggers import MLFlowLogger
 
-def _fit(trainer, module, dm, ckpt_path: Path | None) -> float:
-    """Train (resuming from ``ckpt_path``), then validate the final weights if the last step was not
-    validated, so metrics.json reports the weights that are saved. Returns the seconds it took."""
+        # An explicit URI always: MLFlowLogger's fallback file:./mlruns is refused by MLflow 3 (mlflow#23637).
+        logger = MLFlowLogger(tracking_uri=tracking_uri or cfg.tracking_uri(), run_id=run_id, log_model=False)
+    trainer = _trainer(
+        cfg.trainer,
+        out_dir,
+        max_steps=train.max_steps,
+        logger=logger,
+        callbacks=[ckpt_cb, throughput, *(callbacks or [])],
+        distributed_sampler=distributed_sampler,
+    )
+    world = trainer.world_size
+    accum = 1
+    if train.tokens_per_step:
+        accum = max(1, math.ceil(train.tokens_per_step / (tokens_per_batch * world)))
+    trainer.accumulate_grad_batches = accum
+    interval = train.val_every * accum  # counted in micro-batches
+    if train_examples is not None:  # a finite set: Lightning refuses an interval longer than an epoch
+        interval = min(interval, max(1, math.ceil(train_examples / (train.batch_size * world))))
+    trainer.val_check_interval = interval
+    module.check_every = math.gcd(cfg.trainer.log_every, train.ckpt_every)
+
+    ckpt_path = _checkpoint_to_resume(train, section, out_dir / CKPT_DIR)
+    n_params = count_params(net)
+    if trainer.is_global_zero:
+        print(
+            f"lmforge: {section} {describe}, world {world}, micro-batch {train.batch_size}, accumulation "
+            f"{accum} ({tokens_per_batch * world * accum} tokens/step), {train.max_steps} steps"
+            + (f", resuming from {ckpt_path}" if ckpt_path else ""),
+            flush=True,
+        )
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=dm, verbose=False)
-    return time.perf_counter() - t0
-
-
-def _final_metrics(trainer, module, throughput, n_params: int, elapsed: float, print_digest: bool) -> dict:
-    """What metrics.json reports; with ``print_digest`` every rank prints its weights' sha256 first
-    (the pipeline checks that DDP ranks agree)."""
-    if print_digest and not _is_fsdp(trainer):
+        trainer.fit(
+            module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+        )
+        if module.last_val_step != trainer.global_step:  # metrics report the weights that are saved
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    elapsed = time.perf_counter() - t0
+    if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
     tokens_per_s = throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan")
-    return {
+    metrics = {
         "train/loss": module.last_train_loss,
         **module.last_val,
         "tokens_per_s": tokens_per_s,
         "steps": float(trainer.global_step),
         "params": float(n_params),
         "train_seconds": elapsed,
+        "world_size": float(world),
     }
+    if trainer.is_global_zero:
+        weights = save_model(_full_weights(trainer, module, ckpt_cb.last_path), out_dir, extra=meta)
+        result = {"metrics": metrics, "weights_sha256": file_sha256(weights)}
+        atomic_write(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True))
+        print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
+    return metrics
+
+
+def _is_fsdp(trainer) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def run_pretrain(
@@ -251,66 +349,31 @@ def run_pretrain(
     ``extra_callbacks``: Lightning callbacks added to the Trainer (benchmarks, tests)."""
     import lightning.pytorch as pl
 
-    from lm.checkpoint import CKPT_DIR, AtomicCheckpointIO, StepCheckpoint, latest_valid_checkpoint
-    from lm.datamodule import TokenDataModule, read_token_index
-    from lm.lit import LanguageModelModule, SampleWriter, ThroughputMonitor
-    from lm.model import build_model, count_params, flops_per_token, resolve_model_config, save_model
+    from lm.datamodule import TokenDataModule
+    from lm.lit import LanguageModelModule, SampleWriter
+    from lm.model import build_model, count_params, model_args
+    from lm.shards import TokenIndex
 
-    p, data_dir, out_dir = cfg.pretrain, Path(data_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index = read_token_index(data_dir)
-    args = resolve_model_config(cfg.model, int(index["vocab_size"]))
-    if _is_rank_zero():
-        _atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    p, data_dir = cfg.pretrain, Path(data_dir)
+    index = TokenIndex.load(data_dir)
+    args = model_args(cfg.model, index.vocab_size)
     pl.seed_everything(p.seed, workers=True, verbose=False)
     net = build_model(args)
     if p.init_from:
         load_weights_into(net, p.init_from)
-    if p.compile:
-        compile_network(net, cfg.trainer.strategy)
-
-    tokens_per_micro = p.batch_size * args.seq_len
-    ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, p.ckpt_every, p.keep_last)
-    throughput = ThroughputMonitor(tokens_per_micro, flops_per_token(args), window=cfg.trainer.log_every)
-    callbacks: list[pl.Callback] = [ckpt_cb, throughput, *(extra_callbacks or [])]
-    if args.kind == "decoder" and _tokenizer_path(data_dir, index).is_file():
+    callbacks = list(extra_callbacks or [])
+    tokenizer = data_dir / index.tokenizer
+    if args.kind == "decoder" and tokenizer.is_file():
         callbacks.append(
             SampleWriter(
-                _tokenizer_path(data_dir, index),
-                out_dir / "samples.txt",
+                tokenizer,
+                Path(out_dir) / "samples.txt",
                 PROMPTS,
-                eot_id=index.get("eot_id"),
+                eot_id=index.eot_id,
                 every=p.sample_every,
                 seed=p.seed,
             )
         )
-    trainer = _trainer(
-        cfg,
-        out_dir,
-        max_steps=p.max_steps,
-        logger=_logger(run_id, tracking_uri, cfg),
-        callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
-    )
-    world = trainer.world_size
-    accum = 1
-    if p.tokens_per_step:
-        accum = max(1, math.ceil(p.tokens_per_step / (tokens_per_micro * world)))
-    trainer.accumulate_grad_batches = accum
-    trainer.val_check_interval = p.val_every * accum  # counted in micro-batches
-
-    module = LanguageModelModule(
-        net,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        betas=p.betas,
-        warmup_steps=p.warmup_steps,
-        max_steps=p.max_steps,
-        min_lr_ratio=p.min_lr_ratio,
-        grad_clip=p.grad_clip,
-        check_every=math.gcd(cfg.trainer.log_every, p.ckpt_every),
-    )
-    ckpt_cb.before_save = module.raise_if_diverged
     dm = TokenDataModule(
         data_dir,
         args.seq_len,
@@ -318,145 +381,74 @@ def run_pretrain(
         p.seed,
         kind=args.kind,
         mlm_probability=p.mlm_probability,
-        train_samples=p.max_steps * accum * p.batch_size,
         val_batches=p.val_batches,
     )
-
-    ckpt_path = None
-    if p.resume == "auto":
-        ckpt_path = latest_valid_checkpoint(out_dir / CKPT_DIR)
-    elif p.resume != "never":
-        ckpt_path = Path(p.resume)
-        if not ckpt_path.is_file():
-            raise ConfigError(
-                f"pretrain.resume={p.resume!r}: no such checkpoint (use auto, never or a .ckpt path)"
-            )
-    n_params = count_params(net)
-    if trainer.is_global_zero:
-        print(
-            f"lmforge: pretrain {args.kind} {n_params / 1e6:.2f}M params, world {world}, micro-batch "
-            f"{p.batch_size}x{args.seq_len}, accumulation {accum} ({tokens_per_micro * world * accum} tokens/step), "
-            f"{p.max_steps} steps" + (f", resuming from {ckpt_path}" if ckpt_path else ""),
-            flush=True,
-        )
-    elapsed = _fit(trainer, module, dm, ckpt_path)
-    metrics = _final_metrics(trainer, module, throughput, n_params, elapsed, print_weight_digest)
-    if trainer.is_global_zero:
-        net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(net_out, out_dir, extra=_token_meta(data_dir, index))
-        _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
-    return metrics
+    return fit_and_save(
+        cfg,
+        "pretrain",
+        LanguageModelModule(net, p),
+        dm,
+        Path(out_dir),
+        tokens_per_batch=p.batch_size * args.seq_len,
+        describe=f"{args.kind} {count_params(net) / 1e6:.2f}M params",
+        meta=index.special_ids(),
+        callbacks=callbacks,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        print_weight_digest=print_weight_digest,
+    )
 
 
-def _is_fsdp(trainer) -> bool:
-    from lightning.pytorch.strategies import FSDPStrategy
+def load_backbone(init: str | os.PathLike) -> nn.Module:
+    """The pretrained network fine-tuning starts from: a model folder (its own shape, whatever the
+    config says), the backbone of a classifier's folder, in training mode."""
+    from lm.model import load_model
 
-    return isinstance(trainer.strategy, FSDPStrategy)
+    if not (Path(init) / "model.json").is_file():
+        raise ConfigError(f"fine-tuning starts from a model folder; {init} has no model.json")
+    net = load_model(init)
+    if hasattr(net, "backbone"):
+        net = net.backbone
+    return net.train()
 
 
 def run_finetune(
     cfg: Config,
     ft_dir: str | os.PathLike,
     tokens_dir: str | os.PathLike,
-    init: str | os.PathLike | None,
+    init: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
     run_id: str | None = None,
     tracking_uri: str | None = None,
     print_weight_digest: bool = False,
 ) -> dict[str, float]:
-    """Fine-tune a SequenceClassifier on a pretrained backbone; returns the final metrics (rank 0)."""
+    """Fine-tune the pretrained model in ``init`` with the method ``finetune.task``; returns the final
+    metrics (rank 0)."""
     import lightning.pytorch as pl
 
-    from lm.checkpoint import CKPT_DIR, AtomicCheckpointIO, StepCheckpoint
-    from lm.datamodule import ClassificationDataModule, read_token_index
-    from lm.lit import ClassifierModule, ThroughputMonitor
-    from lm.model import (
-        SequenceClassifier,
-        build_model,
-        count_params,
-        flops_per_token,
-        load_model,
-        resolve_model_config,
-        save_model,
-    )
+    from lm.finetune import method
+    from lm.shards import TokenIndex
 
-    f, ft_dir, tokens_dir, out_dir = cfg.finetune, Path(ft_dir), Path(tokens_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if _is_rank_zero():
-        _atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+    f = cfg.finetune
     pl.seed_everything(f.seed, workers=True, verbose=False)
-    index = read_token_index(tokens_dir)
-    init = init or cfg.pretrain.init_from
-    if init and (Path(init) / "model.json").is_file():
-        backbone = load_model(init)  # its own shape, whatever cfg.model says
-        if hasattr(backbone, "backbone"):
-            backbone = backbone.backbone
-        backbone.train()
-    else:
-        backbone = build_model(resolve_model_config(cfg.model, int(index["vocab_size"])))
-        if init:
-            load_weights_into(backbone, init)
-    args = backbone.args
-    dm = ClassificationDataModule(
-        ft_dir,
-        _tokenizer_path(tokens_dir, index),
-        args.seq_len,
-        f.batch_size,
-        f.seed,
-        pad_id=int(index["pad_id"]),
-    )
-    net = SequenceClassifier(backbone, dm.num_classes)
-    if not args.tie_embeddings:
-        # The LM head plays no part in classification; frozen, DDP does not wait for its gradient.
-        backbone.lm_head.weight.requires_grad_(False)
-    if cfg.pretrain.compile:
-        compile_network(net, cfg.trainer.strategy)
-
-    ckpt_cb = StepCheckpoint(out_dir / CKPT_DIR, cfg.pretrain.ckpt_every, cfg.pretrain.keep_last)
-    throughput = ThroughputMonitor(
-        f.batch_size * args.seq_len, flops_per_token(args), window=cfg.trainer.log_every
-    )
-    trainer = _trainer(
+    backbone = load_backbone(init)
+    recipe = method(f.task).build(cfg, backbone, Path(ft_dir), Path(tokens_dir))
+    return fit_and_save(
         cfg,
-        out_dir,
-        max_steps=f.max_steps,
-        logger=_logger(run_id, tracking_uri, cfg),
-        callbacks=[ckpt_cb, throughput],
-        plugins=[AtomicCheckpointIO()],
+        "finetune",
+        recipe.module,
+        recipe.datamodule,
+        Path(out_dir),
+        tokens_per_batch=recipe.tokens_per_batch,
+        describe=recipe.describe,
+        meta={"task": f.task, **TokenIndex.load(tokens_dir).special_ids(), **recipe.meta},
+        train_examples=recipe.train_examples,
         distributed_sampler=True,  # a shuffled map-style set: Lightning's DistributedSampler splits it
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        print_weight_digest=print_weight_digest,
     )
-    n_train = len(dm._load("train"))
-    steps_per_epoch = math.ceil(n_train / (f.batch_size * trainer.world_size))
-    trainer.val_check_interval = max(1, min(steps_per_epoch, cfg.pretrain.val_every))
-    module = ClassifierModule(
-        net,
-        freeze_backbone=f.freeze_backbone,
-        lr=f.lr,
-        weight_decay=f.weight_decay,
-        betas=cfg.pretrain.betas,
-        warmup_steps=f.warmup_steps,
-        max_steps=f.max_steps,
-        min_lr_ratio=cfg.pretrain.min_lr_ratio,
-        grad_clip=cfg.pretrain.grad_clip,
-        check_every=math.gcd(cfg.trainer.log_every, cfg.pretrain.ckpt_every),
-    )
-    ckpt_cb.before_save = module.raise_if_diverged
-    if trainer.is_global_zero:
-        print(
-            f"lmforge: finetune {dm.num_classes}-class classifier, {count_params(net) / 1e6:.2f}M params, "
-            f"{n_train} train examples, {f.max_steps} steps",
-            flush=True,
-        )
-    elapsed = _fit(trainer, module, dm, None)
-    metrics = _final_metrics(trainer, module, throughput, count_params(net), elapsed, print_weight_digest)
-    if trainer.is_global_zero:
-        net_out = _export_weights(trainer, module, ckpt_cb.last_path)
-        save_model(net_out, out_dir, extra={"labels": dm.label_names, **_token_meta(tokens_dir, index)})
-        _atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True))
-        print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
-    return metrics
 
 
 def _quiet_lightning_tips() -> None:
@@ -475,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("pretrain", "finetune"):
         sp = sub.add_parser(name, help=f"{name} (see module docstring)")
-        sp.add_argument("--config", required=True, help="resolved config YAML")
+        sp.add_argument("--config", required=True, help="the stage's config.yaml")
         sp.add_argument("--data", required=True, help="token data dir (pretrain) or fine-tune data dir")
         sp.add_argument("--out", required=True, help="output folder")
         sp.add_argument(
@@ -492,31 +484,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         if name == "finetune":
             sp.add_argument("--tokens", required=True, help="token data dir (tokenizer.json, ids)")
-            sp.add_argument("--init", default=None, help="pretrained model folder or checkpoint")
+            sp.add_argument("--init", required=True, help="the pretrained model folder")
     a = parser.parse_args(argv)
     _quiet_lightning_tips()
     try:
         cfg = load_config(a.config, a.override)
+        common = dict(run_id=a.run_id, tracking_uri=a.tracking_uri, print_weight_digest=a.print_weight_digest)
         if a.command == "pretrain":
-            run_pretrain(
-                cfg,
-                a.data,
-                a.out,
-                run_id=a.run_id,
-                tracking_uri=a.tracking_uri,
-                print_weight_digest=a.print_weight_digest,
-            )
+            run_pretrain(cfg, a.data, a.out, **common)
         else:
-            run_finetune(
-                cfg,
-                a.data,
-                a.tokens,
-                a.init,
-                a.out,
-                run_id=a.run_id,
-                tracking_uri=a.tracking_uri,
-                print_weight_digest=a.print_weight_digest,
-            )
+            run_finetune(cfg, a.data, a.tokens, a.init, a.out, **common)
     except LmforgeError as e:
         # Every rank meets the same error (the divergence flag is all-reduced): say it once.
         if _is_rank_zero():

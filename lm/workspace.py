@@ -1,25 +1,61 @@
 """Where each stage's outputs live: ``<workdir>/<stage>/<key>``, the key a hash of everything the
-stage's result depends on (its config sections, the keys of the stages it reads, the source files'
-sizes and mtimes, the lmforge version). Same inputs, same folder: that is what makes reruns skip
-finished stages and lets a killed training run resume from its own checkpoints.
+stage's result depends on, all read off its row of the stage table:
+
+- the values of its config keys (as loaded: presets resolved), except those that only say where or
+  how a stage runs (:data:`RUN_ONLY_KEYS`);
+- the contents of the files its config names (sources, a tokenizer.json, an init checkpoint): each
+  file's path, size and modification time;
+- its code: the lm modules named in its row and every lm module they import, and its own
+  function, compared by syntax tree (an edited comment or reformatting changes nothing);
+- the keys of the stages it reads.
+
+Same inputs, same folder: that is what makes reruns skip finished stages, lets a killed training
+run resume from its own checkpoints, and recomputes exactly what a change affects.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import inspect
 import json
 import sys
 import sysconfig
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lm import __version__
 from lm.config import Config
 from lm.data import sources
-from lm.errors import DataError
+from lm.stage import Stage
 
-REMOTE_PREFIXES = ("hf:", "hf://", "s3://", "gs://", "http://", "https://")
+# Keys that say where or how a stage runs, never what it produces: no key includes them. (The
+# others are each some stage's input: tests/test_workspace.py checks that none is forgotten.)
+RUN_ONLY_KEYS = (
+    "data.workers",
+    "data.dask_address",
+    "pretrain.resume",
+    "finetune.resume",
+    "trainer.log_every",
+)
+# Keys about the run as a whole (its name, where outputs and records go), read by no stage.
+RUN_KEYS = ("name", "workdir", "tracking")
+# Modules that never change what a stage produces: the config schema (its values are hashed
+# instead), errors, file plumbing, tracking, and the table machinery itself.
+NEUTRAL_MODULES = frozenset(
+    {
+        "lm",
+        "lm.config",
+        "lm.errors",
+        "lm.stage",
+        "lm.stages",
+        "lm.fileio",
+        "lm.memory",
+        "lm.tracking",
+        "lm.workspace",
+    }
+)
 
 
 def _hash(*parts: Any) -> str:
@@ -27,84 +63,137 @@ def _hash(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fingerprint_sources(specs: list[str]) -> str:
-    """Cheap content fingerprint (path, size, mtime) of every file ingest will read behind ``specs``
-    (the same walk as ingest's, ``lm.data.sources.resolve``); a missing path raises DataError."""
-    if not specs:
-        raise DataError("data.sources is empty: name at least one path, glob, folder or 'stdlib'")
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}", out)
+    else:
+        out[prefix] = value
+
+
+def config_values(cfg: Config, stage: Stage) -> dict[str, Any]:
+    """The stage's config keys, flattened to dotted names with their loaded values (JSON types)."""
+    flat: dict[str, Any] = {}
+    for key in stage.config:
+        _flatten(cfg.value(key), key, flat)
+    return {k: v for k, v in flat.items() if not k.startswith(RUN_ONLY_KEYS)}
+
+
+def fingerprint(spec: str | None, key: str) -> Any:
+    """Path, size and modification time of every file behind a config value that names files
+    (a path, folder, glob, ``stdlib`` or ``hf:``), in the order ingest reads them."""
+    if spec is None:
+        return None
+    if spec == sources.STDLIB:
+        return f"stdlib\0{sys.version}\0{sysconfig.get_paths()['stdlib']}"
+    if spec.startswith(sources.HF_PREFIX):
+        return spec
     h = hashlib.sha256()
-    for spec in specs:
-        if spec == sources.STDLIB:
-            h.update(f"stdlib\0{sys.version}\0{sysconfig.get_paths()['stdlib']}\n".encode())
-            continue
-        if spec.startswith(REMOTE_PREFIXES):
-            h.update(f"{spec}\n".encode())
-            continue
-        for sf in sources.resolve(spec):
-            st = sf.path.stat()
-            h.update(f"{sf.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for sf in sources.resolve(spec, key):
+        st = sf.path.stat()
+        h.update(f"{sf.path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def _file_fingerprint(path: str | None) -> Any:
-    if not path or path == "stdlib":
-        return path
-    p = Path(path).expanduser()
-    if not p.exists():
-        return str(p)  # the stage itself reports a clear error for the missing file
-    st = p.stat()
-    return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+def files_fingerprint(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        value = cfg.value(key)
+        specs = value if isinstance(value, list) else [value]
+        out[key] = [fingerprint(s, key) for s in specs]
+    return out
 
 
-@dataclass(frozen=True)
-class StageDirs:
-    ingest: Path
-    clean: Path
-    tokenize: Path
-    finetune_data: Path
-    pretrain: Path
-    finetune: Path
-    evaluate: Path
-    export: Path
-
-    def as_dict(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.__dict__.items()}
+LM_ROOT = Path(__file__).resolve().parent
 
 
-def stage_dirs(cfg: Config) -> StageDirs:
-    """Derive every stage's output folder from the config and the source files."""
-    d = cfg.model_dump(mode="json")
-    # Ingest depends on every data key except those of later stages and those that only say where
-    # the work runs (workers, Dask): the same documents come out wherever they are computed.
-    later_or_where = ("clean", "dedup", "val_fraction", "seed", "workers", "dask_address")
-    data = {k: v for k, v in d["data"].items() if k not in later_or_where}
-    ingest = _hash(__version__, data, fingerprint_sources(cfg.data.sources))
-    clean = _hash(ingest, d["data"]["clean"], d["data"]["dedup"], cfg.data.val_fraction, cfg.data.seed)
-    tokenize = _hash(clean, d["tokenizer"], _file_fingerprint(cfg.tokenizer.path))
-    ft = d["finetune"]
-    ft_data_keys = (
-        "task",
-        "data",
-        "text_column",
-        "label_column",
-        "num_classes",
-        "val_fraction",
-        "test_fraction",
-    )
-    finetune_data = _hash(__version__, {k: ft[k] for k in ft_data_keys}, _file_fingerprint(cfg.finetune.data))
-    pre = {k: v for k, v in d["pretrain"].items() if k != "resume"}
-    pretrain = _hash(tokenize, d["model"], pre, d["trainer"], _file_fingerprint(cfg.pretrain.init_from))
-    finetune = _hash(pretrain, finetune_data, ft, d["trainer"])
-    evaluate = _hash(finetune, d["evaluate"])
-    export = _hash(finetune, tokenize)
+def _module_file(name: str) -> Path | None:
+    """The source file of an lm module, found by path (nothing is imported)."""
+    parts = name.split(".")
+    if parts[0] != "lm":
+        return None
+    base = LM_ROOT.joinpath(*parts[1:])
+    for path in (base.with_suffix(".py"), base / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _lm_imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
+    """Names of the lm modules a module's code imports, at top level or inside functions."""
+    found = set()
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "lm")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative import
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            if base.split(".")[0] != "lm":
+                continue
+            found.add(base)
+            for alias in node.names:  # `from lm import tokenizer`: a submodule, not a name
+                if _module_file(f"{base}.{alias.name}") is not None:
+                    found.add(f"{base}.{alias.name}")
+    return found
+
+
+@functools.cache
+def _module_tree(name: str) -> tuple[str, tuple[str, ...]]:
+    """(digest of the module's syntax tree, the lm modules it imports)."""
+    path = _module_file(name)
+    if path is None:
+        return "", ()
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    return digest, tuple(sorted(_lm_imports(tree, name, path.name == "__init__.py")))
+
+
+def module_closure(roots: Iterable[str]) -> list[str]:
+    """The lm modules ``roots`` stand for and everything they import from lm (a root that is a
+    package stands for all its modules: methods loaded by name are found that way)."""
+    todo, seen = [], set()
+    for root in roots:
+        path = _module_file(root)
+        todo.append(root)
+        if path is not None and path.name == "__init__.py":
+            todo += [f"{root}.{p.stem}" for p in sorted(path.parent.glob("*.py")) if p.stem != "__init__"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name in NEUTRAL_MODULES:
+            continue
+        seen.add(name)
+        todo.extend(_module_tree(name)[1])
+    return sorted(seen)
+
+
+def code_digest(stage: Stage) -> str:
+    """Hash of the stage's code: its modules' closure (:func:`module_closure`) and its own function."""
+    parts = [(name, _module_tree(name)[0]) for name in module_closure(stage.code)]
+    try:
+        own = ast.dump(ast.parse(inspect.getsource(stage.run).strip()))
+    except (OSError, TypeError, SyntaxError):  # no source (a builtin, a lambda mid-expression): its name
+        own = f"{stage.run.__module__}.{stage.run.__qualname__}"
+    return _hash(parts, own)
+
+
+def stage_keys(cfg: Config, stages: Sequence[Stage]) -> dict[str, str]:
+    """Each stage's key; ``stages`` in table order (every stage after the ones it reads)."""
+    keys: dict[str, str] = {}
+    for stage in stages:
+        keys[stage.name] = _hash(
+            stage.name,
+            config_values(cfg, stage),
+            files_fingerprint(cfg, stage.files),
+            code_digest(stage),
+            [keys[name] for name in stage.inputs],
+        )
+    return keys
+
+
+def stage_dirs(cfg: Config, stages: Sequence[Stage]) -> dict[str, Path]:
+    """Every given stage's output folder: ``<workdir>/<stage>/<key>``."""
     root = Path(cfg.workdir).expanduser().resolve()
-    return StageDirs(
-        ingest=root / "ingest" / ingest,
-        clean=root / "clean" / clean,
-        tokenize=root / "tokenize" / tokenize,
-        finetune_data=root / "finetune_data" / finetune_data,
-        pretrain=root / "pretrain" / pretrain,
-        finetune=root / "finetune" / finetune,
-        evaluate=root / "evaluate" / evaluate,
-        export=root / "export" / export,
-    )
+    return {name: root / name / key for name, key in stage_keys(cfg, stages).items()}

@@ -1,82 +1,27 @@
-"""What every stage task shares: the cache key (the stage's output folder), its MLflow child run,
-and streaming a training subprocess into the Prefect log.
+"""What the orchestration layer shares: streaming a child process (training) into the Prefect log,
+and reporting a user's error in one line, without a traceback.
 """
 
 from __future__ import annotations
 
 import codecs
-import hashlib
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.context import TaskRunContext
+from prefect import get_run_logger
 
-from lm import __version__, tracking
-from lm.config import Config
 from lm.errors import LmforgeError, TrainingError
-from lm.stage import StageResult, is_complete
 
 
-def output_dir_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key = the stage's output folder, which is itself a hash of all the stage's inputs.
-    Hashing a path (not Python objects) keeps keys stable across processes (PrefectHQ/prefect#12229)."""
-    blob = f"{__version__}:{context.task.name}:{Path(parameters['out_dir']).resolve()}"
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def stage_task(fn: Callable[..., str]):
-    """A stage task: cached across runs by output folder, result persisted so reruns reuse it."""
-    return task(fn, name=fn.__name__, cache_key_fn=output_dir_key, persist_result=True)
-
-
-def run_stage_in_child_run(stage_task_fn, stage: str, cfg: Config, parent_run_id: str | None,
-                           out_dir: str, *, pass_run_id: bool = False, metrics_logged_live: bool = False,
-                           **inputs: Any) -> str:
-    """Run one stage's task inside its own nested MLflow run and log what it produced.
-
-    The task is skipped (Prefect state ``Cached``) when its output folder is complete; the child
-    run is still created, tagged ``lmforge.cached=true``, and gets the stored metrics, so every
-    pipeline run in MLflow shows the whole tree.
-    """
-    logger = get_run_logger()
-    uri = cfg.tracking_uri()
-    params = tracking.stage_params(cfg, stage)
-    run_id = tracking.start_stage_run(cfg, parent_run_id, stage, params) if parent_run_id else None
-    logger.info("stage %s: started -> %s", stage, out_dir)
-    t0 = time.monotonic()
-    ok = False
-    try:
-        call = stage_task_fn.with_options(refresh_cache=not is_complete(Path(out_dir)))
-        kwargs = dict(inputs)
-        if pass_run_id:
-            kwargs["run_id"] = run_id
-        state = call(cfg.model_dump(mode="json"), out_dir=out_dir, return_state=True, **kwargs)
-        if state.is_failed():
-            state.result()  # raises the task's exception
-        cached = state.name == "Cached"
-        result = StageResult.load(Path(out_dir))
-        if run_id:
-            tracking.log_stage_result(uri, run_id, Path(out_dir), result, cached=cached,
-                                      log_result_metrics=cached or not metrics_logged_live)
-        ok = True
-        logger.info("stage %s: finished in %.1fs%s", stage, time.monotonic() - t0, " (cached)" if cached else "")
-        return out_dir
-    finally:
-        if run_id:
-            tracking.end_run(uri, run_id, ok)
-
-
-def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None) -> list[str]:
+def stream_subprocess(
+    cmd: list[str], *, cwd: str | None = None, env: dict[str, str] | None = None
+) -> list[str]:
     """Run ``cmd``, showing its progress bar on our terminal and its ``lmforge:`` lines in the
     Prefect log (Prefect does not forward a subprocess's output by itself, PrefectHQ/prefect#9797).
 
@@ -119,19 +64,44 @@ def stream_subprocess(cmd: list[str], *, cwd: str | None = None, env: dict[str, 
         if pending.strip():
             tail.append(pending.strip())
 
-    threads = [threading.Thread(target=pump, args=(proc.stdout,), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr,), daemon=True)]
+    threads = [
+        threading.Thread(target=pump, args=(proc.stdout,), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr,), daemon=True),
+    ]
     for t in threads:
         t.start()
     rc = proc.wait()
     for t in threads:
         t.join(timeout=10)
     if rc != 0:
-        lines = [ln for ln in tail if ln]
-        errors = [ln for ln in lines if ln.startswith(("lmforge: error:", "TrainingError", "Error"))]
-        reason = (errors or lines or ["no output"])[-1].removeprefix("lmforge: error:").strip()
-        raise TrainingError(f"training failed (exit code {rc}): {reason}")
+        raise TrainingError(f"training failed ({_exit_reason(rc)}): {failure_reason(list(tail))}")
     return marked
+
+
+# The last line of a Python traceback: "OSError: [Errno 28] No space left on device".
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b:? ")
+
+
+def failure_reason(lines: list[str]) -> str:
+    """Why a process failed, from the end of its output: its own ``lmforge: error:`` line, else the
+    exception a traceback ended with, else its last line that is not a progress bar."""
+    lines = [ln for ln in lines if ln]
+    for ln in reversed(lines):
+        if ln.startswith("lmforge: error:"):
+            return ln.removeprefix("lmforge: error:").strip()
+    for ln in reversed(lines):
+        if _EXCEPTION_LINE.match(ln):
+            return ln
+    plain = [ln for ln in lines if "it/s]" not in ln and "s/it]" not in ln and not re.search(r"\d+%\|", ln)]
+    return (plain or ["no output"])[-1]
+
+
+def _exit_reason(rc: int) -> str:
+    if rc < 0:
+        name = signal.Signals(-rc).name
+        hint = " (killed from outside: out of memory, or stopped by hand?)" if -rc == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {rc}"
 
 
 def user_error_message(exc: BaseException) -> str | None:

@@ -23,11 +23,16 @@ def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> No
         assert n in proc.stderr, proc.stderr
 
 
-def test_help_lists_stages(tmp_path):
+def test_help_offers_a_command_per_stage_of_the_table(tmp_path):
+    from lm.stages import STAGES
+
     proc = lmforge("--help", cwd=tmp_path)
     assert proc.returncode == 0
-    for stage in ("run", "data", "pretrain", "finetune", "evaluate", "export", "deploy"):
-        assert stage in proc.stdout
+    listed = " ".join(proc.stdout.split())  # argparse wraps long help lines
+    for stage in STAGES:
+        assert f"{stage.command} {stage.help}" in listed, stage.name
+    proc = lmforge("finetune-data", "--help", cwd=tmp_path)
+    assert proc.returncode == 0 and "build the fine-tuning data" in proc.stdout
 
 
 def test_missing_data_path(tmp_path):

@@ -2,15 +2,20 @@ from pathlib import Path
 
 import pytest
 
-from lm.config import CONF_DIR, Config, list_presets, load_config
+from lm.config import CONF_DIR, list_presets, load_config
 from lm.errors import ConfigError
 
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in CONF_DIR.glob("*.yaml")))
-def test_every_shipped_preset_loads(preset):
+def test_every_shipped_preset_loads_and_survives_its_own_dump(preset, tmp_path):
     cfg = load_config(CONF_DIR / preset)
-    assert isinstance(cfg, Config)
-    assert cfg.tokenizer.vocab_size > 0
+    # The training process reads the config.yaml its stage wrote: it must load to the same config.
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    assert load_config(tmp_path / "config.yaml") == cfg
+    # Its promotion metric is one that its evaluation reports, in the right direction.
+    from lm.stages import _check_promote_metric
+
+    _check_promote_metric(cfg)
 
 
 def test_required_presets_exist():
@@ -64,8 +69,49 @@ def test_tracking_uri_falls_back_to_env_then_sqlite(monkeypatch):
     assert load_config("tiny").tracking_uri() == "http://127.0.0.1:5999"
 
 
-def test_digest_changes_with_relevant_section_only():
-    a = load_config("tiny")
-    b = load_config("tiny", ["pretrain.lr=0.5"])
-    assert a.digest("data") == b.digest("data")
-    assert a.digest("pretrain") != b.digest("pretrain")
+def test_the_loaded_config_cannot_be_changed_on_the_way():
+    from pydantic import ValidationError
+
+    cfg = load_config("tiny")
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.pretrain.lr = 0.5
+
+
+def test_clean_thresholds_come_from_the_preset_unless_set():
+    code = load_config("tiny", ["data.clean.max_line_len=500"]).data.clean
+    assert code.preset == "code" and code.max_line_len == 500 and code.min_alnum_ratio == 0.25
+    prose = load_config("tiny", ["data.clean.preset=prose"]).data.clean
+    assert prose.max_line_len is None and prose.min_mean_word_len == 3.0
+    off = load_config("tiny", ["data.clean.max_dup_line_fraction=null"]).data.clean
+    assert off.max_dup_line_fraction is None  # None switches a rule off, also against the preset
+
+
+def test_tokenizer_vocab_size_is_the_one_in_force():
+    assert load_config("tiny", ["tokenizer.kind=byte"]).tokenizer.vocab_size == 256 + 3
+    assert load_config("tiny", ["tokenizer.kind=file", "tokenizer.path=t.json"]).tokenizer.vocab_size is None
+    assert load_config("tiny").tokenizer.vocab_size == 512
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("finetune.task=sft", "finetune.task='sft' is not available: choose one of classify"),
+        ("trainer.strategy=fsdp", "fsdp needs GPUs"),
+        ("data.val_fraction=1.5", "data.val_fraction"),
+        ("tokenizer.vocab_size=10", "too small for byte-level BPE"),
+        ("pretrain.batch_size=0", "pretrain.batch_size"),
+        ("finetune.test_fraction=0.9", "leaves nothing to train on"),
+        ("deploy.promote_mode=best", "deploy.promote_mode"),
+        ("data.sources=[]", "data.sources"),
+    ],
+)
+def test_constraints_that_the_config_alone_decides_are_checked_when_it_loads(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config("tiny", [override])
+
+
+def test_a_binary_config_file_is_named(tmp_path):
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match="model.bin is not a text file"):
+        load_config(path)

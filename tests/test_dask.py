@@ -7,31 +7,33 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from lm.config import DataConfig
+from lm.config import CleanConfig, Config, DataConfig
 from lm.data.clean import clean
 from lm.data.ingest import ingest
+from lm.stage import StageContext, execute, stage_by_name
+from lm.stages import STAGES
 
 
 @pytest.mark.slow  # ~15 s: starts a scheduler and two worker processes
 def test_two_worker_dask_cluster_matches_local(prefect_harness, tmp_path):
     from distributed import LocalCluster
 
-    from tasks.data import clean_on_dask
+    from tasks.cluster import dask_map
 
     docs_dir = tmp_path / "ingest"
     docs_dir.mkdir()
     ingest(DataConfig(sources=["stdlib"], max_docs=300, row_group_mb=0.25), out_dir=docs_dir)
     documents = docs_dir / "documents.parquet"
     assert pq.ParquetFile(documents).metadata.num_row_groups >= 4
-    cfg = DataConfig(workers=2, val_fraction=0.1)
-    cfg.clean.preset = "code"
+    cfg = DataConfig(workers=2, val_fraction=0.1, clean=CleanConfig(preset="code"))
     local, remote = tmp_path / "local", tmp_path / "dask"
-    local.mkdir(), remote.mkdir()
+    local.mkdir()
     r_local = clean(cfg.model_copy(update={"workers": 1}), documents, out_dir=local)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        r_dask = clean_on_dask(
-            cfg.model_copy(update={"dask_address": cluster.scheduler_address}), documents, out_dir=remote
-        )
+        # The clean stage as the pipeline runs it, its map step given to the cluster.
+        full = Config(data=cfg.model_copy(update={"dask_address": cluster.scheduler_address}))
+        ctx = StageContext(full, {"ingest": docs_dir}, remote, cluster_map=dask_map(cluster.scheduler_address))
+        r_dask = execute(stage_by_name(STAGES, "clean"), ctx)
         assert len(cluster.workers) == 2
         # Both workers took parts: the work really was spread over the cluster.
         with cluster.get_client() as client:

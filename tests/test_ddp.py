@@ -6,6 +6,7 @@ run (the one created by the caller and passed by id) holds the metrics.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -37,7 +38,8 @@ def _check(outputs: str, client, exp: str, run_id: str, out: Path) -> None:
     # Rank 0 alone logs: one value per logged step, not two.
     steps = [m.step for m in client.get_metric_history(run_id, "val/loss")]
     assert steps == sorted(set(steps))
-    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    result = json.loads((out / "result.json").read_text())
+    assert result["metrics"]["world_size"] == 2 and (out / "model.safetensors").is_file()
 
 
 def _logged_pretrain_args(cfg: Path, tokens: Path, out: Path, run_id: str, uri: str) -> list[str]:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.config import ModelConfig
+from lm.config import MODEL_PRESETS, ModelConfig, load_config
 from lm.errors import ConfigError
 from lm.model import (
-    PRESETS,
     Decoder,
     Encoder,
     ModelArgs,
@@ -19,7 +18,7 @@ from lm.model import (
     generate,
     llama_config_dict,
     load_model,
-    resolve_model_config,
+    model_args,
     save_model,
     to_llama_state_dict,
 )
@@ -140,22 +139,41 @@ def test_generate_extends_and_greedy_is_deterministic():
     assert sampled.shape == (2, 13)
 
 
-def test_presets_and_overrides_resolve():
-    args = resolve_model_config(ModelConfig(preset="small", n_layer=3, seq_len=64), vocab_size=8192)
-    assert (args.n_layer, args.d_model, args.seq_len, args.vocab_size) == (
+def test_presets_fill_the_dimensions_the_config_leaves_out_when_it_loads():
+    cfg = ModelConfig(preset="small", n_layer=3, seq_len=64)
+    assert (cfg.n_layer, cfg.d_model, cfg.n_kv_head, cfg.d_ff) == (
         3,
-        PRESETS["small"]["d_model"],
-        64,
-        8192,
+        MODEL_PRESETS["small"]["d_model"],
+        MODEL_PRESETS["small"]["n_kv_head"],
+        MODEL_PRESETS["small"]["d_ff"],
     )
-    derived = resolve_model_config(ModelConfig(n_layer=2, n_head=2, d_model=96), vocab_size=100)
+    derived = ModelConfig(n_layer=2, n_head=2, d_model=96)
     assert derived.n_kv_head == 2 and derived.d_ff % 64 == 0 and derived.d_ff >= 8 * 96 // 3
-    with pytest.raises(ConfigError, match="model.preset='huge' is unknown"):
-        resolve_model_config(ModelConfig(preset="huge"), 100)
-    with pytest.raises(ConfigError, match="model.n_layer is not set"):
-        resolve_model_config(ModelConfig(), 100)
-    with pytest.raises(ConfigError, match="multiple of model.n_kv_head"):
-        resolve_model_config(ModelConfig(preset="tiny", n_kv_head=3), 100)
+    # Loaded once, dumped, loaded again: the same values (the stage's config.yaml is re-read by training).
+    assert ModelConfig.model_validate(cfg.model_dump()) == cfg
+    args = model_args(cfg, vocab_size=8192)
+    assert (args.n_layer, args.seq_len, args.vocab_size) == (3, 64, 8192)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.preset=huge", "model.preset='huge' is unknown"),
+        ("model.n_kv_head=3", "multiple of model.n_kv_head=3"),
+        ("model.n_head=3", "divisible by model.n_head=3"),
+        ("model.seq_len=-1", "model.seq_len"),
+    ],
+)
+def test_impossible_shapes_are_refused_when_the_config_loads(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("tiny", [override])
+
+
+def test_a_model_section_without_a_size_says_how_to_give_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  kind: decoder\n")
+    with pytest.raises(ConfigError, match="model.n_layer is not set: pick model.preset"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +186,7 @@ def test_presets_and_overrides_resolve():
     ],
 )
 def test_preset_sizes(preset, vocab, low, high):
-    args = resolve_model_config(ModelConfig(preset=preset, seq_len=1024), vocab)
+    args = model_args(ModelConfig(preset=preset, seq_len=1024), vocab)
     with torch.device("meta"):  # shapes only, no memory
         n = count_params(build_model(args))
     assert low <= n <= high, n

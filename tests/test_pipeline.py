@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lm.tracking import STAGES, run_tree
+from lm.config import load_config
+from lm.stages import STAGES
+from lm.tracking import run_tree
+from lm.workspace import config_values
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +22,13 @@ def tiny_run(prefect_harness, tmp_path_factory):
     from flows.pipeline import pipeline
 
     tmp = tmp_path_factory.mktemp("e2e")
-    overrides = [f"workdir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"]
+    cfg = load_config("tiny", [f"workdir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
     t0 = time.monotonic()
-    first = pipeline(config_file="tiny", overrides=overrides)
+    first = pipeline(config=cfg)
     t1 = time.monotonic()
-    second = pipeline(config_file="tiny", overrides=overrides)
+    second = pipeline(config=cfg)
     t2 = time.monotonic()
-    return {"first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1, "tmp": tmp}
+    return {"first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1, "tmp": tmp, "cfg": cfg}
 
 
 def test_run_tree_has_a_child_per_stage_with_results(tiny_run):
@@ -34,24 +37,30 @@ def test_run_tree_has_a_child_per_stage_with_results(tiny_run):
     assert tree["parent"].info.status == "FINISHED"
     assert tree["parent"].data.tags.get("lmforge.prefect_flow_run_id")
     children = tree["children"]
-    assert set(STAGES) <= set(children), sorted(children)
+    assert set(children) == {s.name for s in STAGES}, sorted(children)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(out["tracking_uri"])
     for stage in STAGES:
-        run = children[stage]
-        assert run.info.status == "FINISHED", stage
+        run = children[stage.name]
+        assert run.info.status == "FINISHED", stage.name
         has_artifacts = bool(client.list_artifacts(run.info.run_id))
-        assert run.data.metrics or has_artifacts, f"stage {stage} logged nothing"
+        assert run.data.metrics or has_artifacts, f"stage {stage.name} logged nothing"
+        # Its params: the config keys of its row in the stage table, with the values in force.
+        expected = {k: str(v) for k, v in config_values(tiny_run["cfg"], stage).items() if v is not None}
+        assert expected.items() <= run.data.params.items(), stage.name
     assert children["pretrain"].data.params["model.n_layer"] == "2"
     assert children["tokenize"].data.params["tokenizer.vocab_size"] == "512"
+    assert children["finetune"].data.params["finetune.lr"] == "0.003"
+    assert "pretrain.lr" not in children["finetune"].data.params
     pre = children["pretrain"].data.metrics
     assert "train/loss" in pre and "val/loss" in pre
     history = client.get_metric_history(children["pretrain"].info.run_id, "train/loss")
     assert len(history) >= 2, "training logged its loss only once"
     ev = children["evaluate"].data.metrics
-    for key in ("val/loss", "val/ppl", "eval/bpb", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy"):
+    for key in ("eval/loss", "eval/ppl", "eval/bpb", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy"):
         assert key in ev, key
+    assert not [k for k in ev if k.startswith("val/")]  # evaluation's numbers never pose as training's
     assert children["ingest"].inputs.dataset_inputs, "ingest logged no dataset lineage"
 
 
@@ -88,3 +97,54 @@ def test_second_run_reuses_finished_stages(tiny_run):
 def test_classifier_beats_majority_baseline(tiny_run):
     metrics = json.loads((Path(tiny_run["first"]["evaluate"]) / "metrics.json").read_text())
     assert metrics["eval/accuracy"] > metrics["eval/baseline_accuracy"], metrics
+
+
+def test_no_path_of_the_training_machine_in_the_export_or_the_registered_model(tiny_run):
+    import mlflow
+
+    out = tiny_run["first"]
+    local = mlflow.artifacts.download_artifacts(
+        "models:/lmforge-tiny@champion", dst_path=str(tiny_run["tmp"] / "downloaded"), tracking_uri=out["tracking_uri"]
+    )
+    roots = [str(tiny_run["tmp"]), str(Path(__file__).resolve().parent.parent), str(Path.home())]
+    for folder in (Path(out["export"]), Path(local)):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert files
+        for path in files:
+            data = path.read_bytes()
+            for root in roots:
+                assert root.encode() not in data, f"{path} names {root}"
+
+
+def test_the_registered_model_carries_its_code_and_installable_requirements(tiny_run):
+    import importlib.metadata
+
+    import mlflow
+    from packaging.requirements import Requirement
+
+    mlflow.set_tracking_uri(tiny_run["first"]["tracking_uri"])
+    reqs = mlflow.pyfunc.get_model_dependencies("models:/lmforge-tiny@champion")
+    lines = [ln for ln in Path(reqs).read_text().splitlines() if ln and not ln.startswith("#")]
+    names = set()
+    for line in lines:
+        req = Requirement(line)
+        names.add(req.name.lower())
+        # Every requirement is a published package, pinned to a version this environment runs.
+        assert importlib.metadata.version(req.name).split("+")[0] in req.specifier, line
+    assert "lmforge" not in names and {"torch", "tokenizers", "safetensors"} <= names
+
+
+def test_params_are_the_values_in_force_for_every_tokenizer_kind(prefect_harness, tmp_path):
+    """tokenizer.kind=byte used to die in the tokenize stage: the preset's vocab_size was logged, then
+    the tokenizer's own, and MLflow refuses to change a param."""
+    from flows.pipeline import pipeline
+
+    base = ["pretrain.max_steps=2", f"workdir={tmp_path / 'w'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
+    byte = pipeline(config=load_config("tiny", [*base, "tokenizer.kind=byte"]), targets=["tokenize"])
+    params = run_tree(byte["tracking_uri"], byte["mlflow_run_id"])["children"]["tokenize"].data.params
+    assert params["tokenizer.vocab_size"] == "259" and params["tokenizer.kind"] == "byte"
+    path = Path(byte["tokenize"]) / "tokenizer.json"
+    given = pipeline(config=load_config("tiny", [*base, "tokenizer.kind=file", f"tokenizer.path={path}"]),
+                     targets=["tokenize"])
+    params = run_tree(given["tracking_uri"], given["mlflow_run_id"])["children"]["tokenize"].data.params
+    assert params["tokenizer.vocab_size"] == "259"  # the file's size, logged once the stage read it

@@ -42,7 +42,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         timeout=300,
     )
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    expected = json.loads((tmp_path / "ref" / "result.json").read_text())["metrics"]
 
     out = tmp_path / "crashed"
     proc = subprocess.Popen(
@@ -59,7 +59,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not (out / "metrics.json").exists()
+    assert not (out / "result.json").exists()
     ckpts = sorted((out / "checkpoints").glob("step-*.ckpt"))
     assert len(ckpts) >= 2
     # The newest checkpoint is damaged as a torn copy would be: the previous valid one must be used.
@@ -72,7 +72,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"{newest} (step" in resumed.stdout and "truncated or corrupt" in resumed.stdout
     assert f"resuming from {ckpts[-2]}" in resumed.stdout
-    got = json.loads((out / "metrics.json").read_text())
+    got = json.loads((out / "result.json").read_text())["metrics"]
     assert got["steps"] == expected["steps"] == 40
     assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-5)
     assert got["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-5)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
 from lm.errors import DataError
-from lm.shards import TokenShards
+from lm.shards import TokenIndex, TokenShards
 
 
 def write_shards(tmp_path, sizes: list[int], dtype: str = "uint16") -> np.ndarray:
@@ -20,16 +18,14 @@ def write_shards(tmp_path, sizes: list[int], dtype: str = "uint16") -> np.ndarra
         stream[at : at + n].tofile(tmp_path / name)
         files.append(name)
         at += n
-    index = {
-        "dtype": dtype,
-        "vocab_size": 65_536 if dtype == "uint16" else 100_000,
-        "eot_id": 0,
-        "pad_id": 1,
-        "mask_id": 2,
-        "splits": {"train": {"files": files, "tokens": int(sum(sizes))}},
-        "tokenizer": "tokenizer.json",
-    }
-    (tmp_path / "index.json").write_text(json.dumps(index))
+    TokenIndex(
+        dtype=dtype,
+        vocab_size=65_536 if dtype == "uint16" else 100_000,
+        eot_id=0,
+        pad_id=1,
+        mask_id=2,
+        splits={"train": {"files": files, "tokens": int(sum(sizes)), "documents": 1}},
+    ).save(tmp_path)
     return stream
 
 
@@ -38,7 +34,7 @@ def test_windows_across_shard_boundaries(tmp_path, dtype):
     stream = write_shards(tmp_path, [100, 1, 0, 257, 50], dtype)
     shards = TokenShards(tmp_path, "train")
     assert shards.num_tokens == len(shards) == 408
-    assert (shards.vocab_size, shards.eot_id, shards.pad_id, shards.mask_id)[1:] == (0, 1, 2)
+    assert (shards.eot_id, shards.pad_id, shards.mask_id) == (0, 1, 2)
     rng = np.random.default_rng(1)
     for _ in range(200):
         length = int(rng.integers(0, 300))
@@ -64,3 +60,10 @@ def test_incomplete_shards_and_missing_split_are_reported(tmp_path):
         TokenShards(tmp_path, "train")
     with pytest.raises(DataError, match="no split 'val'"):
         TokenShards(tmp_path, "val")
+
+
+def test_a_damaged_index_is_a_data_error_naming_the_file(tmp_path):
+    write_shards(tmp_path, [10])
+    (tmp_path / "index.json").write_text('{"dtype": "uint16"}')
+    with pytest.raises(DataError, match="index.json is not a token index"):
+        TokenShards(tmp_path, "train")

@@ -12,8 +12,6 @@ import socket
 import sys
 from pathlib import Path
 
-import numpy as np
-
 STDLIB = Path(sys.modules["json"].__file__).parent.parent
 SOURCES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py"]
 
@@ -48,77 +46,42 @@ def stdlib_texts() -> list[str]:
     return [(STDLIB / s).read_text(encoding="utf-8") for s in SOURCES]
 
 
-def make_token_dir(root: Path, vocab_size: int = 384, train_files: int = 2) -> Path:
-    """A token data dir: tokenizer.json, index.json, train_0000N.bin, val_00000.bin (uint16)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_token_dir(root: Path, vocab_size: int = 384, shard_tokens: int = 12_000) -> Path:
+    """A token data dir made by the real tokenize stage: a byte-level BPE on six stdlib modules
+    (``json/encoder.py`` held out for validation), train shards cut small so windows cross files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    root.mkdir(parents=True, exist_ok=True)
-    specials = ["<|endoftext|>", "<|pad|>", "<|mask|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    from lm.config import Config, TokenizerConfig
+    from lm.tokenizer import tokenize
+
+    clean = root.parent / f"{root.name}-clean"
+    clean.mkdir(parents=True, exist_ok=True)
     texts = stdlib_texts()
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.save(str(root / "tokenizer.json"))
-    eot, pad, mask = (tok.token_to_id(s) for s in specials)
-    ids: list[int] = []
-    for enc in tok.encode_batch(texts):
-        ids.extend(enc.ids + [eot])
-    arr = np.asarray(ids, dtype=np.uint16)
-    n_val = len(arr) // 10
-    val, train = arr[:n_val], arr[n_val:]
-    parts = np.array_split(train, train_files)
-    files = []
-    for i, part in enumerate(parts):
-        name = f"train_{i:05d}.bin"
-        part.tofile(root / name)
-        files.append(name)
-    val.tofile(root / "val_00000.bin")
-    index = {
-        "dtype": "uint16",
-        "vocab_size": tok.get_vocab_size(),
-        "eot_id": eot,
-        "pad_id": pad,
-        "mask_id": mask,
-        "splits": {
-            "train": {"files": files, "tokens": int(len(train))},
-            "val": {"files": ["val_00000.bin"], "tokens": int(len(val))},
-        },
-        "tokenizer": "tokenizer.json",
-    }
-    (root / "index.json").write_text(json.dumps(index, indent=2))
+    for split, docs in (("train", texts[1:]), ("val", texts[:1])):
+        ids = [f"{split}{i}" for i in range(len(docs))]
+        pq.write_table(pa.table({"doc_id": ids, "source": ["stdlib"] * len(docs), "text": docs}), clean / f"{split}.parquet")
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = Config(tokenizer=TokenizerConfig(kind="bpe", vocab_size=vocab_size, shard_tokens=shard_tokens))
+    tokenize(cfg, clean, out_dir=root)
     return root
 
 
 def make_finetune_dir(root: Path) -> Path:
-    """Classify a line of code by the module it comes from (3 classes): train/val/test.parquet + labels.json."""
-    import pandas as pd
+    """Classify a line of code by the module it comes from (3 classes), built by the real
+    classification data step from a labelled .jsonl file."""
+    from lm.config import Config, FinetuneConfig
+    from lm.data.labelled import build_finetune_data
 
     root.mkdir(parents=True, exist_ok=True)
-    names = ["textwrap", "shlex", "glob"]
     rows = []
-    for label, name in enumerate(names):
-        lines = [
-            ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20
-        ]
-        rows += [{"text": ln, "label": label} for ln in lines[:60]]
-    rng = np.random.default_rng(0)
-    rng.shuffle(rows)
-    n = len(rows)
-    splits = {
-        "train": rows[: int(0.7 * n)],
-        "val": rows[int(0.7 * n) : int(0.85 * n)],
-        "test": rows[int(0.85 * n) :],
-    }
-    for split, part in splits.items():
-        pd.DataFrame(part).to_parquet(root / f"{split}.parquet")
-    (root / "labels.json").write_text(json.dumps(names))
+    for name in ["textwrap", "shlex", "glob"]:
+        lines = [ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20]
+        rows += [{"text": ln, "label": name} for ln in lines[:60]]
+    labelled = root.parent / f"{root.name}.jsonl"
+    labelled.write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = Config(finetune=FinetuneConfig(data=str(labelled), val_fraction=0.15, test_fraction=0.15))
+    build_finetune_data(cfg, out_dir=root)
     return root
 
 

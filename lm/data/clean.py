@@ -2,7 +2,7 @@
 
 Work is split into parts (row groups of ``documents.parquet``). Each part is cleaned by
 :func:`clean_part`, in a process pool over every core, or (``data.dask_address``) as Prefect
-tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/data.py``): it runs the
+tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/cluster.py``): it runs the
 filters, writes its surviving documents to a part file and returns small arrays (dedup hashes, MinHash signatures, split hashes) and counts. The driver
 then finds exact and near duplicates over the whole corpus, BEFORE the split, so no near copy of
 a validation document is trained on, and streams the part files into ``train.parquet`` and
@@ -36,13 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lm.config import DataConfig
+from lm.data.batching import char_bounded
 from lm.data.dedup import MinHasher, band_keys, exact_key, lsh_params, near_duplicates
-from lm.data.filters import Document, build_filters, effective, run_filters
+from lm.data.filters import Document, build_filters, run_filters
 from lm.data.ingest import SCHEMA
 from lm.errors import DataError
+from lm.fileio import file_sha256
 from lm.memory import trim_heap
 from lm.stage import StageResult
-from lm.tokenizer import char_bounded
 
 TRAIN, VAL = "train.parquet", "val.parquet"
 STATS, DROPPED, HIST = "stats.json", "dropped_samples.jsonl", "length_hist.png"
@@ -149,7 +150,7 @@ def clean_part(task: PartTask, cfg: DataConfig) -> PartResult:
 
 def _map_parts(tasks: list[PartTask], cfg: DataConfig, workers: int) -> Iterable[PartResult]:
     """Results in task order: in this process or a process pool over this machine's cores.
-    (On a Dask cluster, ``tasks/data.py`` maps :func:`clean_part` with Prefect's DaskTaskRunner.)"""
+    (On a Dask cluster, ``tasks/cluster.py`` maps :func:`clean_part` with Prefect's DaskTaskRunner.)"""
     if workers <= 1 or len(tasks) == 1:
         for t in tasks:
             yield clean_part(t, cfg)
@@ -364,7 +365,7 @@ def finish_clean(
         metrics.setdefault(f"pii/{kind}", 0)
         metrics[f"clean/pii/{kind}"] = metrics.pop(f"pii/{kind}")
     metrics = {k: float(v) for k, v in metrics.items()}
-    settings = effective(cfg.clean)
+    settings = cfg.clean.model_dump()
     stats = {
         "metrics": metrics,
         "dropped": dict(agg.reasons.most_common()),
@@ -380,33 +381,20 @@ def finish_clean(
     _plot_lengths(out_dir / HIST, agg.hist_in, hist_out)
     return StageResult(
         metrics=metrics,
-        params={
-            **{f"clean.{k}": v for k, v in settings.items()},
-            "dedup.bands": bands,
-            "dedup.rows": rows,
-            "val_fraction": cfg.val_fraction,
-        },
+        params={"dedup.bands": bands, "dedup.rows": rows},  # the thresholds in force are the run's config params
         artifacts=[STATS, DROPPED, HIST, DEDUP_PAIRS],
         outputs={"train": TRAIN, "val": VAL},
         datasets=[
             {
                 "name": name.removesuffix(".parquet"),
                 "path": name,
-                "digest": _file_digest(out_dir / name),
+                "digest": file_sha256(out_dir / name),
                 "source": "clean",
                 "context": ctx,
             }
             for name, ctx in ((TRAIN, "training"), (VAL, "validation"))
         ],
     )
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_samples(path: Path, samples: dict[str, list[dict]]) -> None:

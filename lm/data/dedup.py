@@ -19,25 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lm.data.scripts import SEPARATOR_RANGES, UNSPACED_RANGES
+from lm.hashing import splitmix64
+
 _B = np.uint64(0x100000001B3)  # odd multiplier of the polynomial word hash (FNV prime)
 _B_INV = np.uint64(pow(0x100000001B3, -1, 2**64))
 _MASK32 = np.uint64(0xFFFFFFFF)
-
-# Code points of scripts written without spaces: each such character is a word on its own.
-_UNSPACED_RANGES = [
-    (0x0E00, 0x0FFF),
-    (0x1000, 0x109F),
-    (0x1780, 0x17FF),
-    (0x3040, 0x30FF),
-    (0x3400, 0x4DBF),
-    (0x4E00, 0x9FFF),
-    (0xF900, 0xFAFF),
-    (0xFF66, 0xFF9F),
-]
-# Non-ASCII punctuation and spaces that separate words (Latin-1 punctuation, general
-# punctuation, CJK symbols and punctuation, fullwidth ASCII punctuation).
-_SEPARATOR_RANGES = [(0x80, 0xBF), (0x2000, 0x206F), (0x3000, 0x303F), (0xFF00, 0xFF0F), (0xFF1A, 0xFF20)]
-
 
 def _char_classes() -> np.ndarray:
     """uint8 per code point: 0 separates words, 1 is part of a word, 2 is a word by itself."""
@@ -45,9 +32,9 @@ def _char_classes() -> np.ndarray:
     table[:128] = 0
     for c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_":
         table[c] = 1
-    for lo, hi in _SEPARATOR_RANGES:
+    for lo, hi in SEPARATOR_RANGES:
         table[lo : hi + 1] = 0
-    for lo, hi in _UNSPACED_RANGES:
+    for lo, hi in UNSPACED_RANGES:
         table[lo : hi + 1] = 2
     table[0xD800:0xE000] = 0  # lone surrogates
     return table
@@ -71,22 +58,6 @@ def _powers(base: np.uint64, n: int, key: str) -> np.ndarray:
     if keep:
         _POW_CACHE[key] = powers
     return powers[:n]
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """Bijective 64-bit finaliser (Steele et al. 2014): spreads polynomial hashes over all bits."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def _in_ranges(cp: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    out = np.zeros(cp.shape, dtype=bool)
-    for lo, hi in ranges:
-        out |= (cp >= lo) & (cp <= hi)
-    return out
 
 
 def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +86,7 @@ def word_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     # Q = prefix sums of cp[j] * B^-j; all mod 2^64 (numpy's uint64 wraps around).
     q = np.zeros(n + 1, dtype=np.uint64)
     np.cumsum(cp.astype(np.uint64) * _powers(_B_INV, n, "inv"), out=q[1:])
-    h = _splitmix64((q[ends] - q[starts]) * _powers(_B, n, "pow")[starts] + (ends - starts).astype(np.uint64))
+    h = splitmix64((q[ends] - q[starts]) * _powers(_B, n, "pow")[starts] + (ends - starts).astype(np.uint64))
     # Text i starts at offset sum(len(texts[:i]) + 1) in the joined string.
     offsets = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]])
     doc = (np.searchsorted(offsets, starts, side="right") - 1).astype(np.uint32)
@@ -127,7 +98,7 @@ def shingle_hashes(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     w, doc = word_hashes(texts)
     if w.size == 0:
         return w, doc
-    mult = _splitmix64(np.arange(1, k + 1, dtype=np.uint64))  # a distinct odd-ish weight per position
+    mult = splitmix64(np.arange(1, k + 1, dtype=np.uint64))  # a distinct odd-ish weight per position
     mult |= np.uint64(1)
     m = w.size - k + 1
     if m > 0:
@@ -135,7 +106,7 @@ def shingle_hashes(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         for i in range(k):
             acc += w[i : i + m] * mult[i]
         valid = doc[:m] == doc[k - 1 :]
-        sh, sh_doc = _splitmix64(acc[valid]), doc[:m][valid]
+        sh, sh_doc = splitmix64(acc[valid]), doc[:m][valid]
     else:
         sh, sh_doc = np.zeros(0, np.uint64), np.zeros(0, np.uint32)
     # Texts with 1..k-1 words: one shingle of all their words.
@@ -147,7 +118,7 @@ def shingle_hashes(texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         sel = np.isin(doc, short)
         weighted = w[sel] * mult[np.minimum(pos[sel], k - 1)]
         seg = np.concatenate(([0], np.flatnonzero(np.diff(doc[sel])) + 1))
-        short_h = _splitmix64(np.add.reduceat(weighted, seg))
+        short_h = splitmix64(np.add.reduceat(weighted, seg))
         sh = np.concatenate((sh, short_h))
         sh_doc = np.concatenate((sh_doc, doc[sel][seg]))
         order = np.argsort(sh_doc, kind="stable")
@@ -212,10 +183,10 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """(N, bands) uint64 keys: one hash of each band's ``rows`` signature values."""
     n = sig.shape[0]
     keys = np.zeros((n, bands), dtype=np.uint64)
-    mult = _splitmix64(np.arange(1, rows + 1, dtype=np.uint64)) | np.uint64(1)
+    mult = splitmix64(np.arange(1, rows + 1, dtype=np.uint64)) | np.uint64(1)
     for band in range(bands):
         block = sig[:, band * rows : (band + 1) * rows].astype(np.uint64)
-        keys[:, band] = _splitmix64((block * mult[None, :]).sum(axis=1, dtype=np.uint64) + np.uint64(band))
+        keys[:, band] = splitmix64((block * mult[None, :]).sum(axis=1, dtype=np.uint64) + np.uint64(band))
     return keys
 
 

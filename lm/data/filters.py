@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lm.config import CleanConfig
+from lm.data.scripts import UNSPACED_RANGES, regex_class
 
 
 @dataclass
@@ -31,11 +32,6 @@ class Document:
 
 
 Filter = Callable[[Document], str | None]
-
-
-def effective(cfg: CleanConfig) -> dict[str, object]:
-    """The thresholds in force (the preset's values are filled in when the config is validated)."""
-    return cfg.model_dump()
 
 
 # --- text rewriting ---------------------------------------------------------------------------
@@ -122,9 +118,7 @@ def redact_pii(doc: Document) -> str | None:
 
 # --- script-aware words ------------------------------------------------------------------------
 
-# Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, CJK
-# punctuation, kana, CJK ideographs (+ extension A, compatibility), Hangul is spaced.
-_UNSPACED = "\u0e00-\u0eff\u0f00-\u0fff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"
+_UNSPACED = regex_class(UNSPACED_RANGES)
 _WORD = re.compile(f"[{_UNSPACED}]|[^\\s{_UNSPACED}]+")
 _UNSPACED_CHAR = re.compile(f"[{_UNSPACED}]")
 
@@ -270,7 +264,7 @@ def lorem_filter(doc: Document) -> str | None:
 
 def build_filters(cfg: CleanConfig) -> list[Filter]:
     """The filter list in the order they run: rewrite first, then cheap rules, then costly ones."""
-    s = effective(cfg)
+    s = cfg.model_dump()  # the preset's thresholds are filled in when the config loads
     filters: list[Filter] = []
     if s["normalize_unicode"]:
         filters.append(normalize_unicode)

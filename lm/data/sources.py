@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.errors import DataError
+from lm.fileio import file_sha256
 
 COMPRESSIONS = (".gz", ".zst")
 TABLE_KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -90,14 +91,6 @@ def open_binary(path: Path) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def decode(raw: bytes, report: FileReport) -> str:
     try:
         return raw.decode("utf-8")
@@ -118,11 +111,12 @@ def _walk(root: Path) -> Iterator[Path]:
             yield Path(dirpath) / f
 
 
-def resolve(spec: str) -> Iterator[SourceFile]:
+def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
     """Files of one path/glob/directory source, sorted so that ingest is deterministic.
 
     A generator: a directory of a million files is walked, not listed. The errors (a missing path,
-    an empty directory, a glob that matches nothing) are raised at the first ``next()``."""
+    an empty directory, a glob that matches nothing), naming the config ``key`` that gave ``spec``,
+    are raised at the first ``next()``."""
     if _has_glob(spec):
         # glob's own order is the file system's: sort (as strings, 10x smaller than Paths).
         paths = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
@@ -133,7 +127,7 @@ def resolve(spec: str) -> Iterator[SourceFile]:
                 found = True
                 yield SourceFile(spec, p, name)
         if not found:
-            raise DataError(f"data source {spec!r}: the glob matches no files")
+            raise DataError(f"{key}: {spec!r}: the glob matches no files")
         return
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
@@ -142,15 +136,17 @@ def resolve(spec: str) -> Iterator[SourceFile]:
             found = True
             yield SourceFile(spec, p, str(p.relative_to(path)))
         if not found:
-            raise DataError(f"data source {spec!r}: the directory holds no files")
+            raise DataError(f"{key}: {spec!r}: the directory holds no files")
         return
     if path.is_file():
         yield SourceFile(spec, path, str(path))
         return
-    raise DataError(
-        f"data source {spec!r} does not exist: give a file, directory, glob, 'stdlib' or 'hf:<dataset>' "
-        "in data.sources"
-    )
+    if key == "data.sources":
+        raise DataError(
+            f"data source {spec!r} does not exist: give a file, directory, glob, 'stdlib' or 'hf:<dataset>' "
+            "in data.sources"
+        )
+    raise DataError(f"{key}={spec!r} does not exist")
 
 
 def piece_id(doc_id: str, i: int) -> str:

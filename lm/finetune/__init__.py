@@ -1,0 +1,47 @@
+"""Fine-tuning methods, each one module behind one small interface, selected by ``finetune.task``.
+
+A method module provides everything that differs between methods, and nothing else:
+
+- ``prepare_data(cfg, *, out_dir) -> StageResult``: the ``finetune_data`` stage (its splits);
+- ``build(cfg, backbone, data_dir, tokens_dir) -> Recipe``: its network around the pretrained
+  backbone, its LightningModule (a subclass of ``lm.lit.OptimisedModule``) and its DataModule;
+  training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
+- ``METRICS``: the ``eval/`` metrics its ``evaluate`` reports, each with the direction that is better;
+- ``evaluate(model_dir, data_dir, tokens_dir, *, out_dir) -> dict``: those metrics on its test split;
+- ``export(model_dir, data_dir, *, out_dir) -> list[str]``: files the export folder needs beyond
+  the weights and the tokenizer;
+- ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;
+  ``Predictor.input_example()`` is what the registry shows as the model's input.
+
+Adding a method is a new module and one line in :data:`METHODS`. Methods are imported only when
+used, so reading a config does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+# finetune.task -> the module that implements it.
+METHODS: dict[str, str] = {
+    "classify": "lm.finetune.classify",
+}
+
+
+def method(task: str) -> ModuleType:
+    """The module of fine-tuning method ``task`` (a name in :data:`METHODS`)."""
+    return importlib.import_module(METHODS[task])
+
+
+@dataclass
+class Recipe:
+    """What a method hands the shared training loop."""
+
+    module: Any  # an lm.lit.OptimisedModule subclass; module.net is the network that is saved
+    datamodule: Any  # a LightningDataModule
+    tokens_per_batch: int  # tokens in one micro-batch (throughput, MFU)
+    describe: str  # one line for the log: what is trained on what
+    meta: dict[str, Any] = field(default_factory=dict)  # what model.json keeps (label names ...)
+    train_examples: int | None = None  # a finite training set: validated at least once per epoch

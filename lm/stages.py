@@ -1,0 +1,187 @@
+"""THE stage table: what the pipeline's stages are, in the order they run.
+
+Each row names a stage once: the ``lm/`` function that does its work, the stages it reads, the
+config keys and files its result depends on, the code it runs, and the files it leaves. From this
+table alone come the output folders and cache keys (``lm.workspace``), the MLflow child runs and
+their params, the Prefect wiring (``flows/pipeline.py``), the CLI subcommands (``flows/cli.py``)
+and the checks made before a run starts (:func:`preflight`). Adding a stage is one row here and,
+if its work is new, one function in ``lm/``.
+
+This module is plain data and knows nothing of Prefect or MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from lm.config import Config
+from lm.errors import ConfigError
+from lm.stage import Stage, StageContext, StageResult, needed
+
+# ---- what each stage runs: its lm/ function, given the stage's inputs ---------------------------
+
+
+def _ingest(ctx: StageContext) -> StageResult:
+    from lm.data.ingest import ingest
+
+    return ingest(ctx.cfg.data, out_dir=ctx.out_dir)
+
+
+def _clean(ctx: StageContext) -> StageResult:
+    from lm.data.clean import clean, clean_part
+
+    on_cluster = ctx.cluster_map
+    map_parts = None if on_cluster is None else (lambda parts, cfg: on_cluster(clean_part, parts, cfg))
+    return clean(ctx.cfg.data, ctx.inputs["ingest"] / "documents.parquet", out_dir=ctx.out_dir, map_parts=map_parts)
+
+
+def _tokenize(ctx: StageContext) -> StageResult:
+    from lm.tokenizer import tokenize
+
+    return tokenize(ctx.cfg, ctx.inputs["clean"], out_dir=ctx.out_dir)
+
+
+def _finetune_data(ctx: StageContext) -> StageResult:
+    from lm.finetune import method
+
+    return method(ctx.cfg.finetune.task).prepare_data(ctx.cfg, out_dir=ctx.out_dir)
+
+
+def _pretrain(ctx: StageContext) -> StageResult:
+    from lm.train import launch
+
+    return launch("pretrain", ctx, ["--data", str(ctx.inputs["tokenize"])])
+
+
+def _finetune(ctx: StageContext) -> StageResult:
+    from lm.train import launch
+
+    i = ctx.inputs
+    return launch("finetune", ctx, ["--data", str(i["finetune_data"]), "--tokens", str(i["tokenize"]),
+                                    "--init", str(i["pretrain"])])
+
+
+def _evaluate(ctx: StageContext) -> StageResult:
+    from lm.evaluate import evaluate
+
+    i = ctx.inputs
+    return evaluate(ctx.cfg, i["pretrain"], i["finetune"], i["tokenize"], i["finetune_data"], out_dir=ctx.out_dir)
+
+
+def _export(ctx: StageContext) -> StageResult:
+    from lm.export import export
+
+    i = ctx.inputs
+    return export(ctx.cfg.finetune.task, i["finetune"], i["pretrain"], i["tokenize"], i["finetune_data"],
+                  out_dir=ctx.out_dir)
+
+
+def _deploy(ctx: StageContext) -> StageResult:
+    from lm.registry import deploy
+
+    metrics = json.loads((ctx.inputs["evaluate"] / "metrics.json").read_text())
+    export_dir = ctx.inputs["export"]
+    return deploy(ctx.cfg.deploy, ctx.cfg.tracking_uri(), ctx.run_id, export_dir, export_dir.name, metrics,
+                  out_dir=ctx.out_dir)
+
+
+def _check_promote_metric(cfg: Config) -> None:
+    from lm.evaluate import metric_directions
+
+    known = metric_directions(cfg)
+    metric, mode = cfg.deploy.promote_metric, cfg.deploy.promote_mode
+    if metric not in known:
+        raise ConfigError(
+            f"deploy.promote_metric={metric!r} is not a metric the evaluate stage reports for model.kind="
+            f"{cfg.model.kind} and finetune.task={cfg.finetune.task}; choose one of {', '.join(known)}"
+        )
+    if known[metric] != mode:
+        raise ConfigError(
+            f"deploy.promote_mode={mode!r}, but {metric} is better when {'higher' if known[metric] == 'max' else 'lower'}: "
+            f"set deploy.promote_mode={known[metric]}"
+        )
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", _ingest, "read every configured source into documents.parquet, with provenance",
+          config=("data.sources", "data.text_field", "data.max_bad_fraction", "data.max_docs", "data.stdlib_tests",
+                  "data.row_group_mb", "data.max_doc_chars"),
+          files=("data.sources",), code=("lm.data.ingest",),
+          outputs=("documents.parquet", "provenance.csv"), group="data"),
+    Stage("clean", _clean, "filter, deduplicate (exact + MinHash) and split the documents into train/val",
+          inputs=("ingest",), config=("data.clean", "data.dedup", "data.val_fraction", "data.seed"),
+          code=("lm.data.clean",), outputs=("train.parquet", "val.parquet"), group="data"),
+    Stage("tokenize", _tokenize, "build the tokenizer and write token shards of both splits",
+          inputs=("clean",), config=("tokenizer",), files=("tokenizer.path",), code=("lm.tokenizer",),
+          outputs=("tokenizer.json", "index.json"), group="data"),
+    Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
+          config=("finetune.task", "finetune.data", "finetune.text_column", "finetune.label_column",
+                  "finetune.num_classes", "finetune.val_fraction", "finetune.test_fraction"),
+          files=("finetune.data",), code=("lm.finetune",), group="data"),
+    Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
+          inputs=("tokenize",), config=("model", "pretrain", "trainer"), files=("pretrain.init_from",),
+          code=("lm.train",), outputs=("model.safetensors", "model.json", "result.json"),
+          resumable=True, live_metrics=True),
+    Stage("finetune", _finetune, "fine-tune the pretrained model with the method finetune.task",
+          inputs=("pretrain", "finetune_data", "tokenize"), config=("finetune", "trainer"),
+          code=("lm.train", "lm.finetune"), outputs=("model.safetensors", "model.json", "result.json"),
+          resumable=True, live_metrics=True),
+    Stage("evaluate", _evaluate, "evaluate the language model and the fine-tuned model beside baselines",
+          inputs=("pretrain", "finetune", "tokenize", "finetune_data"), config=("evaluate",),
+          code=("lm.evaluate", "lm.finetune"), outputs=("metrics.json",)),
+    Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
+          inputs=("finetune", "pretrain", "tokenize", "finetune_data"), code=("lm.export", "lm.finetune"),
+          outputs=("model.safetensors", "model.json", "tokenizer.json")),
+    Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion",
+          inputs=("export", "evaluate"), config=("deploy",), code=("lm.registry",), cached=False,
+          check=_check_promote_metric),
+)
+
+
+def groups(table: Sequence[Stage]) -> dict[str, list[str]]:
+    """CLI group commands: group name -> its stages."""
+    out: dict[str, list[str]] = {}
+    for stage in table:
+        if stage.group:
+            out.setdefault(stage.group, []).append(stage.name)
+    return out
+
+
+def preflight(cfg: Config, stages: Sequence[Stage]) -> None:
+    """What can be checked before the first of ``stages`` starts: fail in seconds, not after training.
+    The files each stage's config names exist (the first file of each source; the full walk is the
+    cache key's), the work folder can be made, and each stage's own check holds."""
+    from lm.data import sources
+
+    for stage in stages:
+        for key in stage.files:
+            value = cfg.value(key)
+            for spec in value if isinstance(value, list) else [value]:
+                if spec is not None and spec != sources.STDLIB and not spec.startswith(sources.HF_PREFIX):
+                    next(sources.resolve(spec, key))
+        if stage.check is not None:
+            stage.check(cfg)
+    workdir = Path(cfg.workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"workdir={cfg.workdir!r} is a file, not a folder: point workdir at a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir={cfg.workdir!r} cannot be created: {e.strerror}") from None
+    if not os.access(workdir, os.W_OK):
+        raise ConfigError(f"workdir={cfg.workdir!r} is not writable")
+
+
+def stages_for(targets: Sequence[str], table: Sequence[Stage] = STAGES) -> list[Stage]:
+    """The stages a run of ``targets`` (stage names, a group name, or none for all) needs."""
+    if not targets:
+        return list(table)
+    names: list[str] = []
+    for t in targets:
+        names += groups(table).get(t, [t])
+    return needed(table, names)

@@ -1,0 +1,59 @@
+"""Fine-tuning methods are modules behind one interface: a method that exists only in the tests
+(tests/toy_method.py) is registered by one line and goes through the real stages."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import toy_method
+from train_fixtures import make_token_dir, tiny_config_yaml
+
+from lm import finetune
+from lm.config import load_config
+from lm.errors import ConfigError
+from lm.stage import StageContext, execute, stage_by_name
+from lm.stages import STAGES, preflight
+from lm.train import run_finetune, run_pretrain
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_an_unknown_method_is_a_config_error():
+    with pytest.raises(ConfigError, match="finetune.task='length' is not available: choose one of classify"):
+        load_config("tiny", ["finetune.task=length"])
+
+
+def test_a_method_registered_in_a_test_trains_evaluates_and_exports(tmp_path, monkeypatch):
+    monkeypatch.setitem(finetune.METHODS, "length", "toy_method")
+    cfg = load_config(
+        tiny_config_yaml(
+            tmp_path / "cfg.yaml",
+            finetune={"task": "length", "max_steps": 60, "lr": 3e-3, "val_every": 20},
+            deploy={"promote_metric": "eval/mae", "promote_mode": "min"},
+        )
+    )
+    preflight(cfg, STAGES)  # its metric, and that lower is better, are known to the deploy stage's check
+    tokens = make_token_dir(tmp_path / "tokens")
+    run_pretrain(cfg, tokens, tmp_path / "pretrain")
+    inputs = {
+        "pretrain": tmp_path / "pretrain",
+        "tokenize": tokens,
+        "finetune_data": tmp_path / "finetune_data",
+        "finetune": tmp_path / "finetune",
+    }
+
+    def stage(name: str):
+        return execute(stage_by_name(STAGES, name), StageContext(cfg, inputs, tmp_path / name))
+
+    stage("finetune_data")
+    metrics = run_finetune(cfg, inputs["finetune_data"], tokens, inputs["pretrain"], inputs["finetune"])
+    assert metrics["val/mae"] < 0.3, metrics
+    evaluated = stage("evaluate")
+    assert evaluated.metrics["eval/mae"] < evaluated.metrics["eval/baseline_mae"], evaluated.metrics
+    assert "eval/bpb" in evaluated.metrics  # the language model is still evaluated as a decoder
+    exported = stage("export")
+    assert "target.json" in exported.artifacts and (tmp_path / "export" / "lm" / "model.json").is_file()
+    predicted = toy_method.Predictor(tmp_path / "export").predict(
+        pd.DataFrame({"text": ["x = 1", "raise ValueError('the separator must be a non-empty string here')"]})
+    )["log10_chars"]
+    assert predicted[1] > predicted[0]

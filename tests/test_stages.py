@@ -1,0 +1,116 @@
+"""A stage is one row of a table: a toy table (test-only) gets its folders, child runs with params,
+Prefect subflows and CLI commands without a line anywhere else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import _parser, main
+from lm.config import load_config
+from lm.stage import Stage, StageContext, StageResult, needed
+from lm.stages import STAGES, stages_for
+from lm.tracking import run_tree
+from lm.workspace import stage_dirs
+
+
+def _count(ctx: StageContext) -> StageResult:
+    n = ctx.cfg.evaluate.max_batches
+    (ctx.out_dir / "count.json").write_text(json.dumps({"n": n}))
+    return StageResult(
+        metrics={"toy/count": float(n)}, params={"toy.unit": "batches"}, artifacts=["count.json"]
+    )
+
+
+def _double(ctx: StageContext) -> StageResult:
+    n = json.loads((ctx.inputs["count"] / "count.json").read_text())["n"]
+    (ctx.out_dir / "double.json").write_text(json.dumps({"n": 2 * n, "alias": ctx.cfg.deploy.alias}))
+    return StageResult(metrics={"toy/double": 2.0 * n})
+
+
+TOYS = (
+    Stage(
+        "count",
+        _count,
+        "count the evaluation batches",
+        config=("evaluate.max_batches",),
+        outputs=("count.json",),
+        group="toys",
+    ),
+    Stage(
+        "double_it",
+        _double,
+        "double the count",
+        inputs=("count",),
+        config=("deploy.alias",),
+        outputs=("double.json",),
+        group="toys",
+    ),
+)
+
+
+def test_the_real_table_is_in_order_and_names_each_stage_once():
+    names = [s.name for s in STAGES]
+    assert len(set(names)) == len(names)
+    for i, stage in enumerate(STAGES):
+        assert set(stage.inputs) <= set(names[:i]), f"{stage.name} reads a stage that runs after it"
+    assert [s.name for s in stages_for(["pretrain"])] == ["ingest", "clean", "tokenize", "pretrain"]
+    assert [s.name for s in stages_for(["data"])] == ["ingest", "clean", "tokenize", "finetune_data"]
+    assert [s.name for s in needed(TOYS, ["double_it"])] == ["count", "double_it"]
+
+
+def test_a_toy_stage_gets_a_folder_and_a_cli_command(tmp_path):
+    cfg = load_config("tiny", [f"workdir={tmp_path}"])
+    folders = stage_dirs(cfg, TOYS)
+    assert (
+        folders["count"].parent == tmp_path / "count"
+        and folders["double_it"].parent == tmp_path / "double_it"
+    )
+    help_text = _parser(TOYS).format_help()
+    for command in ("run", "toys", "count", "double-it"):
+        assert command in help_text
+    assert "double the count" in help_text
+
+
+@pytest.mark.slow  # the session's Prefect server, a few seconds of flows
+def test_a_toy_table_runs_through_prefect_into_mlflow_from_the_cli(prefect_harness, tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [
+        "double-it",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri={uri}",
+        "evaluate.max_batches=21",
+    ]
+    assert main(args, table=TOYS) == 0, capsys.readouterr().err
+    cfg = load_config("tiny", args[3:])
+    folders = stage_dirs(cfg, TOYS)
+    assert json.loads((folders["double_it"] / "double.json").read_text()) == {"n": 42, "alias": "champion"}
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    parent = client.search_runs(
+        [client.get_experiment_by_name("lmforge").experiment_id],
+        filter_string="tags.`lmforge.targets` = 'double_it'",
+    )[0]
+    children = run_tree(uri, parent.info.run_id)["children"]
+    assert set(children) == {"count", "double_it"}
+    # Each child run: the config keys of its row as params (and what the stage decided), its metrics.
+    assert children["count"].data.params == {"evaluate.max_batches": "21", "toy.unit": "batches"}
+    assert children["double_it"].data.params == {"deploy.alias": "champion"}
+    assert children["double_it"].data.metrics["toy/double"] == 42.0
+    assert children["count"].data.tags["lmforge.cached"] == "false"
+
+    # Again, unchanged: both come from cache; a changed key reruns only the stage that reads it.
+    assert main(args, table=TOYS) == 0
+    assert main([*args[:-1], "evaluate.max_batches=21", "deploy.alias=best"], table=TOYS) == 0
+    runs = client.search_runs([parent.info.experiment_id], filter_string="attributes.run_name = 'count'")
+    assert sorted(r.data.tags["lmforge.cached"] for r in runs) == ["false", "true", "true"]
+    runs = client.search_runs([parent.info.experiment_id], filter_string="attributes.run_name = 'double_it'")
+    assert sorted(r.data.tags["lmforge.cached"] for r in runs) == ["false", "false", "true"]
+    assert len(list((tmp_path / "w" / "double_it").iterdir())) == 2  # one folder per distinct input
+    assert Path(folders["count"]).is_dir()
