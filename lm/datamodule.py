@@ -82,14 +82,19 @@ class TokenWindows(Dataset):
         return self.num_fixed
 
     def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.random:
-            start = int(window_starts(np.array([g]), self.seed, self.num_starts)[0])
-        else:
-            start = int(g) * self.span
-        w = np.asarray(self.shards.window(start, self.span), dtype=np.int64)
+        return self.__getitems__([g])[0]
+
+    def __getitems__(self, slots: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A batch of samples (the DataLoader asks for a batch at once: the starts in one numpy call)."""
+        g = np.asarray(slots, dtype=np.int64)
+        starts = window_starts(g, self.seed, self.num_starts) if self.random else g * self.span
+        return [self._sample(int(slot), int(start)) for slot, start in zip(g, starts, strict=True)]
+
+    def _sample(self, g: int, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.shards.window(start, self.span)  # int64
         if self.kind == "decoder":
             return torch.from_numpy(w[:-1].copy()), torch.from_numpy(w[1:].copy())
-        rng = np.random.default_rng([self.seed, int(g), 0x6D6C6D])
+        rng = np.random.default_rng([self.seed, g, 0x6D6C6D])
         x, y = mask_tokens(w, rng, self.mlm_probability, self.shards.mask_id, self.shards.vocab_size)
         return torch.from_numpy(x), torch.from_numpy(y)
 

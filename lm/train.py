@@ -158,14 +158,13 @@ def _trainer(
     t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbacks: list, distributed_sampler: bool
 ):
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from lm.checkpoint import AtomicCheckpointIO
+    from lm.lit import ProgressBar
 
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves alone
-    # tqdm, redrawn every log_every steps: cheap per step, and readable when stderr is a log stream.
-    callbacks = [*callbacks, TQDMProgressBar(refresh_rate=max(1, t.log_every))]
+    callbacks = [*callbacks, ProgressBar(refresh_rate=t.log_every)]
     try:
         return pl.Trainer(
             accelerator=t.accelerator,
