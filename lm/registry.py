@@ -138,12 +138,13 @@ def deploy(
     try:
         holder = client.get_model_version_by_alias(name, cfg.alias)
         old = holder.tags.get(cfg.promote_metric)
-        old_value, holder_version = (float(old) if old is not None else None), holder.version
+        old_value, holder_version = (float(old) if old is not None else None), str(holder.version)
     except MlflowException:
         old_value, holder_version = None, None
 
-    promoted = holder_version == version.version or _better(new_value, old_value, cfg.promote_mode)
-    if promoted and holder_version != version.version:
+    this_version = str(version.version)
+    promoted = holder_version == this_version or _better(new_value, old_value, cfg.promote_mode)
+    if promoted and holder_version != this_version:
         client.set_registered_model_alias(name, cfg.alias, version.version)
         log.info(
             "promoted %s version %s to @%s (%s %.4f vs %s)",

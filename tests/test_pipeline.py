@@ -148,3 +148,28 @@ def test_params_are_the_values_in_force_for_every_tokenizer_kind(prefect_harness
                      targets=["tokenize"])
     params = run_tree(given["tracking_uri"], given["mlflow_run_id"])["children"]["tokenize"].data.params
     assert params["tokenizer.vocab_size"] == "259"  # the file's size, logged once the stage read it
+
+
+def test_the_alias_moves_only_to_a_better_version_in_the_configured_direction(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    from lm.config import DeployConfig
+    from lm.registry import deploy
+
+    out = tiny_run["first"]
+    uri, export = out["tracking_uri"], Path(out["export"])
+    client = MlflowClient(uri)
+    run_id = run_tree(uri, out["mlflow_run_id"])["children"]["deploy"].info.run_id
+    champion = client.get_model_version_by_alias("lmforge-tiny", "champion")
+    accuracy = float(champion.tags["eval/accuracy"])
+    cfg = DeployConfig(model_name="lmforge-tiny", promote_metric="eval/accuracy", promote_mode="max")
+    worse = deploy(cfg, uri, run_id, export, "worse-export", {"eval/accuracy": accuracy - 0.1}, out_dir=None)
+    assert worse.metrics["deploy/promoted"] == 0.0
+    assert client.get_model_version_by_alias("lmforge-tiny", "champion").version == champion.version
+    assert str(client.get_model_version_by_alias("lmforge-tiny", "challenger").version) == worse.outputs["model_uri"].split("/")[-1]
+    # For a metric where lower is better, the lower value wins.
+    lower = cfg.model_copy(update={"promote_metric": "eval/bpb", "promote_mode": "min"})
+    bpb = float(champion.tags["eval/bpb"])
+    better = deploy(lower, uri, run_id, export, "lower-bpb-export", {"eval/bpb": bpb - 0.5}, out_dir=None)
+    assert better.metrics["deploy/promoted"] == 1.0
+    assert str(client.get_model_version_by_alias("lmforge-tiny", "champion").version) == better.outputs["model_uri"].split("/")[-1]
