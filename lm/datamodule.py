@@ -3,10 +3,11 @@ bring their own, ``lm/finetune/``).
 
 Pretraining data is a pure function of (seed, sample slot): slot ``g`` always maps to the same
 window (and, for the encoder, the same masking). A run's position in the data is therefore one
-integer per rank, the number of samples its training steps consumed, which
-:class:`WindowSampler` carries through ``state_dict``/``load_state_dict`` and the DataModule puts
-into every checkpoint. Resuming restarts the stream exactly where the checkpointed step left it,
-whatever the loader had prefetched. Under DDP rank ``r`` of ``w`` takes slots ``r, r+w, r+2w, ...``.
+integer per rank, the number of samples its training steps consumed, which the sampler carries
+and :class:`ResumableLoader` hands to Lightning for every checkpoint. Resuming restarts the stream
+exactly where the checkpointed step left it, whatever the loader had prefetched. Under DDP rank
+``r`` of ``w`` takes slots ``r, r+w, r+2w, ...``. Fine-tuning methods use the same pieces
+(:class:`EpochSampler` for a finite set of examples).
 """
 
 from __future__ import annotations
@@ -99,6 +100,63 @@ class TokenWindows(Dataset):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
+class ResumableLoader(DataLoader):
+    """A training DataLoader whose position Lightning saves in every checkpoint and restores before
+    it iterates again: Lightning then resumes mid-epoch exactly, and knows it can (without this it
+    warns that the loader is not resumable on every resume, Lightning-AI/pytorch-lightning#19361).
+    The position is the sampler's count of samples handed to training steps."""
+
+    def state_dict(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class ResumableDataModule(pl.LightningDataModule):
+    """A DataModule whose training sampler counts what training consumed, not what was prefetched."""
+
+    train_sampler: Sampler | None = None
+
+    def rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # Called for the batch a training step is about to consume, never for prefetched ones.
+        if self.trainer is not None and self.trainer.training and self.train_sampler is not None:
+            self.train_sampler.consumed += int(batch[0].shape[0])
+        return batch
+
+
+class EpochSampler(Sampler[int]):
+    """Examples in a new seeded order each epoch (epoch e: permutation e of seed), split over ranks
+    (rank r takes positions r, r+w, ...; the last n mod w are left out of that epoch). Resumable."""
+
+    def __init__(self, num_examples: int, seed: int, rank: int = 0, world_size: int = 1, consumed: int = 0):
+        self.num_examples, self.seed, self.rank, self.world_size = num_examples, seed, rank, world_size
+        self.per_rank = num_examples // world_size
+        if self.per_rank == 0:
+            raise DataError(f"{num_examples} training examples cannot give each of {world_size} ranks one")
+        self.consumed = consumed  # examples handed to training steps, over all epochs
+
+    def __iter__(self):
+        epoch, offset = divmod(self.consumed, self.per_rank)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+        mine = order[self.rank :: self.world_size][: self.per_rank]
+        yield from (int(i) for i in mine[offset:])
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = int(state["consumed"])
+
+
 class WindowSampler(Sampler[int]):
     """This rank's slots ``rank + world * i`` for i = consumed, consumed+1, ..., num_samples-1. Resumable."""
 
@@ -116,13 +174,13 @@ class WindowSampler(Sampler[int]):
         return self.num_samples
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed, "rank": self.rank, "world_size": self.world_size}
+        return {"consumed": self.consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.consumed = int(state["consumed"])
 
 
-class TokenDataModule(pl.LightningDataModule):
+class TokenDataModule(ResumableDataModule):
     """Random train windows (a resumable stream), fixed validation windows; DDP-aware."""
 
     def __init__(
@@ -145,13 +203,6 @@ class TokenDataModule(pl.LightningDataModule):
         self.val_batches, self.num_workers = val_batches, num_workers
         self.index = TokenIndex.load(self.data_dir)
         self.vocab_size = self.index.vocab_size
-        self.train_sampler: WindowSampler | None = None
-        self._consumed = 0
-
-    def _rank_world(self) -> tuple[int, int]:
-        if self.trainer is not None:
-            return self.trainer.global_rank, self.trainer.world_size
-        return 0, 1
 
     def setup(self, stage: str | None = None) -> None:
         if not hasattr(self, "train_set"):
@@ -173,13 +224,13 @@ class TokenDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         samples = self.train_samples
         if samples is None:
             t = self.trainer
             samples = t.max_steps * t.accumulate_grad_batches * self.batch_size if t is not None else 2**40
-        self.train_sampler = WindowSampler(samples, rank, world, consumed=self._consumed)
-        return DataLoader(
+        self.train_sampler = WindowSampler(samples, rank, world)
+        return ResumableLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=self.train_sampler,
@@ -189,7 +240,7 @@ class TokenDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         # The same windows for every validation, split evenly over ranks (the mean of equal-sized
         # per-rank means is the global mean).
         per_rank = min(self.val_batches * self.batch_size, len(self.val_set) // world)
@@ -197,18 +248,3 @@ class TokenDataModule(pl.LightningDataModule):
             raise DataError(f"{self.data_dir}: the val split is too small for one window per rank")
         indices = list(range(rank, per_rank * world, world))
         return DataLoader(torch.utils.data.Subset(self.val_set, indices), batch_size=self.batch_size)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # Called for the batch a training step is about to consume, never for prefetched ones.
-        if self.trainer is not None and self.trainer.training and self.train_sampler is not None:
-            self.train_sampler.consumed += int(batch[0].shape[0])
-            self._consumed = self.train_sampler.consumed
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_sampler": {"consumed": self._consumed}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._consumed = int(state["train_sampler"]["consumed"])
-        if self.train_sampler is not None:
-            self.train_sampler.load_state_dict(state["train_sampler"])

@@ -154,9 +154,7 @@ def weights_digest(net: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _trainer(
-    t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbacks: list, distributed_sampler: bool
-):
+def _trainer(t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbacks: list):
     import lightning.pytorch as pl
 
     from lm.checkpoint import AtomicCheckpointIO
@@ -182,8 +180,8 @@ def _trainer(
             num_sanity_val_steps=0,
             check_val_every_n_epoch=None,
             val_check_interval=1,  # set once accumulation and the epoch length are known
-            # Pretraining's WindowSampler splits the data over ranks itself (and must stay resumable).
-            use_distributed_sampler=distributed_sampler,
+            # Our samplers split the data over ranks themselves, and stay resumable (lm.datamodule).
+            use_distributed_sampler=False,
             default_root_dir=str(out_dir),
             enable_model_summary=False,
         )
@@ -239,7 +237,6 @@ def fit_and_save(
     meta: dict,
     train_examples: int | None = None,
     callbacks: list | None = None,
-    distributed_sampler: bool = False,
     run_id: str | None = None,
     tracking_uri: str | None = None,
     print_weight_digest: bool = False,
@@ -276,7 +273,6 @@ def fit_and_save(
         max_steps=train.max_steps,
         logger=logger,
         callbacks=[ckpt_cb, throughput, *(callbacks or [])],
-        distributed_sampler=distributed_sampler,
     )
     world = trainer.world_size
     accum = 1
@@ -285,7 +281,7 @@ def fit_and_save(
     trainer.accumulate_grad_batches = accum
     interval = train.val_every * accum  # counted in micro-batches
     if train_examples is not None:  # a finite set: Lightning refuses an interval longer than an epoch
-        interval = min(interval, max(1, math.ceil(train_examples / (train.batch_size * world))))
+        interval = min(interval, max(1, math.ceil(train_examples // world / train.batch_size)))
     trainer.val_check_interval = interval
     module.check_every = math.gcd(cfg.trainer.log_every, train.ckpt_every)
 
@@ -443,7 +439,6 @@ def run_finetune(
         describe=recipe.describe,
         meta={"task": f.task, **TokenIndex.load(tokens_dir).special_ids(), **recipe.meta},
         train_examples=recipe.train_examples,
-        distributed_sampler=True,  # a shuffled map-style set: Lightning's DistributedSampler splits it
         run_id=run_id,
         tracking_uri=tracking_uri,
         print_weight_digest=print_weight_digest,

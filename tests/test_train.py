@@ -22,7 +22,7 @@ from lm.checkpoint import (
     prune_checkpoints,
 )
 from lm.config import PretrainConfig, load_config
-from lm.datamodule import TokenDataModule, WindowSampler, mask_tokens
+from lm.datamodule import EpochSampler, TokenDataModule, WindowSampler, mask_tokens
 from lm.errors import TrainingError
 from lm.fileio import file_sha256
 from lm.lit import LanguageModelModule, warmup_cosine
@@ -150,6 +150,18 @@ def test_window_sampler_splits_ranks_and_resumes():
     again = WindowSampler(10, 1, 2)
     again.load_state_dict(s.state_dict())
     assert list(again) == ranks[1][4:]
+
+
+def test_epoch_sampler_orders_each_epoch_anew_splits_ranks_and_resumes():
+    ranks = [EpochSampler(10, seed=3, rank=r, world_size=2) for r in range(2)]
+    first = [list(s) for s in ranks]
+    assert sorted(first[0] + first[1]) == list(range(10)) and len(first[0]) == len(ranks[0]) == 5
+    ranks[0].consumed = 5  # one epoch done: the next has another order
+    second = list(ranks[0])
+    assert second != first[0] and len(second) == 5
+    again = EpochSampler(10, seed=3, rank=0, world_size=2)
+    again.load_state_dict({"consumed": 7})  # mid-way through the second epoch
+    assert list(again) == second[2:]
 
 
 def test_token_datamodule_gives_shifted_windows(token_dir):

@@ -12,15 +12,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lm.config import Config
 from lm.data.labelled import LABELS, SPLIT_FILES, build_finetune_data
+from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import DataError
 from lm.finetune import Recipe
 from lm.lit import OptimisedModule
@@ -54,8 +54,9 @@ def read_labels(data_dir: Path) -> list[str]:
     return json.loads(path.read_text())
 
 
-class ClassificationDataModule(pl.LightningDataModule):
-    """``train/val.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,))."""
+class ClassificationDataModule(ResumableDataModule):
+    """``train/val.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,)).
+    Training examples come in a new seeded order each epoch, split over ranks, resumable mid-epoch."""
 
     def __init__(self, data_dir: Path, tokenizer, seq_len: int, batch_size: int, seed: int, pad_id: int):
         super().__init__()
@@ -87,11 +88,14 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.split("val")
 
     def train_dataloader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.split("train"), batch_size=self.batch_size, shuffle=True, generator=g)
+        rank, world = self.rank_world()
+        self.train_sampler = EpochSampler(len(self.split("train")), self.seed, rank, world)
+        return ResumableLoader(self.split("train"), batch_size=self.batch_size, sampler=self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.split("val"), batch_size=self.batch_size)
+        rank, world = self.rank_world()  # every example once over all ranks; the module sums over ranks
+        val = self.split("val")
+        return DataLoader(Subset(val, range(rank, len(val), world)), batch_size=self.batch_size)
 
 
 class ClassifierModule(OptimisedModule):
