@@ -30,9 +30,9 @@ def export(
     from lm.finetune import method
 
     out_dir = Path(out_dir)
+    (out_dir / LM_DIR).mkdir()
     for name in (MODEL_WEIGHTS, MODEL_JSON):
         shutil.copy2(Path(finetune_dir) / name, out_dir / name)
-        (out_dir / LM_DIR).mkdir(exist_ok=True)
         shutil.copy2(Path(pretrain_dir) / name, out_dir / LM_DIR / name)
     shutil.copy2(Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer, out_dir / TOKENIZER)
     added = method(task).export(Path(finetune_dir), Path(ft_data_dir), out_dir=out_dir)

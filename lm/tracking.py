@@ -80,6 +80,8 @@ def check_tracking_uri(uri: str) -> None:
             )
         if not os.access(parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise TrackingError(f"tracking.uri {uri}: {db if db.exists() else parent} is not writable")
+        if db.exists() and not db.is_file():
+            raise TrackingError(f"tracking.uri {uri}: {db} is a folder, not an SQLite database file")
         if db.is_file() and db.stat().st_size and db.read_bytes()[:16] != b"SQLite format 3\x00":
             raise TrackingError(f"tracking.uri {uri}: {db} is not an SQLite database; point tracking.uri elsewhere")
     elif uri.startswith("file:") or "://" not in uri:

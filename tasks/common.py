@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from pathlib import Path
 
 from prefect import get_run_logger
 
@@ -104,14 +105,44 @@ def _exit_reason(rc: int) -> str:
     return f"exit code {rc}"
 
 
+# Where the services lmforge drives raise from: their failures (a Prefect server that did not start,
+# a database MLflow cannot use) are the user's to fix, not a bug of ours to debug from a traceback.
+SERVICE_MODULES = ("prefect", "mlflow", "sqlalchemy", "httpx", "httpcore", "alembic")
+
+
 def user_error_message(exc: BaseException) -> str | None:
-    """The message of the first LmforgeError in an exception chain (Prefect may wrap ours)."""
-    seen = set()
+    """What to tell the user, in one line, about an exception chain (Prefect may wrap ours): the
+    message of the first LmforgeError in it, else that of an error raised by Prefect, MLflow or
+    their databases; None for anything else (a bug, shown with its traceback)."""
+    chain, seen = [], set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, LmforgeError):
-            return str(exc)
+        chain.append(exc)
         exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        if isinstance(e, LmforgeError):
+            return str(e)
+    for e in chain:
+        service = _raised_by_service(e)
+        if service:
+            first = (str(e).strip().splitlines() or [""])[0][:500]
+            return f"{service} failed: {type(e).__name__}: {first}"
+    return None
+
+
+def _raised_by_service(exc: BaseException) -> str | None:
+    """The service package whose code raised ``exc`` (its class's module, else its innermost frame)."""
+    root = type(exc).__module__.split(".")[0]
+    if root in SERVICE_MODULES:
+        return root
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        parts = Path(tb.tb_frame.f_code.co_filename).parts
+        for name in SERVICE_MODULES:
+            if name in parts[-4:-1]:
+                return name
     return None
 
 

@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lmforge(*args: str, cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+    )
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -37,8 +43,15 @@ def test_help_offers_a_command_per_stage_of_the_table(tmp_path):
 
 
 def test_missing_data_path(tmp_path):
-    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", f"data.sources=[{tmp_path / 'nope'}]",
-                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path)
+    proc = lmforge(
+        "run",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        f"data.sources=[{tmp_path / 'nope'}]",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        cwd=tmp_path,
+    )
     assert_clean_failure(proc, "nope", "does not exist")
 
 
@@ -48,8 +61,14 @@ def test_wrong_key_and_wrong_type(tmp_path):
 
 
 def test_unreachable_tracking_uri(tmp_path):
-    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", "tracking.uri=http://127.0.0.1:9",
-                   cwd=tmp_path)
+    proc = lmforge(
+        "run",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        "tracking.uri=http://127.0.0.1:9",
+        cwd=tmp_path,
+    )
     assert_clean_failure(proc, "127.0.0.1:9", "unreachable")
     proc = lmforge("run", "--config", "tiny", "tracking.uri=file:./mlruns", cwd=tmp_path)
     assert_clean_failure(proc, "sqlite")
@@ -71,11 +90,57 @@ def test_empty_corpus_stops_before_training(tmp_path):
     corpus.mkdir()
     (corpus / "empty.txt").write_text("")
     (corpus / "blank.md").write_text("\n\n")
-    proc = lmforge("run", "--config", "tiny", f"workdir={tmp_path / 'w'}", f"data.sources=[{corpus}]",
-                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, timeout=300,
-                   PREFECT_HOME=str(tmp_path / "prefect-home"))
+    proc = lmforge(
+        "run",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        f"data.sources=[{corpus}]",
+        f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+        cwd=tmp_path,
+        timeout=300,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+    )
     assert proc.returncode != 0
     assert "lmforge: error:" in proc.stderr
     last = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmforge: error:")][-1]
     assert "document" in last.lower() or "empty" in last.lower(), last
     assert not (tmp_path / "w" / "pretrain").exists()
+
+
+def test_a_failure_inside_prefect_or_mlflow_is_one_line_and_a_bug_keeps_its_traceback():
+    from mlflow.exceptions import MlflowException
+    from prefect.flows import Flow
+
+    from tasks.common import user_error_message
+
+    try:
+        Flow(fn=123)  # raised inside prefect's own code
+    except TypeError as e:
+        assert user_error_message(e) == "prefect failed: TypeError: 'fn' must be callable"
+    assert user_error_message(MlflowException("Changing param values is not allowed\nmore")) == (
+        "mlflow failed: MlflowException: Changing param values is not allowed"
+    )
+    assert user_error_message(ValueError("a bug of ours")) is None
+
+
+def test_a_tracking_store_that_is_a_folder_stops_the_run_in_one_line(tmp_path):
+    (tmp_path / "store.db").mkdir()
+    proc = lmforge(
+        "data",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'store.db'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert_clean_failure(proc, "store.db is a folder")
+
+
+def test_a_tracking_file_that_is_not_a_database_is_named(tmp_path):
+    (tmp_path / "notes.db").write_text("not a database")
+    proc = lmforge(
+        "data", "--config", "tiny", f"tracking.uri=sqlite:///{tmp_path / 'notes.db'}", cwd=tmp_path
+    )
+    assert_clean_failure(proc, "notes.db is not an SQLite database")
