@@ -75,10 +75,13 @@ def _summary(out: dict, seconds: float) -> str:
         d = json.loads((Path(out["deploy"]) / "manifest.json").read_text())
         promoted = "promoted to" if d["metrics"].get("deploy/promoted") else "registered; not better than"
         lines.append(f"  model {d['outputs']['model_uri']} {promoted} {d['outputs']['alias_uri']}")
+    from lm.tracking import run_page
+
     uri = out["tracking_uri"]
     lines += [
         f"  MLflow parent run: {out['mlflow_run_id']}  (tracking {uri})",
-        f"  dashboard: make ui   (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)",
+        f"  dashboard: make ui, then {run_page(uri, out['mlflow_run_id'])}",
+        f"             (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)",
     ]
     return "\n".join(lines)
 

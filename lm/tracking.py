@@ -96,15 +96,21 @@ def check_tracking_uri(uri: str) -> None:
         )
 
 
+# MLflow 3's UI opens an experiment on its GenAI overview (traces) unless told it holds model training.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def experiment_id(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # created by a concurrent process meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+        except Exception:  # created by a concurrent process meanwhile
+            exp = client.get_experiment_by_name(name)
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def git_commit(root: Path | None = None) -> str | None:
@@ -246,6 +252,12 @@ def system_metrics(uri: str, run_id: str, interval: float = 5.0) -> Iterator[Non
         yield
     finally:
         monitor.finish()
+
+
+@_user_errors
+def run_page(uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in the MLflow UI that ``make ui`` starts (its runs table: the stages nest under it)."""
+    return f"{ui}/#/experiments/{_client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
 
 
 @_user_errors
