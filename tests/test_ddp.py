@@ -13,7 +13,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_fixtures import child_env, free_port, make_token_dir, pretrain_args, tiny_config_yaml
+from train_fixtures import (
+    child_env,
+    finetune_args,
+    free_port,
+    make_finetune_dir,
+    make_token_dir,
+    pretrain_args,
+    run_training,
+    tiny_config_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGEST = re.compile(r"lmforge: rank (\d+) weights sha256 ([0-9a-f]{64})")
@@ -108,59 +117,31 @@ def test_two_node_torchrun_ranks_agree_and_one_run_holds_metrics(tmp_path, track
 
 @pytest.mark.slow  # ~25 s: a short pretraining, then two gloo ranks fine-tuning
 def test_two_process_ddp_finetuning_splits_the_examples_and_ranks_agree(tmp_path, tracking_uri):
-    from train_fixtures import make_finetune_dir
+    import pandas as pd
+
+    from lm.finetune.classify import Predictor
 
     tokens = make_token_dir(tmp_path / "tokens")
     ft = make_finetune_dir(tmp_path / "ft")
-    single = tiny_config_yaml(tmp_path / "one.yaml", pretrain={"max_steps": 4})
-    pre = subprocess.run(
-        [sys.executable, *pretrain_args(single, tokens, tmp_path / "pre")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=child_env(),
-        timeout=300,
+    run_training(
+        pretrain_args(
+            tiny_config_yaml(tmp_path / "one.yaml", pretrain={"max_steps": 4}), tokens, tmp_path / "pre"
+        )
     )
-    assert pre.returncode == 0, pre.stderr[-3000:]
     cfg = tiny_config_yaml(
         tmp_path / "cfg.yaml",
         trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
         finetune={"max_steps": 12, "val_every": 6},
     )
     client, exp, run_id = _mlflow_run(tracking_uri)
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm.train",
-        "finetune",
-        "--config",
-        str(cfg),
-        "--data",
-        str(ft),
-        "--tokens",
-        str(tokens),
-        "--init",
-        str(tmp_path / "pre"),
-        "--out",
-        str(tmp_path / "out"),
-        "--run-id",
-        run_id,
-        "--tracking-uri",
-        tracking_uri,
-        "--print-weight-digest",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    logged = ("--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest")
+    proc = run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "out", *logged))
     digests = dict(DIGEST.findall(proc.stdout + proc.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
     result = json.loads((tmp_path / "out" / "result.json").read_text())["metrics"]
     assert result["world_size"] == 2
     # The two ranks validated every example of the val split once between them: their accuracy is
     # that of the saved weights on the whole split, computed here in one process.
-    import pandas as pd
-
-    from lm.finetune.classify import Predictor
-
     val = pd.read_parquet(ft / "val.parquet")
     predicted = (
         Predictor(tmp_path / "out", tokens / "tokenizer.json").probabilities(val["text"].tolist()).argmax(-1)

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 STDLIB = Path(sys.modules["json"].__file__).parent.parent
 SOURCES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py"]
 
@@ -31,6 +33,35 @@ def pretrain_args(cfg: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
         str(out),
         *extra,
     ]
+
+
+def finetune_args(cfg: Path, data: Path, tokens: Path, init: Path, out: Path, *extra: str) -> list[str]:
+    """``-m lm.train finetune ...`` as the pipeline's task passes it."""
+    return [
+        "-m",
+        "lm.train",
+        "finetune",
+        "--config",
+        str(cfg),
+        "--data",
+        str(data),
+        "--tokens",
+        str(tokens),
+        "--init",
+        str(init),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def run_training(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python <args>`` in a fresh process from the repository root; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=timeout
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 def child_env() -> dict[str, str]:
@@ -60,7 +91,10 @@ def make_token_dir(root: Path, vocab_size: int = 384, shard_tokens: int = 12_000
     texts = stdlib_texts()
     for split, docs in (("train", texts[1:]), ("val", texts[:1])):
         ids = [f"{split}{i}" for i in range(len(docs))]
-        pq.write_table(pa.table({"doc_id": ids, "source": ["stdlib"] * len(docs), "text": docs}), clean / f"{split}.parquet")
+        pq.write_table(
+            pa.table({"doc_id": ids, "source": ["stdlib"] * len(docs), "text": docs}),
+            clean / f"{split}.parquet",
+        )
     root.mkdir(parents=True, exist_ok=True)
     cfg = Config(tokenizer=TokenizerConfig(kind="bpe", vocab_size=vocab_size, shard_tokens=shard_tokens))
     tokenize(cfg, clean, out_dir=root)
@@ -76,7 +110,9 @@ def make_finetune_dir(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in ["textwrap", "shlex", "glob"]:
-        lines = [ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20]
+        lines = [
+            ln.strip() for ln in (STDLIB / f"{name}.py").read_text().splitlines() if len(ln.strip()) > 20
+        ]
         rows += [{"text": ln, "label": name} for ln in lines[:60]]
     labelled = root.parent / f"{root.name}.jsonl"
     labelled.write_text("\n".join(json.dumps(r) for r in rows))
