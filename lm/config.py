@@ -116,9 +116,8 @@ class DataConfig(Section):
     # pydoc topics: a real corpus every Python installation carries, so the demo runs offline).
     sources: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
     text_field: str = "text"  # field of .jsonl records and column of .csv/.parquet tables
-    max_bad_fraction: float = Field(
-        0.01, ge=0, le=1
-    )  # malformed JSONL lines tolerated before the stage fails
+    # Malformed JSONL lines tolerated before the stage fails.
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
     max_docs: int | None = Field(None, ge=1)  # cap on ingested documents (quick runs); None = all
     val_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
@@ -200,9 +199,8 @@ class ModelConfig(Section):
     preset: str | None = None
     n_layer: int | None = Field(None, ge=1)
     n_head: int | None = Field(None, ge=1)
-    n_kv_head: int | None = Field(
-        None, ge=1
-    )  # < n_head: grouped-query attention (Ainslie et al. 2023); None = n_head
+    # < n_head: grouped-query attention (Ainslie et al. 2023); None = n_head.
+    n_kv_head: int | None = Field(None, ge=1)
     d_model: int | None = Field(None, ge=1)
     d_ff: int | None = Field(None, ge=1)  # None: SwiGLU's usual 8/3 * d_model, rounded up to a multiple of 64
     seq_len: int = Field(256, ge=1)
@@ -256,9 +254,8 @@ class TrainingConfig(Section):
 
     max_steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)  # sequences per device per micro-batch
-    tokens_per_step: int | None = Field(
-        None, ge=1
-    )  # gradient accumulation reaches this; None = one micro-batch
+    # Gradient accumulation reaches this; None = one micro-batch.
+    tokens_per_step: int | None = Field(None, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = Field(50, ge=0)
@@ -277,9 +274,8 @@ class PretrainConfig(TrainingConfig):
     val_batches: int = Field(20, ge=1)
     init_from: str | None = None  # a checkpoint or exported model folder to continue from
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # encoder only (Devlin et al. 2019)
-    sample_every: int | None = Field(
-        None, ge=1
-    )  # steps between logged sample generations; None = at validation
+    # Steps between logged sample generations; None = at validation.
+    sample_every: int | None = Field(None, ge=1)
 
 
 class FinetuneConfig(TrainingConfig):

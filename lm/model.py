@@ -338,8 +338,14 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 
 
-def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` (args, kind, classes, ``extra``) atomically."""
+def save_model(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (args, kind, classes, ``extra``) atomically.
+    ``state``: the weights to write, when the module in memory does not hold them whole (FSDP)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -351,7 +357,7 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, extra: dict[str, An
     meta["args"] = asdict(model.args)
     meta.update(extra or {})
     # safetensors refuses shared tensors: drop the tied lm_head, load_model re-ties it.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
     if model.args.tie_embeddings:
         state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
     atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))

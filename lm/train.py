@@ -192,22 +192,17 @@ def _trainer(t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbac
         ) from None
 
 
-def _full_weights(trainer, module, final_ckpt: Path | None) -> nn.Module:
-    """The final network with full weights on rank 0 (under FSDP, read back from the full checkpoint)."""
+def _full_state(trainer, final_ckpt: Path | None) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the network's full weights, read back from the final (full) checkpoint on rank 0;
+    otherwise None: the network in memory holds them."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    net = module.net
-    if isinstance(trainer.strategy, FSDPStrategy):
-        if final_ckpt is None:
-            raise TrainingError("FSDP run ended without a final checkpoint to export weights from")
-        import copy
-
-        ckpt = torch.load(final_ckpt, map_location="cpu", weights_only=True, mmap=True)
-        state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-        fresh = copy.deepcopy(net).to("cpu")
-        fresh.load_state_dict(state, strict=False)
-        net = fresh
-    return net
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return None
+    if final_ckpt is None:
+        raise TrainingError("FSDP run ended without a final checkpoint to export weights from")
+    ckpt = torch.load(final_ckpt, map_location="cpu", weights_only=True, mmap=True)
+    return {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
 def _checkpoint_to_resume(train: TrainingConfig, section: str, ckpt_dir: Path) -> Path | None:
@@ -316,7 +311,7 @@ def fit_and_save(
         "world_size": float(world),
     }
     if trainer.is_global_zero:
-        weights = save_model(_full_weights(trainer, module, ckpt_cb.last_path), out_dir, extra=meta)
+        weights = save_model(module.net, out_dir, extra=meta, state=_full_state(trainer, ckpt_cb.last_path))
         result = {"metrics": metrics, "weights_sha256": file_sha256(weights)}
         atomic_write(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
