@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,19 @@ class TrackingConfig(Section):
     # None: MLFLOW_TRACKING_URI if set, else MLflow 3's embedded default sqlite:///mlflow.db.
     uri: str | None = None
     experiment: str = "lmforge"
+
+    @field_validator("uri")
+    @classmethod
+    def _no_password(cls, uri: str | None) -> str | None:
+        # A config is recorded (run params, config.yaml artifacts, Prefect parameters): no secret in it.
+        if uri and "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            netloc = uri.split("://", 1)[1].split("/", 1)[0]
+            if ":" in netloc.rsplit("@", 1)[0]:
+                raise ValueError(
+                    "tracking.uri holds a password, and the config is recorded with every run: set the URI in "
+                    "MLFLOW_TRACKING_URI, or the password in MLFLOW_TRACKING_PASSWORD (the environment is never recorded)"
+                )
+        return uri
 
 
 class CleanConfig(Section):
@@ -118,6 +132,9 @@ class DataConfig(Section):
     text_field: str = "text"  # field of .jsonl records and column of .csv/.parquet tables
     # Malformed JSONL lines tolerated before the stage fails.
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    # Source files with bytes that are not UTF-8 (decoded with U+FFFD) tolerated, as a fraction of
+    # all files: past it the corpus is most likely in another encoding, and ingest stops.
+    max_invalid_utf8_fraction: float = Field(0.5, ge=0, le=1)
     max_docs: int | None = Field(None, ge=1)  # cap on ingested documents (quick runs); None = all
     val_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
@@ -337,9 +354,13 @@ class EvaluateConfig(Section):
     max_batches: int = Field(50, ge=1)
 
 
+# Registered model names and aliases: letters, digits and . _ - (they go into registry queries and URIs).
+REGISTRY_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
 class DeployConfig(Section):
-    model_name: str = "lmforge-demo"
-    alias: str = "champion"
+    model_name: str = Field("lmforge-demo", pattern=REGISTRY_NAME)
+    alias: str = Field("champion", pattern=REGISTRY_NAME)
     # The metric that decides promotion (one of the evaluate stage's eval/ metrics), and which way is
     # better: the new version takes the alias only if it beats the current holder.
     promote_metric: str = "eval/accuracy"
@@ -371,6 +392,11 @@ class Config(Section):
         for part in key.split("."):
             node = node[part]
         return node
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` with any password replaced by ***, for logs, terminals and error messages."""
+    return re.sub(r"(://[^/@:]+):[^/@]*@", r"\1:***@", uri)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -405,6 +431,8 @@ def _format_error(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key '{key}' in {source}: remove it or check its spelling")
         else:
             got = e.get("input")
+            if isinstance(got, str):  # never echo a password back
+                got = display_uri(got)
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"key '{key}' in {source}: {e['msg']}{got_s}")
     return "\n".join(lines)
@@ -422,7 +450,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file (not UTF-8): give a YAML config") from None
     if not isinstance(tree, dict):

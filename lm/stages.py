@@ -109,8 +109,8 @@ def _check_promote_metric(cfg: Config) -> None:
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", _ingest, "read every configured source into documents.parquet, with provenance",
-          config=("data.sources", "data.text_field", "data.max_bad_fraction", "data.max_docs", "data.stdlib_tests",
-                  "data.row_group_mb", "data.max_doc_chars"),
+          config=("data.sources", "data.text_field", "data.max_bad_fraction", "data.max_invalid_utf8_fraction",
+                  "data.max_docs", "data.stdlib_tests", "data.row_group_mb", "data.max_doc_chars"),
           files=("data.sources",), code=("lm.data.ingest",),
           outputs=("documents.parquet", "provenance.csv"), group="data"),
     Stage("clean", _clean, "filter, deduplicate (exact + MinHash) and split the documents into train/val",

@@ -217,6 +217,7 @@ def test_invalid_utf8_after_the_first_chunk_is_counted_once(tmp_path):
     d.mkdir()
     good = ("ü" * 1000 + "\n").encode() * ((sources.READ_CHUNK // 2001) + 5)
     (d / "late.txt").write_bytes(good + b"\xff\xfe broken \xc3" + "ö".encode())
+    (d / "z.txt").write_text("a file in UTF-8 beside it")  # one file in two not UTF-8: read, not refused
     result, docs, _ = run(tmp_path, [str(d)])
     assert result.metrics["ingest/invalid_utf8"] == 1
     assert docs.text.iloc[0] == good.decode() + "\ufffd\ufffd broken \ufffdö"

@@ -8,6 +8,7 @@ the clean stage.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import sys
@@ -88,6 +89,35 @@ def _progress(total: int | None, desc: str):
     return tqdm(total=total, desc=desc, unit="file", file=sys.stderr, disable=None, leave=False)
 
 
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What the readers raise for a file they cannot read to its end (gzip's EOFError and BadGzipFile,
+    zlib, zstd, Arrow, pandas' CSV parser, the OS)."""
+    import zlib
+
+    import pandas as pd
+    import zstandard
+
+    return (OSError, EOFError, zlib.error, zstandard.ZstdError, pa.ArrowException, pd.errors.ParserError)
+
+
+READ_ERRORS = _read_errors()
+
+
+def _read(sf: SourceFile, report: FileReport, cfg: DataConfig) -> Iterable[tuple[str, str]]:
+    """The documents of one file; a file that cannot be read to its end (a truncated .gz, a file that
+    is not what its name says, one we may not read) is an error naming it. Only reading is guarded
+    here: an error writing our own outputs (a full disk) is the stage's, not the file's."""
+    docs = sources.read_source_file(sf, report, cfg.text_field, cfg.max_doc_chars)
+    while True:
+        try:
+            doc = next(docs)
+        except StopIteration:
+            return
+        except READ_ERRORS as e:
+            raise sources.unreadable_file(sf.path, e) from None
+        yield doc
+
+
 PROVENANCE_FIELDS = [
     "source",
     "path",
@@ -117,6 +147,8 @@ class Provenance:
         self.totals = dict.fromkeys(TOTALS, 0)
         self.digest = hashlib.sha256()
         self.bad_lines_first = ""  # where skipped records are, for a person to look (params)
+        self.not_utf8 = 0  # files with bytes that are not UTF-8
+        self.not_utf8_first: list[str] = []
 
     def add(self, r: FileReport) -> None:
         row = asdict(r)
@@ -126,6 +158,10 @@ class Provenance:
         for k in TOTALS:
             self.totals[k] += getattr(r, k)
         self.digest.update(f"{r.path}\0{r.sha256}\0{r.documents}\n".encode())
+        if r.invalid_utf8:
+            self.not_utf8 += 1
+            if len(self.not_utf8_first) < 5:
+                self.not_utf8_first.append(r.path)
         if r.bad_lines and len(self.bad_lines_first) < BAD_LINES_PARAM_CHARS:
             note = f"{Path(r.path).name}: lines {' '.join(map(str, r.first_bad_lines))}"
             self.bad_lines_first = f"{self.bad_lines_first}; {note}" if self.bad_lines_first else note
@@ -187,19 +223,34 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
                         continue
                     seen.add(key)
                 report = FileReport(source=spec, path=str(sf.path))
-                for doc_id, text in sources.read_source_file(sf, report, cfg.text_field, cfg.max_doc_chars):
+                for doc_id, text in _read(sf, report, cfg):
                     if not add(doc_id, spec, text, report):
                         break
                 _check_bad_fraction(report, cfg.max_bad_fraction)
                 provenance.add(report)
                 bar.update(1)
+    except BaseException:
+        # The files are abandoned (the stage's folder is not published): closing them must not hide
+        # why (a full disk fails the close as well, with a less useful message).
+        with contextlib.suppress(Exception):
+            writer.close()
+        with contextlib.suppress(Exception):
+            provenance.close()
+        raise
     finally:
         bar.close()
-        writer.close()
-        provenance.close()
+    writer.close()
+    provenance.close()
     elapsed = time.perf_counter() - start
 
     totals = provenance.totals
+    if provenance.files and provenance.not_utf8 / provenance.files > cfg.max_invalid_utf8_fraction:
+        raise DataError(
+            f"{provenance.not_utf8} of {provenance.files} source files are not UTF-8 text (first: "
+            f"{', '.join(provenance.not_utf8_first)}): they were probably written in another encoding. "
+            "Convert them (iconv -f latin1 -t utf-8 FILE), or raise data.max_invalid_utf8_fraction "
+            f"(now {cfg.max_invalid_utf8_fraction}) to read them with replacement characters."
+        )
     if writer.documents == 0:
         raise DataError(
             f"no documents were read from data.sources={cfg.sources}: {provenance.files} files, "

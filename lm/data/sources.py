@@ -9,6 +9,7 @@ read record by record or batch by batch, never whole.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import gzip
 import hashlib
@@ -17,6 +18,7 @@ import json
 import os
 import socket
 import sysconfig
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,12 +105,22 @@ def _has_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
-def _walk(root: Path) -> Iterator[Path]:
-    """Files under ``root`` in sorted order, directory by directory (never the whole list at once)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+def _walk(root: Path, key: str | None) -> Iterator[Path]:
+    """Regular files under ``root`` in sorted order, directory by directory (never the whole list at
+    once). Symbolic links to folders are not followed (a link back up would loop); links that loop or
+    point nowhere, sockets and pipes hold no document and are passed over. A folder that cannot be
+    listed is an error naming the config ``key`` (None: passed over, as for the stdlib)."""
+
+    def unreadable(e: OSError) -> None:
+        if key is not None:
+            raise DataError(f"{key}: folder {e.filename} cannot be read ({e.strerror}): make it readable or leave it out")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         for f in sorted(filenames):
-            yield Path(dirpath) / f
+            p = Path(dirpath) / f
+            if p.is_file():
+                yield p
 
 
 def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
@@ -121,9 +133,16 @@ def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
         # glob's own order is the file system's: sort (as strings, 10x smaller than Paths).
         paths = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
         found = False
+        # "**" follows links to folders, and one that points back up repeats the same files some 40
+        # levels deep: each file is read once, under the first name that reaches it.
+        seen: set[str] = set()
         for name in paths:
             p = Path(name)
             if p.is_file() and not (set(p.parts) & SKIP_DIRS):
+                real = os.path.realpath(name)
+                if real in seen:
+                    continue
+                seen.add(real)
                 found = True
                 yield SourceFile(spec, p, name)
         if not found:
@@ -132,7 +151,7 @@ def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
     path = Path(os.path.expanduser(spec))
     if path.is_dir():
         found = False
-        for p in _walk(path):
+        for p in _walk(path, key):
             found = True
             yield SourceFile(spec, p, str(p.relative_to(path)))
         if not found:
@@ -141,6 +160,8 @@ def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
     if path.is_file():
         yield SourceFile(spec, path, str(path))
         return
+    if path.is_symlink():
+        raise DataError(f"{key}: {spec!r} is a symbolic link that loops or points to nothing")
     if key == "data.sources":
         raise DataError(
             f"data source {spec!r} does not exist: give a file, directory, glob, 'stdlib' or 'hf:<dataset>' "
@@ -188,7 +209,7 @@ def stdlib_files(include_tests: bool = True) -> list[Path]:
     """The standard library's own .py files, sorted, without site-packages (installed packages)."""
     root = stdlib_root()
     out = []
-    for p in _walk(root):
+    for p in _walk(root, None):
         rel = p.relative_to(root)
         if p.suffix != ".py" or "site-packages" in rel.parts or "dist-packages" in rel.parts:
             continue
@@ -352,6 +373,22 @@ def read_parquet(sf: SourceFile, report: FileReport, text_field: str) -> Iterato
             if isinstance(text, bytes):
                 text = decode(text, report)
             yield f"{sf.name}:{row}", str(text)
+
+
+def unreadable_file(path: Path, e: Exception) -> DataError:
+    """The error for a source file that cannot be read to its end: what happened, what to do."""
+    if isinstance(e, PermissionError):
+        return DataError(f"{path} cannot be read (permission denied): make it readable or remove it from data.sources")
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EIO):
+        return DataError(f"{path} cannot be read ({e.strerror})")
+    packed = next((c for c in COMPRESSIONS if path.name.lower().endswith(c)), "")
+    # Decompression failed (gzip: EOFError, BadGzipFile, zlib.error; zstd: ZstdError), or the content.
+    unpacking = isinstance(e, EOFError | gzip.BadGzipFile | zlib.error) or type(e).__module__.startswith("zstandard")
+    what = f"a {packed} file" if packed and unpacking else f"a {kind_of(path)} file"
+    return DataError(
+        f"{path} is damaged or is not {what} ({type(e).__name__}: {str(e)[:200]}): re-create it, or remove it "
+        "from data.sources"
+    )
 
 
 def read_source_file(
