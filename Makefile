@@ -47,5 +47,5 @@ ui: $(STAMP)  ## MLflow and Prefect dashboards on 127.0.0.1
 	@echo "Stop both: pkill -f 'mlflow ui' ; pkill -f 'prefect server'"
 
 clean:
-	rm -rf runs mlruns mlartifacts mlflow.db .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf runs mlruns mlartifacts mlflow.db mlflow.db.lock .pytest_cache .ruff_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

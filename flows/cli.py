@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lm.config import Config, list_presets, load_config
+from lm.config import Config, display_uri, list_presets, load_config
 from lm.errors import LmforgeError
 from lm.stage import Stage
 from lm.stages import STAGES, groups, stages_for
@@ -66,7 +66,7 @@ SHOWN = ["eval/loss", "eval/ppl", "eval/bpb", "eval/baseline_bpb", "eval/mlm_los
          "eval/baseline_mlm_loss", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy"]
 
 
-def _summary(out: dict, seconds: float) -> str:
+def _summary(out: dict, seconds: float, uri: str) -> str:
     lines = ["", f"lmforge: pipeline finished in {seconds / 60:.1f} min"]
     if "evaluate" in out:
         m = json.loads((Path(out["evaluate"]) / "metrics.json").read_text())
@@ -77,11 +77,11 @@ def _summary(out: dict, seconds: float) -> str:
         lines.append(f"  model {d['outputs']['model_uri']} {promoted} {d['outputs']['alias_uri']}")
     from lm.tracking import run_page
 
-    uri = out["tracking_uri"]
+    shown = display_uri(uri)
     lines += [
-        f"  MLflow parent run: {out['mlflow_run_id']}  (tracking {uri})",
+        f"  MLflow parent run: {out['mlflow_run_id']}  (tracking {shown})",
         f"  dashboard: make ui, then {run_page(uri, out['mlflow_run_id'])}",
-        f"             (or: mlflow ui --backend-store-uri {uri} --host 127.0.0.1)",
+        f"             (or: mlflow ui --backend-store-uri {shown} --host 127.0.0.1)",
     ]
     return "\n".join(lines)
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
             raise
         print(f"lmforge: error: {msg}", file=sys.stderr)
         return 2
-    print(_summary(out, time.monotonic() - t0))
+    print(_summary(out, time.monotonic() - t0, cfg.tracking_uri()))
     return 0
 
 

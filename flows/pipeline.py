@@ -13,7 +13,7 @@ from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from lm import tracking
-from lm.config import Config
+from lm.config import Config, display_uri
 from lm.stage import Stage
 from lm.stages import STAGES, preflight, stages_for
 from lm.workspace import stage_dirs
@@ -59,8 +59,9 @@ def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
                 "lmforge.targets": ",".join(targets or ["all"]),
             },
         )
-        get_run_logger().info("MLflow parent run %s (tracking %s)", parent, uri)
-        out: dict[str, str] = {"mlflow_run_id": parent, "tracking_uri": uri}
+        shown = display_uri(uri)
+        get_run_logger().info("MLflow parent run %s (tracking %s)", parent, shown)
+        out: dict[str, str] = {"mlflow_run_id": parent, "tracking_uri": shown}
         ok = False
         try:
             for stage in stages:

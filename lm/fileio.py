@@ -10,16 +10,61 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+# Temporary names say which process made them (pid@host), so that what a killed process left behind
+# can be told from what a running one is writing, also in a work folder that several hosts share.
+_HOST = socket.gethostname()
+_TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)@(.+)-[0-9a-f]{8}$")
+
+
+def temporary_name(name: str) -> str:
+    """``.NAME.tmp-PID@HOST-XXXXXXXX``: where a file or folder is written before it is renamed into place."""
+    return f".{name}.tmp-{os.getpid()}@{_HOST}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_abandoned(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporaries in ``folder`` whose process (on this host) no longer exists: what a
+    process killed mid-write left. Returns what was deleted."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMPORARY.match(entry.name)
+        if m is None or m.group(2) != _HOST or process_alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (0 or less: no process)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[Path], object]) -> Path:
     """Write ``data`` to ``path`` atomically: bytes, text (UTF-8), or a function that writes the
     file it is given (``lambda tmp: torch.save(obj, tmp)``). Returns the path."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         if callable(data):
             data(tmp)

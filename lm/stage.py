@@ -15,18 +15,19 @@ its checkpoints survive a crash; its folder too counts as finished only once the
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm.errors import LmforgeError, StageError
-from lm.fileio import atomic_write
+from lm.fileio import atomic_write, remove_abandoned, temporary_name
 
 if TYPE_CHECKING:
     from lm.config import Config
@@ -55,9 +56,10 @@ class StageResult:
         return cls(**json.loads((Path(out_dir) / MANIFEST).read_text()))
 
 
-def run_subprocess(cmd: list[str]) -> None:
-    """Run a command with this process's stdout/stderr (the default way a stage launches training)."""
-    rc = subprocess.run(cmd, check=False).returncode
+def run_subprocess(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    """Run a command with this process's stdout/stderr (the default way a stage launches training);
+    ``env`` is added to this process's environment."""
+    rc = subprocess.run(cmd, check=False, env={**os.environ, **(env or {})}).returncode
     if rc:
         raise StageError(f"{' '.join(cmd[:4])} ... failed with exit code {rc}")
 
@@ -70,9 +72,9 @@ class StageContext:
     inputs: dict[str, Path]  # upstream stage name -> its (finished) output folder
     out_dir: Path  # where to write; moved into place when the stage is complete
     run_id: str | None = None  # the stage's MLflow run (training logs live metrics into it), if tracked
-    # How to run a child process (training): the orchestrator passes one that streams its output
-    # into the run's log; outside it, a plain subprocess.
-    launch: Callable[[list[str]], None] = run_subprocess
+    # How to run a child process (training), ``launch(cmd, env)``: the orchestrator passes one that
+    # streams its output into the run's log; outside it, a plain subprocess.
+    launch: Callable[[list[str], dict[str, str] | None], None] = run_subprocess
     # ``cluster_map(fn, items, shared) -> [fn(item, shared) ...]`` on a cluster (data.dask_address),
     # given by the orchestrator; None: the stage maps its work over this machine's cores.
     cluster_map: Callable[[Callable, list, Any], list] | None = None
@@ -136,18 +138,47 @@ def _is_uri(value: str) -> bool:
     return "://" in value or value.startswith("models:/")
 
 
+# What the machine, not the input, can make a stage fail with: a full disk, a read-only folder.
+_MACHINE_ERRNOS = {errno.ENOSPC: "free some space (or point workdir elsewhere)", errno.EDQUOT: "free some space",
+                   errno.EROFS: "point workdir at a writable folder", errno.EACCES: "make the work folder writable"}
+
+
 def execute(stage: Stage, ctx: StageContext) -> StageResult:
-    """Run ``stage.run(ctx)`` so that ``ctx.out_dir`` appears only complete (see module docstring)."""
+    """Run ``stage.run(ctx)`` so that ``ctx.out_dir`` appears only complete (see module docstring).
+    A full disk or a folder it may not write is one clear error; nothing half-written is published."""
+    try:
+        return _execute(stage, ctx)
+    except OSError as e:
+        code = _errno(e)
+        if code not in _MACHINE_ERRNOS:
+            raise
+        raise StageError(
+            f"stage {stage.name}: {os.strerror(code)} ({e.filename or ctx.out_dir}): {_MACHINE_ERRNOS[code]}, "
+            "then rerun; the stages that finished are kept and reused"
+        ) from None
+
+
+def _errno(e: OSError) -> int | None:
+    # Arrow's I/O errors are OSErrors that carry the errno only in their message.
+    if e.errno is not None:
+        return e.errno
+    found = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)
+    return int(found.group(1)) if found else None
+
+
+def _execute(stage: Stage, ctx: StageContext) -> StageResult:
     out_dir = Path(ctx.out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(out_dir.parent)  # what a killed run of any stage folder here left
     if stage.resumable:
         out_dir.mkdir(exist_ok=True)
+        remove_abandoned(out_dir)
         (out_dir / MANIFEST).unlink(missing_ok=True)  # a forced rerun: not finished until it is
         result = stage.run(ctx)
         _check_outputs(stage, out_dir, result)
         result.save(out_dir)
         return result
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir.parent / temporary_name(out_dir.name)
     tmp.mkdir()
     try:
         result = stage.run(replace(ctx, out_dir=tmp))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import functools
 import logging
 import math
 import os
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -23,6 +25,7 @@ from typing import Any
 
 from lm.config import Config
 from lm.errors import TrackingError
+from lm.fileio import process_alive
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -51,10 +54,27 @@ def _user_errors(fn):
     return wrapper
 
 
+_READY: set[str] = set()  # sqlite stores this process has seen created
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _READY:
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates (and migrates) a new sqlite store on first use, and two processes doing it at
+    # once collide ("duplicate column name": two pipeline runs started together on a new store).
+    # One process at a time, under a lock file beside the database.
+    db = Path(uri[len("sqlite:///") :])
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _READY.add(uri)
+    return client
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -142,7 +162,7 @@ def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> st
     client = _client(uri)
     exp = experiment_id(uri, cfg.tracking.experiment)
     name = f"{cfg.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    all_tags = {"lmforge.config": cfg.name, "mlflow.source.type": "JOB"}
+    all_tags = {"lmforge.config": cfg.name, "mlflow.source.type": "JOB", **_process_tags()}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
@@ -151,7 +171,37 @@ def start_pipeline_run(cfg: Config, tags: Mapping[str, str] | None = None) -> st
     run_id = run.info.run_id
     _log_params(client, run_id, _flatten(cfg.model_dump(mode="json")))
     client.log_text(run_id, cfg.to_yaml(), "config.yaml")
+    end_abandoned_runs(client, exp, run_id)
     return run_id
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process on which host owns a run: how a later run tells a killed one from a live one."""
+    return {"lmforge.pid": str(os.getpid()), "lmforge.host": socket.gethostname()}
+
+
+def end_abandoned_runs(client, experiment: str, by_run_id: str) -> list[str]:
+    """Mark FAILED the runs this host's killed lmforge processes left RUNNING (kill -9, out of
+    memory: nothing could end them), each tagged with the run that noticed; that run is tagged with
+    the pipeline runs it took over from. Returns the ids of the ended runs."""
+    host = socket.gethostname()
+    running = client.search_runs(
+        [experiment], filter_string=f"attributes.status = 'RUNNING' and tags.`lmforge.host` = '{host}'"
+    )
+    ended, parents = [], []
+    for run in running:
+        pid = int(run.data.tags.get("lmforge.pid", "0") or 0)
+        if run.info.run_id == by_run_id or process_alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "lmforge.abandoned", f"process {pid} on {host} was killed; noticed by run {by_run_id}")
+        client.set_terminated(run.info.run_id, "FAILED")
+        ended.append(run.info.run_id)
+        if "mlflow.parentRunId" not in run.data.tags:
+            parents.append(run.info.run_id)
+    if parents:
+        client.set_tag(by_run_id, "lmforge.takes_over", ",".join(parents))
+    return ended
+
 
 
 @_user_errors
@@ -161,7 +211,7 @@ def start_stage_run(uri: str, parent_run_id: str, stage: str, params: Mapping[st
     param is logged once, with the value in force."""
     client = _client(uri)
     parent = client.get_run(parent_run_id)
-    tags = {"mlflow.parentRunId": parent_run_id, "lmforge.stage": stage}
+    tags = {"mlflow.parentRunId": parent_run_id, "lmforge.stage": stage, **_process_tags()}
     tags.update({k: v for k, v in parent.data.tags.items() if k.startswith("lmforge.prefect")})
     run = client.create_run(parent.info.experiment_id, run_name=stage, tags=tags)
     _log_params(client, run.info.run_id, {k: v for k, v in params.items() if v is not None})

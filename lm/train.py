@@ -33,7 +33,7 @@ from torch import nn
 
 from lm.config import Config, TrainerConfig, TrainingConfig, load_config
 from lm.errors import ConfigError, LmforgeError, StageError, TrainingError
-from lm.fileio import atomic_write, file_sha256
+from lm.fileio import atomic_write, file_sha256, remove_abandoned
 from lm.stage import StageContext, StageResult
 
 PROMPTS = ["def ", "The ", "import ", "class "]
@@ -50,9 +50,12 @@ def launch(kind: str, ctx: StageContext, args: list[str]) -> StageResult:
     out = Path(ctx.out_dir)
     atomic_write(out / CONFIG, ctx.cfg.to_yaml())
     cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(out / CONFIG), "--out", str(out), *args]
+    env = {}
     if ctx.run_id:
-        cmd += ["--run-id", ctx.run_id, "--tracking-uri", ctx.cfg.tracking_uri()]
-    ctx.launch(cmd)
+        # The URI through the environment, not the command line, which every user of the machine sees.
+        cmd += ["--run-id", ctx.run_id]
+        env["MLFLOW_TRACKING_URI"] = ctx.cfg.tracking_uri()
+    ctx.launch(cmd, env)
     return training_result(kind, out)
 
 
@@ -127,7 +130,15 @@ def load_weights_into(net: nn.Module, source: str | os.PathLike) -> None:
     if src.suffix == ".safetensors":
         state = load_file(str(src))
     else:
-        ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        import pickle
+
+        try:  # tensors and plain containers only: unpickling anything else runs code (CVE-2024-37052)
+            ckpt = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise ConfigError(
+                f"init_from {src}: refused: the file holds Python objects beyond tensors, and loading it would "
+                "run code. Give a .safetensors file, a model folder, or a checkpoint lmforge wrote."
+            ) from None
         state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     if state and all(k.startswith("backbone.") for k in state):  # a classifier's folder: take its backbone
         state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -205,6 +216,15 @@ def _full_state(trainer, final_ckpt: Path | None) -> dict[str, torch.Tensor] | N
     return {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
 
 
+def _check_writable(folder: Path) -> None:
+    """Fail now, not at the first checkpoint minutes later, when checkpoints cannot be written there."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / ".lmforge-write-check", b"").unlink()
+    except OSError as e:
+        raise TrainingError(f"checkpoint folder {folder} cannot be written ({e.strerror}): make it writable") from None
+
+
 def _checkpoint_to_resume(train: TrainingConfig, section: str, ckpt_dir: Path) -> Path | None:
     from lm.checkpoint import latest_valid_checkpoint
 
@@ -247,8 +267,11 @@ def fit_and_save(
     train: TrainingConfig = getattr(cfg, section)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if _is_rank_zero() and not (out_dir / CONFIG).exists():  # the stage wrote it when it launched us
-        atomic_write(out_dir / CONFIG, cfg.to_yaml())
+    if _is_rank_zero():
+        _check_writable(out_dir / CKPT_DIR)
+        remove_abandoned(out_dir / CKPT_DIR)  # half-written checkpoints of a killed earlier run
+        if not (out_dir / CONFIG).exists():  # the stage wrote it when it launched us
+            atomic_write(out_dir / CONFIG, cfg.to_yaml())
     net = module.net
     if train.compile:
         compile_network(net, cfg.trainer.strategy)
@@ -440,6 +463,22 @@ def run_finetune(
     )
 
 
+def _die_with_parent() -> None:
+    """When the pipeline that launched us is killed (kill -9, out of memory), stop too, at once (not
+    gracefully: a training stopped early must not publish its weights as finished; its checkpoints
+    are whole, and the rerun resumes from them). Asked for by the launcher (LMFORGE_DIE_WITH_PARENT),
+    and inherited by the ranks Lightning starts; Linux only."""
+    if os.environ.get("LMFORGE_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent was already gone before we asked
+        os._exit(1)
+
+
 def _quiet_lightning_tips() -> None:
     """Lightning advertises cloud services on every start; our users read a log, not ads."""
 
@@ -462,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument(
             "--run-id", default=None, help="MLflow run to log metrics into (rank 0); none: no MLflow"
         )
-        sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: config / env)")
+        sp.add_argument(
+            "--tracking-uri", default=None, help="MLflow tracking URI (default: tracking.uri, else MLFLOW_TRACKING_URI)"
+        )
         sp.add_argument(
             "--print-weight-digest",
             action="store_true",
@@ -475,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--tokens", required=True, help="token data dir (tokenizer.json, ids)")
             sp.add_argument("--init", required=True, help="the pretrained model folder")
     a = parser.parse_args(argv)
+    _die_with_parent()
     _quiet_lightning_tips()
     try:
         cfg = load_config(a.config, a.override)

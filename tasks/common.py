@@ -32,7 +32,8 @@ def stream_subprocess(
     with the process's last error line.
     """
     logger = get_run_logger()
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    # LMFORGE_DIE_WITH_PARENT: training stops when this process is killed, instead of running on alone.
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMFORGE_DIE_WITH_PARENT": "1", **(env or {})}
     full_env.pop("MLFLOW_RUN_ID", None)  # would make MLflow resume the wrong run (mlflow#15713)
     proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     tail: deque[str] = deque(maxlen=40)

@@ -38,11 +38,11 @@ def _launcher(cfg: Config, run_id: str | None):
     """How a stage runs a child process: streamed into the Prefect log, with the machine's CPU,
     memory (and GPU) sampled into the stage's run meanwhile."""
 
-    def launch(cmd: list[str]) -> None:
+    def launch(cmd: list[str], env: dict[str, str] | None = None) -> None:
         uri = cfg.tracking_uri()
         monitor = tracking.system_metrics(uri, run_id) if run_id else contextlib.nullcontext()
         with monitor:
-            stream_subprocess(cmd)
+            stream_subprocess(cmd, env=env)
 
     return launch
 

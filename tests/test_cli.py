@@ -144,3 +144,17 @@ def test_a_tracking_file_that_is_not_a_database_is_named(tmp_path):
         "data", "--config", "tiny", f"tracking.uri=sqlite:///{tmp_path / 'notes.db'}", cwd=tmp_path
     )
     assert_clean_failure(proc, "notes.db is not an SQLite database")
+
+
+def test_a_failed_training_process_is_explained_by_its_error_not_its_progress_bar():
+    from tasks.common import _exit_reason, failure_reason
+
+    bar = "Epoch 0:  83%|########  | 25/30 [00:03<00:00,  7.1it/s, loss=4.21]"
+    traceback_tail = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                      "OSError: [Errno 28] No space left on device", bar]
+    assert failure_reason(traceback_tail) == "OSError: [Errno 28] No space left on device"
+    assert failure_reason(["lmforge: error: training diverged: the loss became NaN", bar]) == (
+        "training diverged: the loss became NaN"
+    )
+    assert failure_reason(["lmforge: step 20 train/loss 4.1", bar]) == "lmforge: step 20 train/loss 4.1"
+    assert _exit_reason(-9).startswith("killed by SIGKILL") and _exit_reason(1) == "exit code 1"

@@ -1,0 +1,87 @@
+"""The pipeline process killed (kill -9) while it trains: its training process goes with it, and
+the rerun resumes from the checkpoints, ends the killed run's MLflow runs, and says it took over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def lmforge(*args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
+
+
+@pytest.mark.slow  # ~90 s: two pipeline processes, each starting Prefect's temporary server
+def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (
+        "pretrain",
+        "--config",
+        "tiny",
+        f"workdir={tmp_path / 'w'}",
+        f"tracking.uri={uri}",
+        "pretrain.max_steps=60",
+        "pretrain.ckpt_every=10",
+    )
+    first = lmforge(*args)
+    trainer = None
+    for line in first.stdout:
+        if trainer is None and "lmforge: pretrain decoder" in line:
+            trainer = [
+                p
+                for p in psutil.Process(first.pid).children(recursive=True)
+                if "lm.train" in " ".join(p.cmdline())
+            ]
+        if "saved checkpoint" in line and "step-00000020.ckpt" in line:
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait(timeout=60)
+    assert first.returncode == -signal.SIGKILL and trainer
+    # The training process does not run on alone (writing into the folder the rerun resumes in).
+    gone, alive = psutil.wait_procs(trainer, timeout=5)
+    assert not alive, [p.cmdline() for p in alive]
+    pretrain = next((tmp_path / "w" / "pretrain").iterdir())
+    assert not (pretrain / "result.json").exists()
+
+    second = lmforge(*args)
+    out, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, out[-3000:]
+    assert "resuming from" in out and "step-00000020.ckpt" in out
+    assert json.loads((pretrain / "result.json").read_text())["metrics"]["steps"] == 60
+    leftovers = [p for p in (tmp_path / "w").rglob("*") if ".tmp-" in p.name]
+    assert not leftovers, leftovers
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("lmforge").experiment_id])
+    killed = [r for r in runs if r.info.status == "FAILED"]
+    assert {r.info.run_name for r in killed} >= {"pretrain"} and all(
+        "lmforge.abandoned" in r.data.tags for r in killed
+    )
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    (old_parent,) = [r for r in killed if "mlflow.parentRunId" not in r.data.tags]
+    (new_parent,) = [
+        r for r in runs if r.info.status == "FINISHED" and "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert new_parent.data.tags["lmforge.takes_over"] == old_parent.info.run_id
+    assert new_parent.info.run_id in old_parent.data.tags["lmforge.abandoned"]
