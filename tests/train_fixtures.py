@@ -64,6 +64,18 @@ def run_training(args: list[str], timeout: int = 300) -> subprocess.CompletedPro
     return proc
 
 
+def start_lmforge(*args: str) -> subprocess.Popen:
+    """``lmforge ARGS`` in a fresh process from the repository root; stdout and stderr together."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=ROOT,
+        env={**child_env(), "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def child_env() -> dict[str, str]:
     """Environment of a training subprocess in tests: unbuffered output, and one thread everywhere (the
     same float reduction order in every process; two threads on a busy 2-core box wait on each other).

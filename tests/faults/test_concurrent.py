@@ -4,37 +4,20 @@ both at once: "duplicate column name")."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from train_fixtures import start_lmforge
 
 from lm.config import load_config
 from lm.stage import is_complete
 from lm.stages import STAGES, stages_for
 from lm.workspace import stage_dirs
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.mark.slow  # ~40 s: two lmforge processes, each with Prefect's temporary server
 def test_two_runs_at_once_on_one_work_folder_both_finish(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = ["data", "--config", "tiny", f"workdir={tmp_path / 'w'}", f"tracking.uri={uri}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", *args],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    procs = [start_lmforge(*args) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]

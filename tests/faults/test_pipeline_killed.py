@@ -4,30 +4,11 @@ the rerun resumes from the checkpoints, ends the killed run's MLflow runs, and s
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import psutil
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def lmforge(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **kw,
-    )
+from train_fixtures import start_lmforge
 
 
 @pytest.mark.slow  # ~90 s: two pipeline processes, each starting Prefect's temporary server
@@ -42,7 +23,7 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
         "pretrain.max_steps=60",
         "pretrain.ckpt_every=10",
     )
-    first = lmforge(*args)
+    first = start_lmforge(*args)
     trainer = None
     for line in first.stdout:
         if trainer is None and "lmforge: pretrain decoder" in line:
@@ -62,7 +43,7 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
     pretrain = next((tmp_path / "w" / "pretrain").iterdir())
     assert not (pretrain / "result.json").exists()
 
-    second = lmforge(*args)
+    second = start_lmforge(*args)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-3000:]
     assert "resuming from" in out and "step-00000020.ckpt" in out
