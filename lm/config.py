@@ -150,7 +150,9 @@ class DataConfig(Section):
 
 
 BYTE_VOCAB = 256  # byte-level tokenizers: one token per byte value, plus the special tokens
-SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>")
+# End of text, padding, the MLM mask, then the two that delimit a chat turn (ChatML) in the chat
+# template the tokenize stage stores with the tokenizer (instruction tuning).
+SPECIAL_TOKENS = ("<|endoftext|>", "<|pad|>", "<|mask|>", "<|im_start|>", "<|im_end|>")
 
 
 class TokenizerConfig(Section):
@@ -159,7 +161,8 @@ class TokenizerConfig(Section):
     # (None here; the tokenize stage logs the size it found).
     vocab_size: int | None = 8192
     path: str | None = None  # tokenizer.json, for kind=file
-    # The first is the end-of-text token, the second padding, the third the MLM mask.
+    # The first is the end-of-text token, the second padding, the third the MLM mask; the chat
+    # template (lm.tokenizer) uses <|im_start|> and <|im_end|> when they are here.
     special_tokens: list[str] = Field(default_factory=lambda: list(SPECIAL_TOKENS), min_length=1)
     # BPE merges are learned from at most this much training text (deterministic prefix); None = all.
     train_max_mb: float | None = Field(64.0, gt=0)
@@ -211,6 +214,13 @@ def swiglu_hidden(d_model: int) -> int:
 
 class ModelConfig(Section):
     kind: Literal["decoder", "encoder"] = "decoder"
+    # Where the network starts. None: the pipeline's own pretraining, from scratch. Else an
+    # existing model, whose architecture and tokenizer are then used (the dimensions below and the
+    # tokenizer section are ignored): a registered model (models:/NAME@ALIAS, models:/NAME/VERSION),
+    # an lmforge export folder, a local Hugging Face folder (Llama decoder or BERT encoder, as
+    # save_pretrained writes it), or a .ckpt/model folder of the configured shape. Pretraining is
+    # then skipped unless pretrain.enabled=true (continued pretraining).
+    init_from: str | None = None
     # A named size (MODEL_PRESETS) fills the dimensions the config leaves out; the loaded config
     # holds every dimension in force.
     preset: str | None = None
@@ -288,21 +298,43 @@ class TrainingConfig(Section):
 
 
 class PretrainConfig(TrainingConfig):
+    # None: pretrain from scratch, or skip pretraining when model.init_from names a model; true with
+    # model.init_from: continue pretraining that model on this corpus.
+    enabled: bool | None = None
     val_batches: int = Field(20, ge=1)
-    init_from: str | None = None  # a checkpoint or exported model folder to continue from
     mlm_probability: float = Field(0.15, gt=0, lt=1)  # encoder only (Devlin et al. 2019)
     # Steps between logged sample generations; None = at validation.
     sample_every: int | None = Field(None, ge=1)
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (Hu et al. 2021, "LoRA"), applied by peft; merged into the weights on save."""
+
+    enabled: bool = False
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
+    )
+
+
 class FinetuneConfig(TrainingConfig):
     # The fine-tuning method (lm.finetune.METHODS): its data, training, metrics, export, prediction.
     task: str = "classify"
-    # ``stdlib``: a labelled task derived from the same corpus (docstring -> stdlib package);
-    # else a .csv/.jsonl/.parquet file with text_column and label_column.
+    # ``stdlib``: a task derived from the same corpus (classify: docstring -> stdlib package;
+    # sft: a function's signature and a question -> its docstring's summary line);
+    # else a .csv/.jsonl/.parquet file with the columns named below.
     data: str = "stdlib"
-    text_column: str = "text"
-    label_column: str = "label"
+    text_column: str = "text"  # classify
+    label_column: str = "label"  # classify
+    prompt_column: str = "prompt"  # sft: prompt/response pairs ...
+    response_column: str = "response"
+    messages_column: str = "messages"  # ... or chat messages [{role, content}, ...] (used when present)
+    system_prompt: str | None = None  # sft: a system message put before every conversation without one
+    # sft: several short examples share one window (attention never crosses an example's boundary).
+    packing: bool = False
+    lora: LoraConfig = Field(default_factory=LoraConfig)
     num_classes: int = Field(8, ge=2)  # for the stdlib task: the most frequent packages
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
@@ -352,6 +384,9 @@ class TrainerConfig(Section):
 
 class EvaluateConfig(Section):
     max_batches: int = Field(50, ge=1)
+    # sft: held-out prompts answered by the model (greedy) and scored beside the baseline responder.
+    generate_prompts: int = Field(64, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
 
 
 # Registered model names and aliases: letters, digits and . _ - (they go into registry queries and URIs).
@@ -379,6 +414,15 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @model_validator(mode="after")
+    def _something_to_start_from(self) -> Config:
+        if self.pretrain.enabled is False and self.model.init_from is None:
+            raise ValueError(
+                "pretrain.enabled=false leaves nothing to fine-tune: set model.init_from to the model to start "
+                "from, or leave pretrain.enabled unset"
+            )
+        return self
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

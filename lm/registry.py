@@ -173,3 +173,55 @@ def deploy(
             "alias_uri": f"models:/{name}@{cfg.alias}",
         },
     )
+
+
+def _parse_registered(spec: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version)."""
+    import re
+
+    m = re.fullmatch(r"models:/([A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:@([A-Za-z0-9][A-Za-z0-9._-]{0,127})|/(\d+))", spec)
+    if not m:
+        raise ConfigError(f"model.init_from={spec!r}: a registered model is models:/NAME@ALIAS or models:/NAME/VERSION")
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _model_version(spec: str, uri: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    name, alias, version = _parse_registered(spec)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        if alias is not None:
+            return client, client.get_model_version_by_alias(name, alias)
+        return client, client.get_model_version(name, version)
+    except MlflowException as e:
+        raise ConfigError(f"model.init_from={spec!r} is not in the registry at {uri}: {e.message}") from None
+
+
+def resolve_registered(spec: str, uri: str) -> dict[str, str]:
+    """The version an alias points at now (aliases move: this is what a cache key must hold)."""
+    _, mv = _model_version(spec, uri)
+    return {"name": mv.name, "version": str(mv.version), "run_id": str(mv.run_id), "source": str(mv.source)}
+
+
+def download_registered(spec: str, uri: str, dst: Path) -> tuple[Path, str]:
+    """Download a registered lmforge model; returns (its export folder, the version)."""
+    import mlflow
+    import yaml
+
+    client, mv = _model_version(spec, uri)
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(mv.name, mv.version), dst_path=str(dst), tracking_uri=uri
+        )
+    )
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    artifact = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("model")
+    if not artifact:
+        raise ConfigError(f"model.init_from={spec!r} is not an lmforge model (its MLmodel has no 'model' artifact)")
+    folder = (local / artifact["path"]).resolve()
+    if not folder.is_relative_to(local.resolve()) or not (folder / "model.json").is_file():
+        raise ConfigError(f"model.init_from={spec!r}: its model artifact is not an lmforge export folder")
+    return folder, str(mv.version)

@@ -47,6 +47,8 @@ class StageResult:
     outputs: dict[str, str] = field(default_factory=dict)
     # Dataset lineage for mlflow.log_input: dicts with name, path (relative), digest, source, context.
     datasets: list[dict[str, Any]] = field(default_factory=list)
+    # CSV files (relative paths) shown as tables in the MLflow UI (mlflow.log_table), e.g. generations.
+    tables: list[str] = field(default_factory=list)
 
     def save(self, out_dir: Path) -> None:
         atomic_write(Path(out_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))
@@ -99,6 +101,8 @@ class Stage:
     live_metrics: bool = False  # logs its metrics into its run while it runs
     group: str | None = None  # CLI command that runs the whole group (``lmforge data``)
     check: Callable[[Config], None] | None = None  # checks before any stage runs (preflight)
+    # What else the result depends on, found when the key is made (the version an alias points at).
+    fingerprint: Callable[[Config], Any] | None = None
 
     @property
     def command(self) -> str:

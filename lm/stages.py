@@ -38,10 +38,22 @@ def _clean(ctx: StageContext) -> StageResult:
     return clean(ctx.cfg.data, ctx.inputs["ingest"] / "documents.parquet", out_dir=ctx.out_dir, map_parts=map_parts)
 
 
+def _base_model(ctx: StageContext) -> StageResult:
+    from lm.base_model import prepare_base
+
+    return prepare_base(ctx.cfg, out_dir=ctx.out_dir)
+
+
+def _base_model_key(cfg: Config):
+    from lm.base_model import fingerprint
+
+    return fingerprint(cfg)
+
+
 def _tokenize(ctx: StageContext) -> StageResult:
     from lm.tokenizer import tokenize
 
-    return tokenize(ctx.cfg, ctx.inputs["clean"], out_dir=ctx.out_dir)
+    return tokenize(ctx.cfg, ctx.inputs["clean"], out_dir=ctx.out_dir, base_dir=ctx.inputs["base_model"])
 
 
 def _finetune_data(ctx: StageContext) -> StageResult:
@@ -51,9 +63,15 @@ def _finetune_data(ctx: StageContext) -> StageResult:
 
 
 def _pretrain(ctx: StageContext) -> StageResult:
+    from lm.base_model import read_source, use_as_pretrained
     from lm.train import launch
 
-    return launch("pretrain", ctx, ["--data", str(ctx.inputs["tokenize"])])
+    base = ctx.inputs["base_model"]
+    if read_source(base) is None:
+        return launch("pretrain", ctx, ["--data", str(ctx.inputs["tokenize"])])
+    if not ctx.cfg.pretrain.enabled:
+        return use_as_pretrained(base, ctx.inputs["tokenize"], ctx.out_dir)
+    return launch("pretrain", ctx, ["--data", str(ctx.inputs["tokenize"]), "--init", str(base)])
 
 
 def _finetune(ctx: StageContext) -> StageResult:
@@ -116,16 +134,19 @@ STAGES: tuple[Stage, ...] = (
     Stage("clean", _clean, "filter, deduplicate (exact + MinHash) and split the documents into train/val",
           inputs=("ingest",), config=("data.clean", "data.dedup", "data.val_fraction", "data.seed"),
           code=("lm.data.clean",), outputs=("train.parquet", "val.parquet"), group="data"),
-    Stage("tokenize", _tokenize, "build the tokenizer and write token shards of both splits",
-          inputs=("clean",), config=("tokenizer",), files=("tokenizer.path",), code=("lm.tokenizer",),
+    Stage("base_model", _base_model, "bring the model to start from (model.init_from) into lmforge's format",
+          config=("model.init_from", "model.kind"), fingerprint=_base_model_key, code=("lm.base_model",),
+          outputs=("source.json",)),
+    Stage("tokenize", _tokenize, "build the tokenizer (or take the base model's) and write token shards",
+          inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.tokenizer",),
           outputs=("tokenizer.json", "index.json"), group="data"),
     Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
           config=("finetune.task", "finetune.data", "finetune.text_column", "finetune.label_column",
                   "finetune.num_classes", "finetune.val_fraction", "finetune.test_fraction"),
           files=("finetune.data",), code=("lm.finetune",), group="data"),
     Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
-          inputs=("tokenize",), config=("model", "pretrain", "trainer"), files=("pretrain.init_from",),
-          code=("lm.train",), outputs=("model.safetensors", "model.json", "result.json"),
+          inputs=("tokenize", "base_model"), config=("model", "pretrain", "trainer"),
+          code=("lm.train", "lm.base_model"), outputs=("model.safetensors", "model.json", "result.json"),
           resumable=True, live_metrics=True),
     Stage("finetune", _finetune, "fine-tune the pretrained model with the method finetune.task",
           inputs=("pretrain", "finetune_data", "tokenize"), config=("finetune", "trainer"),

@@ -249,19 +249,29 @@ def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:
     }
 
 
-def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path) -> StageResult:
-    """Build the tokenizer and write token shards of the train and val splits of ``clean_dir``."""
+def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | None = None) -> StageResult:
+    """Build the tokenizer and write token shards of the train and val splits of ``clean_dir``.
+    ``base_dir``: the base_model stage's folder; a model brought from elsewhere (model.init_from)
+    brings its tokenizer, which is then used as it is (the tokenizer section does not apply)."""
+    from lm.base_model import read_source
+
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
     for name in SPLITS.values():
         if not (clean_dir / name).is_file():
             raise DataError(f"{clean_dir / name} does not exist: run the clean stage first")
     t0 = time.perf_counter()
-    tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
+    source = read_source(base_dir) if base_dir is not None else None
+    if source is not None and source.get("tokenizer"):
+        tok = load_tokenizer(Path(base_dir) / TOKENIZER)
+        specials = source["special_tokens"]
+    else:
+        tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
+        specials = cfg.tokenizer.special_tokens
     train_seconds = time.perf_counter() - t0
     tok.save(str(out_dir / TOKENIZER))
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-    ids = special_ids(tok, cfg.tokenizer.special_tokens)
+    ids = special_ids(tok, specials)
     # Text that happens to contain "<|endoftext|>" is encoded as plain text, never as the special
     # token: only the stage itself places document boundaries.
     tok.encode_special_tokens = True
@@ -282,7 +292,7 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path) -> StageResult:
         **ids,
         splits=splits,
         tokenizer=TOKENIZER,
-        kind=cfg.tokenizer.kind,
+        kind="base_model" if source is not None and source.get("tokenizer") else cfg.tokenizer.kind,
     )
     index.save(out_dir)
     total = splits["train"]["tokens"] + splits["val"]["tokens"]

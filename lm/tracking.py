@@ -274,6 +274,13 @@ def log_stage_result(
             client.log_artifacts(run_id, str(path), rel)
         else:
             client.log_artifact(run_id, str(path))
+    for rel in result.tables:
+        path = (out_dir / rel).resolve()
+        if path.is_relative_to(out_dir.resolve()) and path.is_file():
+            # MlflowClient.log_table: the UI's evaluation/table view shows it row by row.
+            import pandas as pd
+
+            client.log_table(run_id, data=pd.read_csv(path, keep_default_na=False), artifact_file=Path(rel).with_suffix(".json").name)
     inputs = []
     for ds in result.datasets:
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files

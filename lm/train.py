@@ -352,6 +352,7 @@ def run_pretrain(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    init: str | os.PathLike | None = None,
     run_id: str | None = None,
     tracking_uri: str | None = None,
     print_weight_digest: bool = False,
@@ -359,6 +360,7 @@ def run_pretrain(
 ) -> dict[str, float]:
     """Pretrain the configured decoder/encoder on a token data dir; returns the final metrics (rank 0).
 
+    ``init``: the base_model stage's folder: continue pretraining the model it holds.
     ``extra_callbacks``: Lightning callbacks added to the Trainer (benchmarks, tests)."""
     import lightning.pytorch as pl
 
@@ -369,11 +371,25 @@ def run_pretrain(
 
     p, data_dir = cfg.pretrain, Path(data_dir)
     index = TokenIndex.load(data_dir)
-    args = model_args(cfg.model, index.vocab_size)
     pl.seed_everything(p.seed, workers=True, verbose=False)
-    net = build_model(args)
-    if p.init_from:
-        load_weights_into(net, p.init_from)
+    source = None
+    if init is not None:
+        from lm.base_model import read_source
+
+        source = read_source(init)
+    if source is not None and source["kind"] != "checkpoint":
+        # Continued pretraining of a model brought from elsewhere: its own shape, whatever model.* says.
+        net = load_backbone(init)
+        args = net.args
+        if index.vocab_size > args.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {index.vocab_size} tokens but the model {source['spec']} only {args.vocab_size}"
+            )
+    else:
+        args = model_args(cfg.model, index.vocab_size)
+        net = build_model(args)
+        if source is not None:
+            load_weights_into(net, source["path"])
     callbacks = list(extra_callbacks or [])
     tokenizer = data_dir / index.tokenizer
     if args.kind == "decoder" and tokenizer.is_file():
@@ -515,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "finetune":
             sp.add_argument("--tokens", required=True, help="token data dir (tokenizer.json, ids)")
             sp.add_argument("--init", required=True, help="the pretrained model folder")
+        else:
+            sp.add_argument("--init", default=None, help="the base_model stage's folder (continued pretraining)")
     a = parser.parse_args(argv)
     _die_with_parent()
     _quiet_lightning_tips()
@@ -522,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(a.config, a.override)
         common = dict(run_id=a.run_id, tracking_uri=a.tracking_uri, print_weight_digest=a.print_weight_digest)
         if a.command == "pretrain":
-            run_pretrain(cfg, a.data, a.out, **common)
+            run_pretrain(cfg, a.data, a.out, init=a.init, **common)
         else:
             run_finetune(cfg, a.data, a.tokens, a.init, a.out, **common)
     except LmforgeError as e:

@@ -187,6 +187,7 @@ def stage_keys(cfg: Config, stages: Sequence[Stage]) -> dict[str, str]:
             stage.name,
             config_values(cfg, stage),
             files_fingerprint(cfg, stage.files),
+            None if stage.fingerprint is None else stage.fingerprint(cfg),
             code_digest(stage),
             [keys[name] for name in stage.inputs],
         )

@@ -87,7 +87,7 @@ def test_clean_thresholds_come_from_the_preset_unless_set():
 
 
 def test_tokenizer_vocab_size_is_the_one_in_force():
-    assert load_config("tiny", ["tokenizer.kind=byte"]).tokenizer.vocab_size == 256 + 3
+    assert load_config("tiny", ["tokenizer.kind=byte"]).tokenizer.vocab_size == 256 + 5
     assert load_config("tiny", ["tokenizer.kind=file", "tokenizer.path=t.json"]).tokenizer.vocab_size is None
     assert load_config("tiny").tokenizer.vocab_size == 512
 

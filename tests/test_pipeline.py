@@ -142,12 +142,12 @@ def test_params_are_the_values_in_force_for_every_tokenizer_kind(prefect_harness
     base = ["pretrain.max_steps=2", f"workdir={tmp_path / 'w'}", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"]
     byte = pipeline(config=load_config("tiny", [*base, "tokenizer.kind=byte"]), targets=["tokenize"])
     params = run_tree(byte["tracking_uri"], byte["mlflow_run_id"])["children"]["tokenize"].data.params
-    assert params["tokenizer.vocab_size"] == "259" and params["tokenizer.kind"] == "byte"
+    assert params["tokenizer.vocab_size"] == "261" and params["tokenizer.kind"] == "byte"
     path = Path(byte["tokenize"]) / "tokenizer.json"
     given = pipeline(config=load_config("tiny", [*base, "tokenizer.kind=file", f"tokenizer.path={path}"]),
                      targets=["tokenize"])
     params = run_tree(given["tracking_uri"], given["mlflow_run_id"])["children"]["tokenize"].data.params
-    assert params["tokenizer.vocab_size"] == "259"  # the file's size, logged once the stage read it
+    assert params["tokenizer.vocab_size"] == "261"  # the file's size, logged once the stage read it
 
 
 def test_the_alias_moves_only_to_a_better_version_in_the_configured_direction(tiny_run):
@@ -173,3 +173,26 @@ def test_the_alias_moves_only_to_a_better_version_in_the_configured_direction(ti
     better = deploy(lower, uri, run_id, export, "lower-bpb-export", {"eval/bpb": bpb - 0.5}, out_dir=None)
     assert better.metrics["deploy/promoted"] == 1.0
     assert str(client.get_model_version_by_alias("lmforge-tiny", "champion").version) == better.outputs["model_uri"].split("/")[-1]
+
+
+def test_fine_tuning_starts_from_a_registered_model_with_its_tokenizer(tiny_run):
+    """model.init_from=models:/NAME/VERSION: the registered model's decoder and tokenizer are the
+    base; pretraining is skipped; the registry's version is part of the key."""
+    from flows.pipeline import pipeline
+
+    first, tmp = tiny_run["first"], tiny_run["tmp"]
+    cfg = load_config(
+        "tiny",
+        [f"workdir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+         "model.init_from=models:/lmforge-tiny/1", "finetune.max_steps=4"],
+    )
+    out = pipeline(config=cfg, targets=["finetune"])
+    source = json.loads((Path(out["base_model"]) / "source.json").read_text())
+    assert source["kind"] == "registered" and source["version"] == "1" and source["tokenizer"]
+    assert json.loads((Path(out["pretrain"]) / "result.json").read_text())["skipped"] is True
+    # The tokenizer the registered model was trained with, not a new one learned from the corpus.
+    assert (Path(out["tokenize"]) / "tokenizer.json").read_text() == (Path(first["tokenize"]) / "tokenizer.json").read_text()
+    children = run_tree(out["tracking_uri"], out["mlflow_run_id"])["children"]
+    assert children["base_model"].data.params["base_model.kind"] == "registered"
+    assert children["base_model"].data.params["model.init_from"] == "models:/lmforge-tiny/1"
+    assert children["finetune"].info.status == "FINISHED"

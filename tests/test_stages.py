@@ -56,8 +56,8 @@ def test_the_real_table_is_in_order_and_names_each_stage_once():
     assert len(set(names)) == len(names)
     for i, stage in enumerate(STAGES):
         assert set(stage.inputs) <= set(names[:i]), f"{stage.name} reads a stage that runs after it"
-    assert [s.name for s in stages_for(["pretrain"])] == ["ingest", "clean", "tokenize", "pretrain"]
-    assert [s.name for s in stages_for(["data"])] == ["ingest", "clean", "tokenize", "finetune_data"]
+    assert [s.name for s in stages_for(["pretrain"])] == ["ingest", "clean", "base_model", "tokenize", "pretrain"]
+    assert [s.name for s in stages_for(["data"])] == ["ingest", "clean", "base_model", "tokenize", "finetune_data"]
     assert [s.name for s in needed(TOYS, ["double_it"])] == ["count", "double_it"]
 
 

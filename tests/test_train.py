@@ -13,6 +13,7 @@ import pytest
 import torch
 from train_fixtures import child_env, make_finetune_dir, make_token_dir, pretrain_args, tiny_config_yaml
 
+from lm.base_model import prepare_base
 from lm.checkpoint import (
     StepCheckpoint,
     atomic_torch_save,
@@ -87,16 +88,14 @@ def test_metrics_reach_the_given_mlflow_run_and_init_from_continues(
     cfg = load_config(
         tiny_config_yaml(
             tmp_path / "cfg.yaml",
-            pretrain={
-                "max_steps": 6,
-                "val_every": 3,
-                "init_from": str(pretrained[0]),
-                "warmup_steps": 0,
-                "lr": 1e-4,
-            },
+            model={"preset": "tiny", "init_from": str(pretrained[0])},
+            pretrain={"enabled": True, "max_steps": 6, "val_every": 3, "warmup_steps": 0, "lr": 1e-4},
         )
     )
-    metrics = run_pretrain(cfg, token_dir, tmp_path / "out", run_id=run_id, tracking_uri=tracking_uri)
+    prepare_base(cfg, out_dir=(tmp_path / "base"))
+    metrics = run_pretrain(
+        cfg, token_dir, tmp_path / "out", init=tmp_path / "base", run_id=run_id, tracking_uri=tracking_uri
+    )
     run = client.get_run(run_id)
     for key in (
         "train/loss",
@@ -210,9 +209,12 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
     with torch.no_grad():
         poisoned.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
     save_model(poisoned, tmp_path / "nan-model")
-    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={"init_from": str(tmp_path / "nan-model")})
+    cfg = tiny_config_yaml(
+        tmp_path / "cfg.yaml", model={"init_from": str(tmp_path / "nan-model")}, pretrain={"enabled": True}
+    )
+    prepare_base(load_config(cfg), out_dir=tmp_path / "base")
     proc = subprocess.run(
-        [sys.executable, *pretrain_args(cfg, token_dir, tmp_path / "out")],
+        [sys.executable, *pretrain_args(cfg, token_dir, tmp_path / "out", "--init", str(tmp_path / "base"))],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -141,8 +141,8 @@ CONFIG_CASES = [
     ),
     Case(
         "checkpoint to start from that does not exist",
-        ["pretrain.init_from={tmp}/model"],
-        "pretrain.init_from='{tmp}/model' does not exist",
+        ["model.init_from={tmp}/model"],
+        "model.init_from='{tmp}/model' does not exist",
     ),
     Case("tracking store of an unknown kind", ["tracking.uri=foo://bar"], "unknown scheme"),
     Case(
