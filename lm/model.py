@@ -44,10 +44,17 @@ class ModelArgs:
     dropout: float = 0.0
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
+    # The block layout: llama (this module) | bert (lm.bert: learned positions, post-LN, biases).
+    arch: str = "llama"
+    # Width of one head; 0 = d_model // n_head. HF Llama configs may set head_dim otherwise.
+    d_head: int = 0
+    # The MLP nonlinearity: silu (llama's SwiGLU gate) | gelu (exact erf) | gelu_tanh | relu (bert).
+    ffn_act: str = "silu"
+    type_vocab_size: int = 2  # bert: segment (token type) embeddings
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.d_head or self.d_model // self.n_head
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
@@ -270,7 +277,14 @@ class SequenceClassifier(nn.Module):
         return logits, loss
 
 
-def build_model(args: ModelArgs) -> _Transformer:
+def build_model(args: ModelArgs) -> nn.Module:
+    """The network ``args`` describe: a Llama-style Decoder or Encoder, or a BERT encoder."""
+    if args.arch == "bert":
+        from lm.bert import BertEncoder  # lm.bert builds on this module's ModelArgs
+
+        return BertEncoder(args)
+    if args.arch != "llama":
+        raise ValueError(f"unknown model arch {args.arch!r}: llama or bert")
     return {"decoder": Decoder, "encoder": Encoder}[args.kind](args)
 
 
