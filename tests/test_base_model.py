@@ -48,11 +48,13 @@ def _clean_dir(root):
 def test_a_hugging_face_llama_becomes_the_pretrained_model_with_its_tokenizer(tmp_path):
     hf, hf_tok = _hf_llama(tmp_path / "hf")
     cfg = load_config(tiny_config_yaml(tmp_path / "c.yaml", model={"init_from": str(tmp_path / "hf")}))
-    prepare_base(cfg, out_dir=(base := tmp_path / "base"))
+    (base := tmp_path / "base").mkdir()
+    prepare_base(cfg, out_dir=base)
     source = read_source(base)
     assert source["kind"] == "hf" and source["tokenizer"] and source["special_tokens"][0] == "</s>"
 
-    tokenize(cfg, _clean_dir(tmp_path / "clean"), out_dir=(tokens := tmp_path / "tokens"), base_dir=base)
+    (tokens := tmp_path / "tokens").mkdir()
+    tokenize(cfg, _clean_dir(tmp_path / "clean"), out_dir=tokens, base_dir=base)
     index = TokenIndex.load(tokens)
     assert index.kind == "base_model" and index.eot_id == hf_tok.token_to_id("</s>")
     # The shards hold the base tokenizer's ids, not a newly learned vocabulary.
@@ -83,6 +85,7 @@ def test_an_lmforge_classifier_folder_gives_its_backbone(tmp_path):
     clf = SequenceClassifier(Decoder(args), 3)
     save_model(clf, tmp_path / "clf", extra={"task": "classify", "eot_id": 256, "pad_id": 257, "mask_id": 258})
     cfg = load_config(tiny_config_yaml(tmp_path / "c.yaml", model={"init_from": str(tmp_path / "clf")}))
+    (tmp_path / "base").mkdir()
     prepare_base(cfg, out_dir=tmp_path / "base")
     source = read_source(tmp_path / "base")
     assert source["kind"] == "lmforge" and source["tokenizer"] is False and source["vocab_size"] == 300
@@ -94,13 +97,42 @@ def test_wrong_starting_points_are_named(tmp_path):
     hf, _ = _hf_llama(tmp_path / "hf")
     cfg = load_config(tiny_config_yaml(tmp_path / "c.yaml", model={"kind": "encoder", "init_from": str(tmp_path / "hf")}))
     with pytest.raises(ConfigError, match="is a decoder, but model.kind=encoder"):
-        prepare_base(cfg, out_dir=tmp_path / "b1")
+        prepare_base(cfg, out_dir=tmp_path)
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("x")
     cfg = load_config(tiny_config_yaml(tmp_path / "c2.yaml", model={"init_from": str(tmp_path / "junk")}))
     with pytest.raises(ConfigError, match="neither a Hugging Face model folder.*notes.txt"):
-        prepare_base(cfg, out_dir=tmp_path / "b2")
+        prepare_base(cfg, out_dir=tmp_path)
     with pytest.raises(ConfigError, match="pretrain.enabled=false leaves nothing to fine-tune"):
         load_config("tiny", ["pretrain.enabled=false"])
     with pytest.raises(ConfigError, match="models:/NAME@ALIAS or models:/NAME/VERSION"):
-        prepare_base(load_config("tiny", ["model.init_from=models:/x@"]), out_dir=tmp_path / "b3")
+        prepare_base(load_config("tiny", ["model.init_from=models:/x@"]), out_dir=tmp_path)
+
+
+def test_a_hugging_face_bert_becomes_the_encoder_a_classifier_is_tuned_on(tmp_path):
+    tok = byte_tokenizer(["[SEP]", "[PAD]", "[MASK]", "[CLS]"])
+    torch.manual_seed(0)
+    hf_cfg = transformers.BertConfig(
+        vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=64, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
+    )
+    transformers.BertForMaskedLM(hf_cfg).save_pretrained(tmp_path / "bert")
+    tok.save(str(tmp_path / "bert" / "tokenizer.json"))
+    (tmp_path / "bert" / "tokenizer_config.json").write_text(
+        json.dumps({"sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]", "cls_token": "[CLS]"})
+    )
+    cfg = load_config(tiny_config_yaml(
+        tmp_path / "c.yaml", model={"kind": "encoder", "init_from": str(tmp_path / "bert")}, finetune={"max_steps": 4}
+    ))
+    (base := tmp_path / "base").mkdir()
+    prepare_base(cfg, out_dir=base)
+    source = read_source(base)
+    assert source["arch"] == "bert" and source["special_tokens"] == ["[SEP]", "[PAD]", "[MASK]"]
+    (tokens := tmp_path / "tokens").mkdir()
+    tokenize(cfg, _clean_dir(tmp_path / "clean"), out_dir=tokens, base_dir=base)
+    assert TokenIndex.load(tokens).mask_id == tok.token_to_id("[MASK]")
+    (pre := tmp_path / "pre").mkdir()
+    use_as_pretrained(base, tokens, pre)
+    metrics = run_finetune(cfg, make_finetune_dir(tmp_path / "ft"), tokens, pre, tmp_path / "out")
+    assert metrics["val/accuracy"] >= 0
+    assert load_model(tmp_path / "out").backbone.args.arch == "bert"
