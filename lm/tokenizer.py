@@ -7,7 +7,8 @@ stray control characters) round-trips encode -> decode byte for byte, with no un
 Shards are flat little-endian arrays of token ids (uint16 when the vocabulary fits, else
 uint32), the documents of a split one after another, each followed by the end-of-text token, cut
 into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; see
-``lm.shards.TokenShards`` for the reader.
+``lm.shards.TokenShards`` for the reader. ``tokenizer_config.json`` beside ``tokenizer.json`` holds
+what Hugging Face tools read with it: the special tokens and the chat template (``lm.chat``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from lm.chat import write_tokenizer_config
 from lm.config import Config, TokenizerConfig
 from lm.data.batching import char_bounded
 from lm.errors import DataError
@@ -261,14 +263,17 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
             raise DataError(f"{clean_dir / name} does not exist: run the clean stage first")
     t0 = time.perf_counter()
     source = read_source(base_dir) if base_dir is not None else None
+    own_dir = Path(cfg.tokenizer.path).parent if cfg.tokenizer.kind == "file" else None  # its own config
     if source is not None and source.get("tokenizer"):
         tok = load_tokenizer(Path(base_dir) / TOKENIZER)
-        specials = source["special_tokens"]
+        specials, own_dir = source["special_tokens"], Path(base_dir)
     else:
         tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
         specials = cfg.tokenizer.special_tokens
     train_seconds = time.perf_counter() - t0
     tok.save(str(out_dir / TOKENIZER))
+    # Hugging Face's companion file, with the chat template instruction tuning and serving render with.
+    chat_config = write_tokenizer_config(out_dir, tok, specials, own_dir)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
     ids = special_ids(tok, specials)
@@ -309,7 +314,7 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
             # A tokenizer.json (kind=file) brings its own size, which the config leaves open (None).
             **({"tokenizer.vocab_size": vocab_size} if cfg.tokenizer.vocab_size is None else {}),
         },
-        artifacts=[TOKENIZER, INDEX],
-        outputs={"tokenizer": TOKENIZER, "index": INDEX},
+        artifacts=[TOKENIZER, chat_config, INDEX],
+        outputs={"tokenizer": TOKENIZER, "tokenizer_config": chat_config, "index": INDEX},
     )
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from lm.config import Config, TokenizerConfig
+from lm.chat import CHATML, PLAIN_TEXT
+from lm.config import SPECIAL_TOKENS, Config, TokenizerConfig
 from lm.shards import TokenShards
 from lm.tokenizer import load_tokenizer, tokenize
 
@@ -71,7 +72,7 @@ def test_every_document_round_trips_byte_for_byte(clean_dir, tmp_path, kind):
 def test_byte_tokenizer_is_256_bytes_plus_specials(clean_dir, tmp_path):
     _, index = run(clean_dir, tmp_path / "b", kind="byte")
     tok = load_tokenizer(tmp_path / "b" / "tokenizer.json")
-    assert index["vocab_size"] == 259
+    assert index["vocab_size"] == 256 + len(SPECIAL_TOKENS)
     assert (index["eot_id"], index["pad_id"], index["mask_id"]) == (256, 257, 258)
     assert tok.encode("A€", add_special_tokens=False).ids == [65, 0xE2, 0x82, 0xAC]
 
@@ -81,7 +82,9 @@ def test_bpe_learns_merges_and_respects_vocab_size(clean_dir, tmp_path):
     assert 300 < index["vocab_size"] <= 500
     tok = load_tokenizer(tmp_path / "bpe")
     assert len(tok.encode("document says hello to the world").ids) < len("document says hello to the world")
-    assert result.outputs == {"tokenizer": "tokenizer.json", "index": "index.json"}
+    assert result.outputs == {
+        "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json", "index": "index.json"
+    }
 
 
 def test_file_tokenizer_reuses_an_existing_tokenizer_json(clean_dir, tmp_path):
@@ -95,6 +98,25 @@ def test_file_tokenizer_reuses_an_existing_tokenizer_json(clean_dir, tmp_path):
     first = TokenShards(tmp_path / "first", "train")
     second = TokenShards(tmp_path / "second", "train")
     assert np.array_equal(first.window(0, first.num_tokens), second.window(0, second.num_tokens))
+
+
+def test_the_tokenizer_config_carries_the_chat_template_and_special_tokens(clean_dir, tmp_path):
+    run(clean_dir, tmp_path / "chatml", kind="bpe", vocab_size=400)
+    config = json.loads((tmp_path / "chatml" / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHATML and config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert (config["eos_token"], config["pad_token"], config["bos_token"]) == ("<|endoftext|>", "<|pad|>", None)
+    # A tokenizer file that comes with its own template keeps it ...
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "tokenizer.json").write_bytes((tmp_path / "chatml" / "tokenizer.json").read_bytes())
+    (own / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}))
+    run(clean_dir, tmp_path / "file", kind="file", path=str(own / "tokenizer.json"))
+    assert json.loads((tmp_path / "file" / "tokenizer_config.json").read_text())["chat_template"] == (
+        "{{ messages[0]['content'] }}"
+    )
+    # ... and one without the ChatML tokens gets the plain-text template.
+    run(clean_dir, tmp_path / "plain", kind="byte", special_tokens=["<|endoftext|>", "<|pad|>"])
+    assert json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())["chat_template"] == PLAIN_TEXT
 
 
 def test_shards_are_cut_at_the_configured_size(clean_dir, tmp_path):

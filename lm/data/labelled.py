@@ -80,8 +80,16 @@ def _definitions(node: ast.AST, package: str, module: str, prefix: str) -> Itera
             yield from _definitions(child, package, module, f"{name}.")
 
 
-def _unit_hash(text: str) -> float:
+def unit_hash(text: str) -> float:
+    """A number in [0, 1) that depends on ``text`` only: the same split for the same example on
+    every machine and in every run, whatever else the data holds."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") / 2.0**64
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """``train``, ``val`` or ``test`` for the example whose identity is ``key`` (by its hash)."""
+    u = unit_hash(key)
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 @functools.lru_cache(maxsize=1)
@@ -157,10 +165,7 @@ def build_finetune_data(cfg: Config, *, out_dir: Path) -> StageResult:
         raise DataError(f"finetune.data={ft.data!r} yielded no labelled examples")
     splits: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLIT_FILES}
     for text, label in zip(texts, labels, strict=True):
-        u = _unit_hash(text)
-        split = (
-            "test" if u < ft.test_fraction else "val" if u < ft.test_fraction + ft.val_fraction else "train"
-        )
+        split = split_of(text, ft.val_fraction, ft.test_fraction)
         splits[split][0].append(text)
         splits[split][1].append(label)
     for split, (t, y) in splits.items():
