@@ -26,6 +26,7 @@ LM_METRICS = {
     "encoder": {"eval/mlm_loss": "min", "eval/mlm_accuracy": "max"},
 }
 EVAL_MASK_SEED = 0  # the masking of the encoder's evaluation windows: the same for every model
+GENERATIONS = "generations.csv"  # a method's generated answers (sft): shown as a table in MLflow
 
 
 def metric_directions(cfg: Config) -> dict[str, str]:
@@ -106,9 +107,15 @@ def evaluate(
     metrics = language_model_metrics(Path(pretrain_dir), Path(tokens_dir), cfg.evaluate.max_batches)
     metrics.update(
         method(cfg.finetune.task).evaluate(
-            Path(finetune_dir), Path(ft_data_dir), Path(tokens_dir), out_dir=out_dir
+            Path(finetune_dir),
+            Path(ft_data_dir),
+            Path(tokens_dir),
+            base_dir=Path(pretrain_dir),
+            out_dir=out_dir,
+            settings=cfg.evaluate,
         )
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     artifacts = ["metrics.json", *sorted(p.name for p in out_dir.iterdir() if p.name != "metrics.json")]
-    return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"})
+    tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
+    return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables)

@@ -95,7 +95,7 @@ def build(cfg, backbone, data_dir: Path, tokens_dir: Path) -> Recipe:
     )
 
 
-def evaluate(model_dir: Path, data_dir: Path, tokens_dir: Path, *, out_dir: Path) -> dict[str, float]:
+def evaluate(model_dir: Path, data_dir: Path, tokens_dir: Path, *, base_dir=None, out_dir: Path, settings=None) -> dict[str, float]:
     test = pd.read_parquet(data_dir / "test.parquet")
     predicted = (
         Predictor(model_dir, Path(tokens_dir) / "tokenizer.json").predict(test)["log10_chars"].to_numpy()

@@ -7,7 +7,9 @@ A method module provides everything that differs between methods, and nothing el
   backbone, its LightningModule (a subclass of ``lm.lit.OptimisedModule``) and its DataModule;
   training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
 - ``METRICS``: the ``eval/`` metrics its ``evaluate`` reports, each with the direction that is better;
-- ``evaluate(model_dir, data_dir, tokens_dir, *, out_dir) -> dict``: those metrics on its test split;
+- ``evaluate(model_dir, data_dir, tokens_dir, *, base_dir, out_dir, settings) -> dict``: those
+  metrics on its test split (``base_dir``: the pretrained model before tuning; ``settings``: the
+  ``evaluate`` config section);
 - ``export(model_dir, data_dir, *, out_dir) -> list[str]``: files the export folder needs beyond
   the weights and the tokenizer;
 - ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;
@@ -20,6 +22,7 @@ used, so reading a config does not import torch.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 # finetune.task -> the module that implements it.
 METHODS: dict[str, str] = {
     "classify": "lm.finetune.classify",
+    "sft": "lm.finetune.sft",
 }
 
 
@@ -45,3 +49,6 @@ class Recipe:
     describe: str  # one line for the log: what is trained on what
     meta: dict[str, Any] = field(default_factory=dict)  # what model.json keeps (label names ...)
     train_examples: int | None = None  # a finite training set: validated at least once per epoch
+    # The network to save, made from module.net when training is over (LoRA: adapters merged into
+    # the weights, lm.finetune.lora.merge_lora); None: module.net itself.
+    to_save: Callable[[Any], Any] | None = None

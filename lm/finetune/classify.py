@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from lm.config import Config
+from lm.config import Config, EvaluateConfig
 from lm.data.labelled import LABELS, SPLIT_FILES, build_finetune_data
 from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import DataError
@@ -239,7 +239,15 @@ def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def evaluate(model_dir: Path, data_dir: Path, tokens_dir: Path, *, out_dir: Path) -> dict[str, float]:
+def evaluate(
+    model_dir: Path,
+    data_dir: Path,
+    tokens_dir: Path,
+    *,
+    base_dir: Path | None = None,
+    out_dir: Path,
+    settings: EvaluateConfig | None = None,
+) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, beside the majority-class and TF-IDF baselines;
     writes per-class scores, the confusion matrix (table and picture) and a sample of predictions."""
     predictor = Predictor(model_dir, tokenizer_path=Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer)
