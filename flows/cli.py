@@ -7,6 +7,7 @@ Examples:
   lmforge tokenize tokenizer.vocab_size=16000   # ingest, clean and tokenize (from cache when unchanged)
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
   lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
+  lmforge generate --model runs/.../export "def " --max-new-tokens 50 --temperature 0.8
 """
 
 from __future__ import annotations
@@ -52,7 +53,50 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
     sp.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
     sp.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
     _config_args(sp)
+    _generate_args(sub.add_parser("generate", help="continue a prompt with a trained decoder",
+                                  description=generate_command.__doc__))
     return p
+
+
+def _generate_args(sp: argparse.ArgumentParser) -> None:
+    # Defaults as lm.generate.SamplingParams's, written out: parsing must not import torch.
+    sp.add_argument("prompt", help="the text to continue")
+    sp.add_argument("--model", "-m", required=True, metavar="PATH",
+                    help="an lmforge decoder or export folder (model.json, tokenizer.json in it or its parent) "
+                    "or a Hugging Face LlamaForCausalLM folder")
+    sp.add_argument("--tokenizer", metavar="FILE", help="tokenizer.json, when it is not in the model folder")
+    sp.add_argument("--max-new-tokens", type=int, default=64, help="default %(default)s")
+    sp.add_argument("--temperature", type=float, default=1.0, help="0 = greedy; default %(default)s")
+    sp.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    sp.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
+    sp.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty (default 1 = off)")
+    sp.add_argument("--stop", action="append", default=[], metavar="S", help="stop before this string (repeatable)")
+    sp.add_argument("--seed", type=int, help="seed the sampling (same seed, same text)")
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    """Continue a prompt with a trained decoder and print the completion (to the first stop string,
+    end-of-text token or --max-new-tokens)."""
+    from lm.generate import SamplingParams, generate_text, load_for_generation
+
+    try:
+        params = SamplingParams(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+        )
+    except ValueError as e:
+        raise LmforgeError(str(e)) from None
+    gm = load_for_generation(args.model, args.tokenizer)
+    prompt = gm.chat_prompt(args.prompt) if args.chat else args.prompt
+    if not gm.tokenizer.encode(prompt).ids:
+        raise LmforgeError("the prompt is empty")
+    try:
+        [out] = generate_text(gm.model, gm.tokenizer, [prompt], params, eos_ids=gm.eos_ids)
+    except ValueError as e:  # e.g. --max-new-tokens larger than the model's context
+        raise LmforgeError(str(e)) from None
+    print(out.text)
+    return 0
 
 
 def _config_args(sp: argparse.ArgumentParser) -> None:
@@ -97,6 +141,8 @@ def _prefect_environment(cfg: Config) -> None:
 def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
     args = _parser(table).parse_args(argv)
     try:
+        if args.command == "generate":
+            return generate_command(args)
         cfg = load_config(args.config, args.overrides)  # the one parse of this run's config
         if args.command == "config":
             print(cfg.to_yaml(), end="")

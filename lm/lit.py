@@ -19,7 +19,7 @@ from torch import nn
 
 from lm.config import TrainingConfig
 from lm.errors import TrainingError
-from lm.model import generate
+from lm.generate import SamplingParams, generate
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -327,26 +327,23 @@ class SampleWriter(pl.Callback):
         self._last_step = -1
 
     def write(self, trainer: pl.Trainer, net: nn.Module) -> str:
-        gen = torch.Generator(device=next(net.parameters()).device).manual_seed(self.seed)
         lines = [f"=== step {trainer.global_step} ==="]
+        prompts = [self.tokenizer.encode(p).ids or [self.eot_id or 0] for p in self.prompts]
+        # A glance at progress: a model with a short seq_len writes shorter samples.
+        params = SamplingParams(
+            max_new_tokens=min(self.max_new_tokens, net.args.seq_len // 2),
+            temperature=0.8,
+            top_k=50,
+            seed=self.seed,
+        )
         was_training = net.training
         net.eval()
         # Eager even when pretrain.compile is on: every generated length would be a new graph.
         with torch.compiler.set_stance("force_eager"):
-            for prompt in self.prompts:
-                ids = self.tokenizer.encode(prompt).ids or [self.eot_id or 0]
-                idx = torch.tensor([ids], dtype=torch.long, device=gen.device)
-                out = generate(
-                    net,
-                    idx,
-                    self.max_new_tokens,
-                    temperature=0.8,
-                    top_k=50,
-                    eot_id=self.eot_id,
-                    generator=gen,
-                )
-                lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(out[0].tolist())}")
+            outs = generate(net, prompts, params, eos_ids=[] if self.eot_id is None else [self.eot_id])
         net.train(was_training)
+        for prompt, ids, out in zip(self.prompts, prompts, outs, strict=True):
+            lines.append(f"--- {prompt!r}\n{self.tokenizer.decode(ids + out.ids)}")
         text = "\n".join(lines) + "\n\n"
         with open(self.out_path, "a", encoding="utf-8") as f:
             f.write(text)

@@ -109,6 +109,134 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class KVCache:
+    """The keys (RoPE applied) and values a decoder has computed, kept for incremental decoding.
+
+    ``keys`` and ``values`` (L, B, K, S, D) are allocated once for S = ``max_len`` positions; row b
+    holds its first ``lengths[b]`` positions. Each row is its own sequence with its own length, so
+    prompts of different lengths need no left padding and every row's RoPE positions start at 0.
+    Pass it to ``hidden_states``/``forward`` to read T more tokens per row: they are written at
+    positions ``lengths[b] .. lengths[b] + n_b - 1`` (n_b = the row's real tokens, right-padded).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, lengths: list[int]):
+        self.keys, self.values = keys, values  # (L, B, K, S, D)
+        self.lengths = list(lengths)  # on the host: shapes and fast paths need no device sync
+        self._step: _CacheStep | None = None
+
+    @classmethod
+    def empty(
+        cls, args: ModelArgs, batch: int, max_len: int | None = None, *, device=None, dtype=torch.float32
+    ) -> KVCache:
+        max_len = args.seq_len if max_len is None else max_len
+        if not 0 < max_len <= args.seq_len:
+            raise ValueError(f"max_len={max_len} must be in 1..seq_len={args.seq_len}")
+        shape = (args.n_layer, batch, args.n_kv_head, max_len, args.head_dim)
+        return cls(
+            torch.zeros(shape, device=device, dtype=dtype),
+            torch.zeros(shape, device=device, dtype=dtype),
+            [0] * batch,
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def select(self, rows: list[int]) -> KVCache:
+        """A cache of these rows only, in this order (drops finished sequences from a batch)."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.keys.device)
+        return KVCache(
+            self.keys.index_select(1, idx), self.values.index_select(1, idx), [self.lengths[r] for r in rows]
+        )
+
+    @staticmethod
+    def cat(caches: list[KVCache]) -> KVCache:
+        """One cache holding the rows of all of them (adds sequences to a running batch)."""
+        if len({c.max_len for c in caches}) != 1:
+            raise ValueError("caches of different max_len cannot be joined")
+        return KVCache(
+            torch.cat([c.keys for c in caches], 1),
+            torch.cat([c.values for c in caches], 1),
+            [n for c in caches for n in c.lengths],
+        )
+
+    def begin(
+        self, T: int, attention_mask: torch.Tensor | None, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]:
+        """Plan a forward of T tokens per row: RoPE tables at each row's positions, whether plain causal
+        attention applies, and the attention mask otherwise. ``update`` then writes each layer."""
+        n_new = [T] * len(self) if attention_mask is None else attention_mask.sum(1).tolist()
+        if any(n + m > self.max_len for n, m in zip(self.lengths, n_new, strict=True)):
+            raise ValueError(
+                f"the KV cache holds {self.max_len} positions: {self.lengths} + {n_new} do not fit"
+            )
+        device = self.keys.device
+        start = self.lengths[0]
+        if all(n == start for n in self.lengths) and start + T <= self.max_len:
+            # Every row at the same position (one stream, or a fresh batch): plain slices. Right pads are
+            # written too, beyond the row's length, where later tokens overwrite them unread.
+            self._step = _CacheStep(n_new, start, start + T)
+            cos, sin = rope_cos[start : start + T], rope_sin[start : start + T]  # (T, D)
+            if start == 0:
+                return cos, sin, True, None  # prefill: attend to the new tokens only, as training does
+            if T == 1:
+                return cos, sin, False, None  # one query per row may read every key so far
+            q_pos = torch.arange(start, start + T, device=device)
+            mask = torch.arange(start + T, device=device)[None, :] <= q_pos[:, None]  # (T, S)
+            return cos, sin, False, mask
+        # Rows at different positions: gather RoPE per row, scatter the real tokens' keys, mask per row.
+        pos = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(T, device=device)  # (B, T)
+        if attention_mask is None:
+            rows, cols = (
+                torch.arange(len(self), device=device).repeat_interleave(T),
+                torch.arange(T, device=device).repeat(len(self)),
+            )
+        else:
+            rows, cols = attention_mask.bool().nonzero(as_tuple=True)
+        end = max(n + m for n, m in zip(self.lengths, n_new, strict=True))
+        self._step = _CacheStep(n_new, None, end, rows, cols, pos[rows, cols])
+        mask = torch.arange(end, device=device)[None, None, :] <= pos[:, :, None]  # (B, T, S)
+        rope_pos = pos.clamp(max=rope_cos.shape[0] - 1)  # a right pad may lie past seq_len; it is never read
+        return (
+            rope_cos[rope_pos][:, None],
+            rope_sin[rope_pos][:, None],
+            False,
+            mask[:, None],
+        )  # (B, 1, T, D), (B, 1, T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's new k, v (B, K, T, D); return the keys and values to attend to (B, K, S', D)."""
+        s = self._step
+        keys, values = self.keys[layer], self.values[layer]  # (B, K, S, D)
+        if s.start is not None:
+            keys[:, :, s.start : s.end] = k
+            values[:, :, s.start : s.end] = v
+            if s.start == 0:
+                return k, v
+        else:
+            keys[s.rows, :, s.slots] = k[s.rows, :, s.cols]  # (N, K, D): one entry per real token
+            values[s.rows, :, s.slots] = v[s.rows, :, s.cols]
+        return keys[:, :, : s.end], values[:, :, : s.end]
+
+    def advance(self) -> None:
+        """The forward is done: every row now holds its new tokens."""
+        self.lengths = [n + m for n, m in zip(self.lengths, self._step.n_new, strict=True)]
+        self._step = None
+
+
+@dataclass
+class _CacheStep:
+    n_new: list[int]  # real tokens per row in this forward
+    start: int | None  # the shared position of every row, or None when rows differ
+    end: int  # keys [0, end) are read
+    rows: torch.Tensor | None = None  # (N,) per real token: its row, its column in the input, its cache slot
+    cols: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -120,13 +248,27 @@ class Attention(nn.Module):
         self.dropout = args.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, causal: bool, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        causal: bool,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, K, S, D): every key of the row so far
+            # SDPA groups the query heads itself: no copy of the whole cache per step.
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, H, T, D)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_head != self.n_head:
             # Query head h uses kv head h // (H/K), HF's repeat_kv order.
             rep = self.n_head // self.n_kv_head
@@ -166,8 +308,17 @@ class Block(nn.Module):
         self.mlp = MLP(args)
         self.drop = nn.Dropout(args.dropout)
 
-    def forward(self, x, cos, sin, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, causal, mask))
+    def forward(
+        self,
+        x,
+        cos,
+        sin,
+        causal: bool,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        x = x + self.drop(self.self_attn(self.input_layernorm(x), cos, sin, causal, mask, cache, layer))
         return x + self.drop(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -200,9 +351,16 @@ class _Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
 
-    def hidden_states(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) -> final-norm hidden states (B, T, C). attention_mask (B, T) bool, True = real token."""
+    def hidden_states(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """idx (B, T) -> final-norm hidden states (B, T, C). attention_mask (B, T) bool, True = real token.
+
+        With a ``cache`` (decoder only), idx continues each row of the cache: its keys and values are
+        stored there and the tokens attend to everything the row read before (right-padded rows)."""
         B, T = idx.shape
+        if cache is not None:
+            return self._cached_hidden_states(idx, attention_mask, cache)
         if T > self.args.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len={self.args.seq_len}")
         mask = None
@@ -217,14 +375,30 @@ class _Transformer(nn.Module):
             x = layer(x, cos, sin, self.causal, mask)
         return self.norm(x)
 
+    def _cached_hidden_states(
+        self, idx: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache
+    ) -> torch.Tensor:
+        if not self.causal:
+            raise ValueError("only a decoder reads incrementally through a KV cache")
+        dtype = self.embed_tokens.weight.dtype
+        cos, sin, causal, mask = cache.begin(idx.shape[1], attention_mask, self.rope_cos, self.rope_sin)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        x = self.embed_tokens(idx)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, causal, mask, cache, i)
+        cache.advance()
+        return self.norm(x)
+
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx (B, T) -> logits (B, T, V); loss is mean cross-entropy over targets != -100."""
-        logits = self.lm_head(self.hidden_states(idx, attention_mask))
+        """idx (B, T) -> logits (B, T, V); loss is mean cross-entropy over targets != -100.
+        ``cache``: continue the cached rows (see :meth:`hidden_states`)."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask, cache))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
