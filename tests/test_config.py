@@ -95,7 +95,7 @@ def test_tokenizer_vocab_size_is_the_one_in_force():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("finetune.task=sft", "finetune.task='sft' is not available: choose one of classify"),
+        ("finetune.task=dpo", "finetune.task='dpo' is not available: choose one of classify, sft"),
         ("trainer.strategy=fsdp", "fsdp needs GPUs"),
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("tokenizer.vocab_size=10", "too small for byte-level BPE"),

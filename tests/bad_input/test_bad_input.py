@@ -66,8 +66,8 @@ CONFIG_CASES = [
     ),
     Case(
         "fine-tuning method that does not exist",
-        ["finetune.task=sft"],
-        "finetune.task='sft' is not available",
+        ["finetune.task=dpo"],
+        "finetune.task='dpo' is not available",
     ),
     Case(
         "nothing left to fine-tune on",
