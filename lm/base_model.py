@@ -208,4 +208,6 @@ def use_as_pretrained(base_dir: Path, tokens_dir: Path, out_dir: Path) -> StageR
 
     result = {"metrics": {}, "weights_sha256": file_sha256(Path(out_dir) / MODEL_WEIGHTS), "skipped": True}
     atomic_write(Path(out_dir) / RESULT, json.dumps(result, indent=2))
-    return training_result("pretrain", Path(out_dir))
+    stage_result = training_result("pretrain", Path(out_dir))
+    stage_result.outputs.pop("checkpoints", None)  # nothing was trained
+    return stage_result
