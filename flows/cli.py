@@ -107,7 +107,9 @@ def _config_args(sp: argparse.ArgumentParser) -> None:
 
 
 SHOWN = ["eval/loss", "eval/ppl", "eval/bpb", "eval/baseline_bpb", "eval/mlm_loss", "eval/mlm_accuracy",
-         "eval/baseline_mlm_loss", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy"]
+         "eval/baseline_mlm_loss", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy",
+         "eval/tfidf_accuracy", "eval/response_loss", "eval/base_response_loss", "eval/chrf", "eval/baseline_chrf",
+         "eval/exact_match", "eval/baseline_exact_match"]
 
 
 def _summary(out: dict, seconds: float, uri: str) -> str:

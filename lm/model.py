@@ -578,33 +578,3 @@ def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = 
         )
     model.meta = meta  # the ids, label names ... that save_model's caller put in extra
     return model.to(map_location).eval()
-
-
-@torch.no_grad()
-def generate(
-    model: nn.Module,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    eot_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Sample continuations of idx (B, T) -> (B, T + n), n <= max_new_tokens (stops early once every row drew eot_id); temperature 0 = greedy."""
-    seq_len = model.args.seq_len
-    for _ in range(max_new_tokens):
-        ctx = idx[:, -seq_len:]
-        logits, _ = model(ctx)
-        logits = logits[:, -1, :].float()  # (B, V)
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
-        idx = torch.cat((idx, nxt), dim=1)
-        if eot_id is not None and bool((nxt == eot_id).all()):
-            break
-    return idx

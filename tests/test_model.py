@@ -15,7 +15,6 @@ from lm.model import (
     build_model,
     count_params,
     flops_per_token,
-    generate,
     llama_config_dict,
     load_model,
     model_args,
@@ -126,17 +125,6 @@ def test_classifier_save_and_load_keeps_labels(tmp_path):
     assert isinstance(loaded, SequenceClassifier) and loaded.meta["labels"] == ["neg", "pos"]
     x, m = torch.randint(0, 97, (3, 9)), torch.ones(3, 9, dtype=torch.bool)
     assert torch.equal(clf(x, m)[0], loaded(x, m)[0])
-
-
-def test_generate_extends_and_greedy_is_deterministic():
-    torch.manual_seed(0)
-    model = Decoder(tiny()).eval()
-    idx = torch.randint(0, 97, (2, 5))
-    out = generate(model, idx, 40, temperature=0)  # longer than seq_len: the context is cropped
-    assert out.shape == (2, 45) and torch.equal(out[:, :5], idx)
-    assert torch.equal(out, generate(model, idx, 40, temperature=0))
-    sampled = generate(model, idx, 8, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
-    assert sampled.shape == (2, 13)
 
 
 def test_presets_fill_the_dimensions_the_config_leaves_out_when_it_loads():
