@@ -266,6 +266,7 @@ def import_hf(
     tokenizer.json and tokenizer side files; returns what was found (architecture, sizes, special
     tokens). model.json records eot_id, pad_id and mask_id as lmforge's own models do."""
     folder, out_dir = Path(folder), Path(out_dir)
+    hf_architecture(folder, _read_json(folder / CONFIG))  # an architecture we cannot run is the first thing to say
     tok_path = folder / TOKENIZER
     if not tok_path.is_file():
         if (folder / "tokenizer.model").is_file():

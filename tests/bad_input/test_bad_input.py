@@ -385,5 +385,56 @@ def test_bad_fine_tuning_data_is_named(name, filename, rows, expect, tmp_path):
         execute(stage_by_name(STAGES, "finetune_data"), StageContext(cfg, {}, tmp_path / "ft"))
 
 
+SFT_CASES = [
+    (
+        "a chat message with an unknown role",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}],
+        "line 1: message 1 has the role 'bot'; the allowed roles are",
+    ),
+    ("neither messages nor prompt/response", [{"question": "q", "answer": "a"}], "has neither a 'messages' column"),
+    ("a line that is not JSON", None, "line 2: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("name,rows,expect", SFT_CASES, ids=[c[0] for c in SFT_CASES])
+def test_bad_instruction_data_is_named_with_its_line(name, rows, expect, tmp_path):
+    from lm.stage import StageContext, execute, stage_by_name
+
+    path = tmp_path / "chat.jsonl"
+    _write(path, "\n".join(json.dumps(r) for r in rows) if rows is not None else '{"prompt": "a", "response": "b"}\n{oops')
+    cfg = load_config("tiny", ["finetune.task=sft", f"finetune.data={path}"])
+    with pytest.raises(LmforgeError, match=expect):
+        execute(stage_by_name(STAGES, "finetune_data"), StageContext(cfg, {}, tmp_path / "ft"))
+
+
+def test_empty_responses_and_prompts_are_skipped_and_counted(tmp_path):
+    from lm.stage import StageContext, execute, stage_by_name
+
+    rows = [{"prompt": f"What is {i}?", "response": f"It is the number {i}."} for i in range(60)]
+    rows += [{"prompt": "Empty?", "response": "  "}, {"prompt": "", "response": "no question"}]
+    path = tmp_path / "pairs.jsonl"
+    _write(path, "\n".join(json.dumps(r) for r in rows))
+    cfg = load_config("tiny", ["finetune.task=sft", f"finetune.data={path}"])
+    result = execute(stage_by_name(STAGES, "finetune_data"), StageContext(cfg, {}, tmp_path / "ft"))
+    skipped = {k: v for k, v in result.metrics.items() if "skipped" in k}
+    assert sum(skipped.values()) == 2, skipped
+
+
+def _gpt2_folder(folder: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+
+
+def test_a_hugging_face_folder_of_another_architecture_says_what_it_found(tmp_path):
+    from lm.stage import StageContext, execute, stage_by_name
+
+    _gpt2_folder(tmp_path / "gpt2")
+    cfg = load_config("tiny", [f"model.init_from={tmp_path / 'gpt2'}"])
+    with pytest.raises(LmforgeError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        execute(stage_by_name(STAGES, "base_model"), StageContext(cfg, {}, tmp_path / "base"))
+    assert not (tmp_path / "base").exists()  # nothing half-made published
+
+
 def test_the_suite_counts_at_least_forty_cases():
-    assert len(CONFIG_CASES) + len(DATA_CASES) + len(FINETUNE_CASES) >= 40
+    assert len(CONFIG_CASES) + len(DATA_CASES) + len(FINETUNE_CASES) + len(SFT_CASES) >= 40
