@@ -189,6 +189,8 @@ def preflight(cfg: Config, stages: Sequence[Stage]) -> None:
                     next(sources.resolve(spec, key))
         if stage.check is not None:
             stage.check(cfg)
+        if stage.fingerprint is not None:  # what it names exists (a folder, a registered version)
+            stage.fingerprint(cfg)
     workdir = Path(cfg.workdir).expanduser()
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"workdir={cfg.workdir!r} is a file, not a folder: point workdir at a folder")
