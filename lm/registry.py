@@ -38,6 +38,7 @@ REQUIREMENTS = (
     "pyarrow",
     "pydantic",
     "pyyaml",
+    "jinja2",  # chat templates (lm.chat)
 )
 EXPORT_KEY_TAG = "lmforge_export_key"
 
@@ -69,7 +70,9 @@ def _save_pyfunc(export_dir: Path, work: Path) -> Path:
         artifacts={"model": str(export_dir)},
         code_paths=[str(code)],
         pip_requirements=pip_requirements(),
-        signature=infer_signature(example, predictor.predict(example)),
+        # Generation params (max_new_tokens, temperature ...) are part of the signature, so
+        # predict(..., params=...) and the scoring server pass them through.
+        signature=infer_signature(example, predictor.predict(example), params=getattr(predictor, "PARAM_DEFAULTS", None)),
         input_example=example,
     )
     # MLflow notes where the files came from (this machine's paths); loading reads only the copies.

@@ -460,4 +460,7 @@ def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(prefect_harn
     model = mlflow.pyfunc.load_model("models:/lmforge-tiny-sft@champion")
     answers = model.predict(pd.DataFrame({"prompt": ["What does `json.loads(s)` do?"]}))
     assert list(answers.columns) == ["response", "finish_reason", "prompt_tokens", "completion_tokens"]
+    # Generation params pass through the registered model's signature.
+    short = model.predict(pd.DataFrame({"prompt": ["What does `json.loads(s)` do?"]}), params={"max_new_tokens": 2})
+    assert short["completion_tokens"][0] <= 2
     assert (Path(out["export"]) / "hf" / "config.json").is_file()

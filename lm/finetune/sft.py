@@ -509,6 +509,10 @@ class Predictor:
     tokenizer.json, tokenizer_config.json with the chat template)."""
 
     PARAMS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "stop", "seed")
+    # The registered model's params schema (MLflow passes only declared params through predict):
+    # defaults that mean "off" (top_k 0, seed -1, stop [""]) where the sampling default is None.
+    PARAM_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                      "repetition_penalty": 1.0, "stop": [""], "seed": -1}
 
     def __init__(self, folder: str | Path, tokenizer_path: str | Path | None = None):
         from lm.tokenizer import TOKENIZER, load_tokenizer
@@ -541,6 +545,12 @@ class Predictor:
         from lm.generate import SamplingParams, generate
 
         params = {k: v for k, v in (params or {}).items() if v is not None}
+        off = {"top_k": 0, "seed": -1}
+        params = {k: v for k, v in params.items() if not (k in off and v is not None and int(v) == off[k])}
+        if isinstance(params.get("stop"), list | tuple):
+            params["stop"] = [s for s in params["stop"] if s] or None
+            if params["stop"] is None:
+                del params["stop"]
         unknown = sorted(set(params) - set(self.PARAMS))
         if unknown:
             raise DataError(f"unknown params {unknown}: use {', '.join(self.PARAMS)}")
