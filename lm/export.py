@@ -24,9 +24,28 @@ from lm.tokenizer import TOKENIZER
 LM_DIR = "lm"
 
 
+def _card_provenance(card: Path, metrics: dict[str, float], run_id: str | None) -> None:
+    """Append what the evaluation measured and the MLflow run that made the model to a model card."""
+    lines = ["", "## Evaluation (held-out data; each metric beside its baseline)", "", "| metric | value |", "| --- | --- |"]
+    lines += [f"| `{k}` | {v:.4f} |" for k, v in sorted(metrics.items())]
+    if run_id:
+        lines += ["", f"Made by the MLflow run `{run_id}` (its parent run is the whole pipeline run)."]
+    with card.open("a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def export(
-    task: str, finetune_dir: Path, pretrain_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
+    task: str,
+    finetune_dir: Path,
+    pretrain_dir: Path,
+    tokens_dir: Path,
+    ft_data_dir: Path,
+    *,
+    out_dir: Path,
+    metrics: dict[str, float] | None = None,
+    run_id: str | None = None,
 ) -> StageResult:
+    """``metrics`` (the evaluate stage's) and ``run_id`` (the MLflow run) go into the model card."""
     from lm.finetune import method
 
     out_dir = Path(out_dir)
@@ -36,6 +55,8 @@ def export(
         shutil.copy2(Path(pretrain_dir) / name, out_dir / LM_DIR / name)
     shutil.copy2(Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer, out_dir / TOKENIZER)
     added = method(task).export(Path(finetune_dir), Path(ft_data_dir), out_dir=out_dir)
+    if (out_dir / "hf" / "README.md").is_file() and (metrics or run_id):
+        _card_provenance(out_dir / "hf" / "README.md", metrics or {}, run_id)
 
     # Load what was written, as a consumer would, and run it once: an export that cannot be
     # loaded must fail here, not at deploy time.

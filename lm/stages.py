@@ -93,8 +93,9 @@ def _export(ctx: StageContext) -> StageResult:
     from lm.export import export
 
     i = ctx.inputs
+    metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
     return export(ctx.cfg.finetune.task, i["finetune"], i["pretrain"], i["tokenize"], i["finetune_data"],
-                  out_dir=ctx.out_dir)
+                  out_dir=ctx.out_dir, metrics=metrics, run_id=ctx.run_id)
 
 
 def _deploy(ctx: StageContext) -> StageResult:
@@ -158,7 +159,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=("pretrain", "finetune", "tokenize", "finetune_data"), config=("evaluate",),
           code=("lm.evaluate", "lm.finetune"), outputs=("metrics.json",)),
     Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
-          inputs=("finetune", "pretrain", "tokenize", "finetune_data"), code=("lm.export", "lm.finetune"),
+          inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.export", "lm.finetune"),
           outputs=("model.safetensors", "model.json", "tokenizer.json")),
     Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion",
           inputs=("export", "evaluate"), config=("deploy",), code=("lm.registry",), cached=False,

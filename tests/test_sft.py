@@ -464,3 +464,6 @@ def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(prefect_harn
     short = model.predict(pd.DataFrame({"prompt": ["What does `json.loads(s)` do?"]}), params={"max_new_tokens": 2})
     assert short["completion_tokens"][0] <= 2
     assert (Path(out["export"]) / "hf" / "config.json").is_file()
+    # The model card says how the model scored and which MLflow run made it.
+    card = (Path(out["export"]) / "hf" / "README.md").read_text()
+    assert "| `eval/chrf` |" in card and tree["children"]["export"].info.run_id in card
