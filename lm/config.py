@@ -400,6 +400,16 @@ class DeployConfig(Section):
     # better: the new version takes the alias only if it beats the current holder.
     promote_metric: str = "eval/accuracy"
     promote_mode: Literal["max", "min"] = "max"
+    # How much better (in the metric's units) on the same evaluation set a new version must be to
+    # take the alias; 0: any improvement. Noise between two runs should not move the alias.
+    promote_margin: float = Field(0.0, ge=0.0)
+
+    @field_validator("alias")
+    @classmethod
+    def _not_challenger(cls, v: str) -> str:
+        if v == "challenger":
+            raise ValueError("'challenger' is the alias every new version takes; choose another (e.g. champion)")
+        return v
 
 
 class Config(Section):

@@ -23,3 +23,7 @@ class TrainingError(LmforgeError):
 
 class StageError(LmforgeError):
     """A stage ended without the outputs it promises, or its child process failed."""
+
+
+class RegistryError(LmforgeError):
+    """A registered model, version or alias is not where a command looks for it."""

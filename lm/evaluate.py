@@ -119,3 +119,56 @@ def evaluate(
     artifacts = ["metrics.json", *sorted(p.name for p in out_dir.iterdir() if p.name != "metrics.json")]
     tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
     return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables)
+
+
+def evaluation_set_digest(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> str:
+    """sha256 of what ``cfg.deploy.promote_metric`` is measured on: the held-out files (the
+    fine-tuning test split and its label names for a method's metric, the validation token shards
+    and their tokenizer for the language model's) and the ``evaluate`` settings that pick from
+    them. Two numbers are comparable only under the same digest (issue 10)."""
+    import hashlib
+
+    from lm.data.labelled import LABELS, SPLIT_FILES
+    from lm.fileio import file_sha256
+    from lm.shards import TokenIndex
+
+    if cfg.deploy.promote_metric in LM_METRICS[cfg.model.kind]:
+        index = TokenIndex.load(tokens_dir)
+        files = [Path(tokens_dir) / name for name in (*index.splits["val"]["files"], index.tokenizer)]
+    else:
+        files = [p for p in (Path(ft_data_dir) / SPLIT_FILES["test"], Path(ft_data_dir) / LABELS) if p.is_file()]
+    h = hashlib.sha256(json.dumps(cfg.evaluate.model_dump(mode="json"), sort_keys=True).encode())
+    for path in files:
+        h.update(f"{path.name}:{file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, *, out_dir: Path) -> dict[str, float]:
+    """The evaluate stage's metrics for an exported model (a registered version, say) on this run's
+    held-out data, with this run's ``evaluate`` settings. Raises :class:`DataError` when the
+    numbers would not mean the same: another fine-tuning method, tokenizer or label set."""
+    from lm.data.labelled import LABELS
+    from lm.errors import DataError
+    from lm.export import LM_DIR
+    from lm.finetune import method
+    from lm.model import read_model_json
+    from lm.shards import TokenIndex
+    from lm.tokenizer import TOKENIZER
+
+    export_dir, ft_data_dir, tokens_dir = Path(export_dir), Path(ft_data_dir), Path(tokens_dir)
+    meta = read_model_json(export_dir)
+    if meta.get("task") != cfg.finetune.task:
+        raise DataError(f"it was tuned with finetune.task={meta.get('task')}, this run with {cfg.finetune.task}")
+    # The held-out text is encoded with this run's tokenizer: a model that reads other ids cannot be scored on it.
+    ours = tokens_dir / TokenIndex.load(tokens_dir).tokenizer
+    if (export_dir / TOKENIZER).read_bytes() != ours.read_bytes():
+        raise DataError("its tokenizer differs from this run's")
+    if (ft_data_dir / LABELS).is_file() and meta.get("labels") != json.loads((ft_data_dir / LABELS).read_text()):
+        raise DataError("its label set differs from this run's")
+    metrics = language_model_metrics(export_dir / LM_DIR, tokens_dir, cfg.evaluate.max_batches)
+    metrics.update(
+        method(cfg.finetune.task).evaluate(
+            export_dir, ft_data_dir, tokens_dir, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=cfg.evaluate
+        )
+    )
+    return metrics

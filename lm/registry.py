@@ -1,6 +1,13 @@
 """The MLflow model registry: register an exported model and promote it behind an alias only if
 it beats the version that holds the alias now (a promotion gate, not a blind overwrite).
 
+Every new version takes the alias ``challenger``; it takes ``deploy.alias`` (``champion``) only if
+its ``deploy.promote_metric`` beats the champion's by ``deploy.promote_margin`` on the same frozen
+evaluation set (a digest of the held-out files and settings, ``lm.evaluate.evaluation_set_digest``).
+A champion measured on other data is first re-scored on this run's (issue 10). Both numbers and the
+decision are tags of the version; people move the alias with :func:`promote` and :func:`rollback`,
+and each alias keeps its history on the registered model.
+
 Only ``MlflowClient`` calls, with the tracking URI and run id passed in: no global "active run",
 which Prefect's task threads would share. Registry stages are deprecated in MLflow 3; aliases
 (``models:/name@champion``) replace them, and a model is a LoggedModel linked to the run that
@@ -14,15 +21,21 @@ so loading never unpickles anything (CVE-2024-37052).
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import importlib.metadata
+import json
 import logging
 import math
 import shutil
+import socket
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from lm.config import DeployConfig
-from lm.errors import ConfigError
+from lm.config import DeployConfig, display_uri
+from lm.errors import ConfigError, DataError, RegistryError, TrackingError
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -85,10 +98,144 @@ def _save_pyfunc(export_dir: Path, work: Path) -> Path:
     return model_dir
 
 
-def _better(new: float, old: float | None, mode: str) -> bool:
-    if old is None or math.isnan(old):
-        return True
-    return new > old if mode == "max" else new < old
+# What every version and the deploy run carry about the promotion decision (issue 10).
+CHALLENGER = "challenger"  # every newly registered version takes this alias
+EVAL_SET_TAG = "lmforge.eval_set"  # digest of the data its promotion metric was measured on
+PROMOTE_METRIC_TAG = "lmforge.promote_metric"
+DECISION_TAG = "lmforge.decision"  # promoted | kept | manual promote | rollback
+REASON_TAG = "lmforge.decision_reason"  # one sentence: both numbers, where they come from, the margin
+CHAMPION_VERSION_TAG = "lmforge.champion_version"  # the version it was compared with
+CHAMPION_VALUE_TAG = "lmforge.champion_value"  # that version's number on this version's evaluation set
+CHAMPION_SCORED_TAG = "lmforge.champion_scored"  # same_set | rescored | unavailable | none
+DECIDED_BY_TAG, DECIDED_AT_TAG = "lmforge.decided_by", "lmforge.decided_at"
+# On the registered model: the versions that held an alias, oldest first (what rollback walks back).
+HISTORY_TAG = "lmforge.alias_history.{alias}"
+HISTORY_KEEP = 100  # entries kept: a tag value holds at most a few thousand characters
+
+# rescore(export_folder, scratch_folder) -> the evaluate stage's metrics for that model on this run's data.
+Rescore = Callable[[Path, Path], dict[str, float]]
+
+
+@dataclass
+class Decision:
+    """Whether a version takes the alias, and why."""
+
+    promoted: bool
+    reason: str
+    champion_version: str | None = None
+    champion_value: float | None = None
+    # same_set | rescored | unavailable | none (nobody held the alias) | not_compared (a rerun of a decided version)
+    champion_scored: str = "none"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name in a bare container
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _rescore_tag(eval_set: str, metric: str) -> str:
+    """The champion's tag holding its number on another evaluation set, once re-scored there."""
+    return f"lmforge.rescored.{eval_set[:16]}.{metric}"
+
+
+def _alias_holder(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _history(client, name: str, alias: str) -> list[str]:
+    raw = client.get_registered_model(name).tags.get(HISTORY_TAG.format(alias=alias))
+    return [str(v) for v in json.loads(raw)] if raw else []
+
+
+def _set_history(client, name: str, alias: str, versions: list[str]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG.format(alias=alias), json.dumps(versions[-HISTORY_KEEP:]))
+
+
+def _move_alias(client, name: str, alias: str, version: str, previous: str | None) -> None:
+    """Point ``alias`` at ``version`` and append it to the alias's history."""
+    history = _history(client, name, alias)
+    if previous is not None and (not history or history[-1] != previous):
+        history.append(previous)  # a holder set before the history existed, or by hand in MLflow's UI
+    client.set_registered_model_alias(name, alias, version)
+    _set_history(client, name, alias, [*history, version])
+
+
+def _record(client, name: str, version: str, decision: str, reason: str, by: str, **extra: str) -> None:
+    tags = {DECISION_TAG: decision, REASON_TAG: reason, DECIDED_BY_TAG: by, DECIDED_AT_TAG: _now(), **extra}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def _champion_score(
+    client, uri: str, cfg: DeployConfig, holder, eval_set: str, rescore: Rescore
+) -> tuple[float | None, str, str]:
+    """The holder's ``promote_metric`` on ``eval_set``: (value, same_set | rescored | unavailable, why not)."""
+    metric, version = cfg.promote_metric, str(holder.version)
+    if holder.tags.get(EVAL_SET_TAG) == eval_set and metric in holder.tags:
+        return float(holder.tags[metric]), "same_set", ""
+    earlier = holder.tags.get(_rescore_tag(eval_set, metric))
+    if earlier is not None:
+        return float(earlier), "rescored", ""
+    try:
+        with tempfile.TemporaryDirectory(prefix="lmforge-rescore-") as work:
+            folder, _ = download_registered(f"models:/{holder.name}/{version}", uri, Path(work) / "model")
+            (Path(work) / "eval").mkdir()
+            scores = rescore(folder, Path(work) / "eval")
+        if metric not in scores:
+            raise DataError(f"its evaluation reports no {metric}")
+        value = float(scores[metric])
+    except Exception as e:  # a champion made by another lmforge, another method ...: say so, decide safely
+        log.warning("could not re-score %s version %s on this evaluation set", holder.name, version, exc_info=True)
+        return None, "unavailable", f"{type(e).__name__}: {e}"
+    client.set_model_version_tag(holder.name, version, _rescore_tag(eval_set, metric), str(value))
+    return value, "rescored", ""
+
+
+def _decide(client, uri: str, cfg: DeployConfig, holder, new_value: float, eval_set: str, rescore: Rescore) -> Decision:
+    """Promote only past the holder's number on the same evaluation set by at least the margin."""
+    metric, margin, version = cfg.promote_metric, cfg.promote_margin, str(holder.version)
+    old, scored, why = _champion_score(client, uri, cfg, holder, eval_set, rescore)
+    if old is None:
+        return Decision(
+            False,
+            f"kept: version {version} (@{cfg.alias}) could not be re-scored on this evaluation set ({why}); numbers "
+            f"measured on different data are not compared, so {metric} {new_value:.4f} decides nothing: promote by "
+            f"hand with `lmforge promote {cfg.model_name} VERSION` if it should take @{cfg.alias}",
+            version,
+            None,
+            scored,
+        )
+    where = "same evaluation set" if scored == "same_set" else "champion re-scored on this evaluation set"
+    if math.isnan(old):
+        promoted, gain = not math.isnan(new_value), math.nan
+    else:
+        gain = new_value - old if cfg.promote_mode == "max" else old - new_value
+        promoted = gain > 0 and gain >= margin  # margin 0: strictly better; a tie keeps the champion
+    if promoted:
+        verdict = f"promoted: beats it by {gain:.4f} >= margin {margin:g}"
+    elif gain > 0:
+        verdict = f"kept: better by {gain:.4f}, less than the margin {margin:g}"
+    else:
+        verdict = "kept: not better"
+    return Decision(
+        promoted,
+        f"{verdict} ({metric} {new_value:.4f} vs version {version}'s {old:.4f}, {cfg.promote_mode} is better; {where})",
+        version,
+        old,
+        scored,
+    )
 
 
 def deploy(
@@ -99,10 +246,14 @@ def deploy(
     export_key: str,
     metrics: dict[str, float],
     *,
+    eval_set: str,
+    rescore: Rescore,
     out_dir: Path | None = None,
 ) -> StageResult:
-    """Register ``export_dir`` as a version of ``cfg.model_name`` (once per export); move
-    ``cfg.alias`` to it if it beats the holder on ``cfg.promote_metric``, else tag it ``challenger``."""
+    """Register ``export_dir`` as a version of ``cfg.model_name`` (once per export) with the alias
+    ``challenger``; move ``cfg.alias`` to it only if it beats the holder's ``cfg.promote_metric``
+    on the same evaluation set (``eval_set``, a digest) by ``cfg.promote_margin``. A holder
+    measured on another set is first re-scored on this one with ``rescore``."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -129,53 +280,121 @@ def deploy(
             logged = client.create_logged_model(experiment, name="model", source_run_id=run_id)
             client.log_model_artifacts(logged.model_id, str(model_dir))
             client.finalize_logged_model(logged.model_id, "READY")
-        tags = {EXPORT_KEY_TAG: export_key, **{k: str(v) for k, v in metrics.items()}}
+        tags = {EXPORT_KEY_TAG: export_key, EVAL_SET_TAG: eval_set, PROMOTE_METRIC_TAG: cfg.promote_metric,
+                **{k: str(v) for k, v in metrics.items()}}
         # The logged model's storage location, not models:/<id>: MLflow's registry store resolves such a
         # URI with the process-global tracking URI, not this client's (mlflow/store/model_registry).
         version = client.create_model_version(
             name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
         )
+        client.set_registered_model_alias(name, CHALLENGER, version.version)
         reused = False
 
-    new_value = float(metrics[cfg.promote_metric])
-    try:
-        holder = client.get_model_version_by_alias(name, cfg.alias)
-        old = holder.tags.get(cfg.promote_metric)
-        old_value, holder_version = (float(old) if old is not None else None), str(holder.version)
-    except MlflowException:
-        old_value, holder_version = None, None
-
     this_version = str(version.version)
-    promoted = holder_version == this_version or _better(new_value, old_value, cfg.promote_mode)
-    if promoted and holder_version != this_version:
-        client.set_registered_model_alias(name, cfg.alias, version.version)
-        log.info(
-            "promoted %s version %s to @%s (%s %.4f vs %s)",
-            name,
-            version.version,
-            cfg.alias,
-            cfg.promote_metric,
-            new_value,
-            old_value,
+    new_value = float(metrics[cfg.promote_metric])
+    holder = _alias_holder(client, name, cfg.alias)
+    decided = version.tags.get(DECISION_TAG) if reused else None
+    if holder is not None and str(holder.version) == this_version:
+        decision = Decision(True, f"already holds @{cfg.alias}", this_version, new_value, "same_set")
+    elif decided is not None:
+        # A rerun must not undo what happened since (a rollback, a better version): only people move it back.
+        decision = Decision(
+            False,
+            f"kept: this export is version {this_version}, decided on before ({decided}); a rerun does not decide "
+            f"again (`lmforge promote {name} {this_version}` moves @{cfg.alias})",
+            None if holder is None else str(holder.version),
+            None,
+            "not_compared",
         )
-    elif not promoted:
-        client.set_registered_model_alias(name, "challenger", version.version)
-        log.info(
-            "kept @%s on version %s: %s %.4f does not beat %.4f",
-            cfg.alias,
-            holder_version,
-            cfg.promote_metric,
-            new_value,
-            old_value,
-        )
+    else:
+        if holder is None:
+            decision = Decision(True, f"promoted: no version held @{cfg.alias}")
+        else:
+            decision = _decide(client, uri, cfg, holder, new_value, eval_set, rescore)
+        if decision.promoted:
+            _move_alias(client, name, cfg.alias, this_version, None if holder is None else str(holder.version))
+        extra = {CHAMPION_VERSION_TAG: decision.champion_version or "none", CHAMPION_SCORED_TAG: decision.champion_scored}
+        if decision.champion_value is not None:
+            extra[CHAMPION_VALUE_TAG] = str(decision.champion_value)
+        _record(client, name, this_version, "promoted" if decision.promoted else "kept", decision.reason,
+                f"lmforge deploy (run {run_id})", **extra)
+    log.info("%s version %s: %s", name, this_version, decision.reason)
+    result_metrics = {"deploy/version": float(version.version), "deploy/promoted": float(decision.promoted),
+                      "deploy/new_value": new_value}
+    if decision.champion_value is not None:
+        result_metrics["deploy/champion_value"] = decision.champion_value
     return StageResult(
-        metrics={"deploy/version": float(version.version), "deploy/promoted": float(promoted)},
-        params={"reused_version": reused},
+        metrics=result_metrics,
+        params={"reused_version": reused, "eval_set": eval_set, "champion_version": decision.champion_version or "none",
+                "champion_scored": decision.champion_scored},
+        tags={DECISION_TAG: "promoted" if decision.promoted else "kept", REASON_TAG: decision.reason},
         outputs={
             "model_uri": f"models:/{name}/{version.version}",
             "alias_uri": f"models:/{name}@{cfg.alias}",
         },
     )
+
+
+def _registered(uri: str, name: str):
+    """A client for ``uri`` and the registered model ``name``, or a RegistryError saying it is not there."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"the registry at {display_uri(uri)} cannot be read: {e.message.splitlines()[0]}") from None
+        raise RegistryError(f"no registered model {name!r} at {display_uri(uri)}") from None
+    return client
+
+
+def promote(uri: str, name: str, version: str, alias: str = "champion") -> str:
+    """Move ``alias`` of ``name`` to ``version`` by hand; recorded on the version (who, when) and in
+    the alias's history. Returns what happened, in one line."""
+    from mlflow.exceptions import MlflowException
+
+    client = _registered(uri, name)
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"{name} has no version {version!r} at {display_uri(uri)}") from None
+    holder = _alias_holder(client, name, alias)
+    previous = None if holder is None else str(holder.version)
+    if previous == str(version):
+        return f"{name} version {version} already holds @{alias}"
+    _move_alias(client, name, alias, str(version), previous)
+    _record(client, name, str(version), "manual promote", f"manual promote: @{alias} moved from version {previous}",
+            _who())
+    return f"{name}@{alias}: version {previous} -> {version} (manual promote)"
+
+
+def rollback(uri: str, name: str, alias: str = "champion") -> str:
+    """Move ``alias`` of ``name`` back to the version that held it before the current one."""
+    from mlflow.exceptions import MlflowException
+
+    client = _registered(uri, name)
+    holder = _alias_holder(client, name, alias)
+    current = None if holder is None else str(holder.version)
+    history = _history(client, name, alias)
+    while history:
+        if history[-1] == current:
+            history.pop()
+            continue
+        try:
+            client.get_model_version(name, history[-1])
+            break
+        except MlflowException:  # deleted since it held the alias
+            history.pop()
+    if not history:
+        now = f"held now by version {current}" if current else "no version holds it now"
+        raise RegistryError(f"{name}@{alias}: no earlier version to roll back to ({now})")
+    target = history[-1]
+    client.set_registered_model_alias(name, alias, target)
+    _set_history(client, name, alias, history)
+    _record(client, name, target, "rollback", f"rollback: @{alias} moved back from version {current}", _who())
+    return f"{name}@{alias}: version {current} -> {target} (rollback)"
 
 
 def _parse_registered(spec: str) -> tuple[str, str | None, str | None]:

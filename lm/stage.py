@@ -49,6 +49,8 @@ class StageResult:
     datasets: list[dict[str, Any]] = field(default_factory=list)
     # CSV files (relative paths) shown as tables in the MLflow UI (mlflow.log_table), e.g. generations.
     tables: list[str] = field(default_factory=list)
+    # Tags of the stage's run: a decision and its reason (deploy's promotion), not numbers.
+    tags: dict[str, str] = field(default_factory=dict)
 
     def save(self, out_dir: Path) -> None:
         atomic_write(Path(out_dir) / MANIFEST, json.dumps(asdict(self), indent=2, sort_keys=True))

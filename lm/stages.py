@@ -99,12 +99,19 @@ def _export(ctx: StageContext) -> StageResult:
 
 
 def _deploy(ctx: StageContext) -> StageResult:
+    from lm.evaluate import evaluation_set_digest, rescore
     from lm.registry import deploy
 
-    metrics = json.loads((ctx.inputs["evaluate"] / "metrics.json").read_text())
-    export_dir = ctx.inputs["export"]
+    i = ctx.inputs
+    metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
+    export_dir = i["export"]
+    eval_set = evaluation_set_digest(ctx.cfg, i["finetune_data"], i["tokenize"])
+
+    def rescore_here(model_dir: Path, scratch: Path) -> dict[str, float]:  # the champion, on this run's data
+        return rescore(ctx.cfg, model_dir, i["finetune_data"], i["tokenize"], out_dir=scratch)
+
     return deploy(ctx.cfg.deploy, ctx.cfg.tracking_uri(), ctx.run_id, export_dir, export_dir.name, metrics,
-                  out_dir=ctx.out_dir)
+                  eval_set=eval_set, rescore=rescore_here, out_dir=ctx.out_dir)
 
 
 def _check_promote_metric(cfg: Config) -> None:
@@ -161,8 +168,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
           inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.export", "lm.finetune"),
           outputs=("model.safetensors", "model.json", "tokenizer.json")),
-    Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion",
-          inputs=("export", "evaluate"), config=("deploy",), code=("lm.registry",), cached=False,
+    Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion on the same data",
+          inputs=("export", "evaluate", "finetune_data", "tokenize"), config=("deploy",),
+          code=("lm.registry", "lm.evaluate"), cached=False,
           check=_check_promote_metric),
 )
 

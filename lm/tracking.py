@@ -259,6 +259,8 @@ def log_stage_result(
     client = _client(uri)
     client.set_tag(run_id, "lmforge.cached", str(cached).lower())
     client.set_tag(run_id, "lmforge.output", str(out_dir))
+    for key, value in result.tags.items():
+        client.set_tag(run_id, key, value)
     # The result's params, and the config values that were still open at the start (see start_stage_run).
     _log_params(client, run_id, {**{k: v for k, v in config_params.items() if v is None}, **result.params})
     if log_result_metrics:

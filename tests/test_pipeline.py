@@ -73,6 +73,14 @@ def test_model_registered_with_alias_and_loadable(tiny_run):
     client = mlflow.tracking.MlflowClient(out["tracking_uri"])
     version = client.get_model_version_by_alias("lmforge-tiny", "champion")
     assert deploy["outputs"]["model_uri"].endswith(f"/{version.version}")
+    # Every version says what it was measured on and why it holds (or not) the alias; so does the deploy run.
+    assert len(version.tags["lmforge.eval_set"]) == 64 and version.tags["lmforge.decision"] == "promoted"
+    assert version.tags["lmforge.promote_metric"] == "eval/accuracy"
+    run = run_tree(out["tracking_uri"], out["mlflow_run_id"])["children"]["deploy"]
+    assert run.data.tags["lmforge.decision"] == "promoted" and run.data.tags["lmforge.decision_reason"]
+    assert run.data.params["eval_set"] == version.tags["lmforge.eval_set"]
+    assert run.data.params["deploy.promote_margin"] == "0.0"
+    assert str(client.get_model_version_by_alias("lmforge-tiny", "challenger").version) == str(version.version)
     mlflow.set_tracking_uri(out["tracking_uri"])
     model = mlflow.pyfunc.load_model("models:/lmforge-tiny@champion")
     pred = model.predict(pd.DataFrame({"text": ["Return the JSON encoding of obj.", "Send an e-mail message."]}))
@@ -150,29 +158,169 @@ def test_params_are_the_values_in_force_for_every_tokenizer_kind(prefect_harness
     assert params["tokenizer.vocab_size"] == "261"  # the file's size, logged once the stage read it
 
 
+def _not_rescored(model_dir: Path, scratch: Path) -> dict[str, float]:
+    raise AssertionError("the champion was measured on this evaluation set: nothing to re-score")
+
+
+def _deploy_run_id(out: dict) -> str:
+    return run_tree(out["tracking_uri"], out["mlflow_run_id"])["children"]["deploy"].info.run_id
+
+
 def test_the_alias_moves_only_to_a_better_version_in_the_configured_direction(tiny_run):
     from mlflow.tracking import MlflowClient
 
     from lm.config import DeployConfig
-    from lm.registry import deploy
+    from lm.registry import EVAL_SET_TAG, deploy
 
     out = tiny_run["first"]
     uri, export = out["tracking_uri"], Path(out["export"])
     client = MlflowClient(uri)
-    run_id = run_tree(uri, out["mlflow_run_id"])["children"]["deploy"].info.run_id
+    run_id = _deploy_run_id(out)
     champion = client.get_model_version_by_alias("lmforge-tiny", "champion")
     accuracy = float(champion.tags["eval/accuracy"])
+    same = {"eval_set": champion.tags[EVAL_SET_TAG], "rescore": _not_rescored}
     cfg = DeployConfig(model_name="lmforge-tiny", promote_metric="eval/accuracy", promote_mode="max")
-    worse = deploy(cfg, uri, run_id, export, "worse-export", {"eval/accuracy": accuracy - 0.1}, out_dir=None)
+    worse = deploy(cfg, uri, run_id, export, "worse-export", {"eval/accuracy": accuracy - 0.1}, **same)
     assert worse.metrics["deploy/promoted"] == 0.0
     assert client.get_model_version_by_alias("lmforge-tiny", "champion").version == champion.version
     assert str(client.get_model_version_by_alias("lmforge-tiny", "challenger").version) == worse.outputs["model_uri"].split("/")[-1]
     # For a metric where lower is better, the lower value wins.
     lower = cfg.model_copy(update={"promote_metric": "eval/bpb", "promote_mode": "min"})
     bpb = float(champion.tags["eval/bpb"])
-    better = deploy(lower, uri, run_id, export, "lower-bpb-export", {"eval/bpb": bpb - 0.5}, out_dir=None)
+    better = deploy(lower, uri, run_id, export, "lower-bpb-export", {"eval/bpb": bpb - 0.5}, **same)
     assert better.metrics["deploy/promoted"] == 1.0
     assert str(client.get_model_version_by_alias("lmforge-tiny", "champion").version) == better.outputs["model_uri"].split("/")[-1]
+
+
+def test_a_version_better_by_less_than_the_margin_stays_challenger(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    from lm.config import DeployConfig
+    from lm.registry import HISTORY_TAG, deploy, rollback
+
+    out = tiny_run["first"]
+    uri, export, run_id = out["tracking_uri"], Path(out["export"]), _deploy_run_id(out)
+    client = MlflowClient(uri)
+    name = "lmforge-tiny-margin"
+    cfg = DeployConfig(model_name=name, promote_metric="eval/accuracy", promote_margin=0.05)
+
+    def register(key: str, accuracy: float):
+        result = deploy(cfg, uri, run_id, export, key, {"eval/accuracy": accuracy}, eval_set="set-a",
+                        rescore=_not_rescored)
+        return result, result.outputs["model_uri"].split("/")[-1]
+
+    _, v1 = register("margin-1", 0.50)
+    close, v2 = register("margin-2", 0.53)
+    assert close.metrics["deploy/promoted"] == 0.0 and close.metrics["deploy/champion_value"] == 0.50
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v2
+    tags = client.get_model_version(name, v2).tags
+    assert tags["lmforge.decision"] == "kept" and tags["lmforge.champion_scored"] == "same_set"
+    assert tags["lmforge.champion_version"] == v1 and float(tags["lmforge.champion_value"]) == 0.50
+    assert "less than the margin 0.05" in tags["lmforge.decision_reason"]
+    assert close.tags["lmforge.decision"] == "kept" and close.params["champion_version"] == v1
+
+    clear, v3 = register("margin-3", 0.56)
+    assert clear.metrics["deploy/promoted"] == 1.0
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
+    assert client.get_model_version(name, v3).tags["lmforge.decision"] == "promoted"
+    assert json.loads(client.get_registered_model(name).tags[HISTORY_TAG.format(alias="champion")]) == [v1, v3]
+    # The same export registered again is the same version, and it keeps the alias.
+    again, v3_again = register("margin-3", 0.56)
+    assert v3_again == v3 and again.params["reused_version"] is True and again.metrics["deploy/promoted"] == 1.0
+    # Rolled back by a person, a rerun of the same export does not take the alias back.
+    rollback(uri, name)
+    rerun, _ = register("margin-3", 0.56)
+    assert rerun.metrics["deploy/promoted"] == 0.0 and rerun.params["champion_scored"] == "not_compared"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == v1
+
+
+def test_a_champion_measured_on_other_data_is_rescored_on_the_new_evaluation_set(tiny_run, tmp_path):
+    import shutil
+
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from lm.evaluate import evaluation_set_digest, rescore
+    from lm.finetune import method
+    from lm.registry import deploy
+
+    out, cfg = tiny_run["first"], tiny_run["cfg"]
+    uri, export, run_id = out["tracking_uri"], Path(out["export"]), _deploy_run_id(out)
+    data, tokens = Path(out["finetune_data"]), Path(out["tokenize"])
+    client = MlflowClient(uri)
+    name = "lmforge-tiny-rescore"
+    deploy_cfg = cfg.deploy.model_copy(update={"model_name": name})
+    metrics = json.loads((Path(out["evaluate"]) / "metrics.json").read_text())
+    first = deploy(deploy_cfg, uri, run_id, export, "rescore-1", metrics,
+                   eval_set=evaluation_set_digest(cfg, data, tokens), rescore=_not_rescored)
+    v1 = first.outputs["model_uri"].split("/")[-1]
+
+    # A new evaluation set: the test examples this model labels right. The champion is this very
+    # export, so on the new set it scores 1.0, where the evaluate stage measured less.
+    other = tmp_path / "finetune_data"
+    shutil.copytree(data, other)
+    test = pd.read_parquet(other / "test.parquet")
+    right = method("classify").Predictor(export).probabilities(test["text"].tolist()).argmax(-1) == test["label"]
+    assert 0 < right.sum() < len(test)
+    test[right].to_parquet(other / "test.parquet")
+    new_set = evaluation_set_digest(cfg, other, tokens)
+    assert new_set != client.get_model_version(name, v1).tags["lmforge.eval_set"]
+    # The language model's metrics come from the validation shards: a new test split leaves them comparable.
+    on_bpb = cfg.model_copy(update={"deploy": cfg.deploy.model_copy(update={"promote_metric": "eval/bpb"})})
+    assert evaluation_set_digest(on_bpb, other, tokens) == evaluation_set_digest(on_bpb, data, tokens) != new_set
+    on_new_set = 1.0
+
+    def rescore_on_new_set(model_dir: Path, scratch: Path) -> dict[str, float]:
+        return rescore(cfg, model_dir, other, tokens, out_dir=scratch)
+
+    second = deploy(deploy_cfg, uri, run_id, export, "rescore-2", {**metrics, "eval/accuracy": on_new_set},
+                    eval_set=new_set, rescore=rescore_on_new_set)
+    v2 = second.outputs["model_uri"].split("/")[-1]
+    tags = client.get_model_version(name, v2).tags
+    assert tags["lmforge.champion_scored"] == "rescored" and tags["lmforge.champion_version"] == v1
+    assert float(tags["lmforge.champion_value"]) == pytest.approx(on_new_set)
+    assert second.metrics["deploy/champion_value"] == pytest.approx(on_new_set)
+    assert "champion re-scored on this evaluation set" in tags["lmforge.decision_reason"]
+    assert tags["lmforge.decision"] == "kept"  # a tie on the same data is not an improvement
+    assert second.params["champion_scored"] == "rescored" and second.params["eval_set"] == new_set
+
+    # Once re-scored on a set, the champion's number there is kept on it and not computed again.
+    third = deploy(deploy_cfg, uri, run_id, export, "rescore-3", {**metrics, "eval/accuracy": on_new_set + 0.1},
+                   eval_set=new_set, rescore=_not_rescored)
+    assert third.metrics["deploy/promoted"] == 1.0 and third.params["champion_scored"] == "rescored"
+
+    # A champion whose tokenizer is not this run's cannot be scored on it: the alias stays, and the tag says why.
+    odd_tokens = tmp_path / "tokens"
+    odd_tokens.mkdir()
+    shutil.copy(tokens / "index.json", odd_tokens / "index.json")
+    (odd_tokens / "tokenizer.json").write_text((tokens / "tokenizer.json").read_text() + "\n")
+
+    def rescore_other_tokenizer(model_dir: Path, scratch: Path) -> dict[str, float]:
+        return rescore(cfg, model_dir, other, odd_tokens, out_dir=scratch)
+
+    fourth = deploy(deploy_cfg, uri, run_id, export, "rescore-4", {**metrics, "eval/accuracy": 1.0},
+                    eval_set="a-set-of-another-tokenizer", rescore=rescore_other_tokenizer)
+    v4 = fourth.outputs["model_uri"].split("/")[-1]
+    tags = client.get_model_version(name, v4).tags
+    assert fourth.metrics["deploy/promoted"] == 0.0 and tags["lmforge.champion_scored"] == "unavailable"
+    assert "could not be re-scored" in tags["lmforge.decision_reason"]
+    assert "tokenizer differs" in tags["lmforge.decision_reason"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v4
+
+
+def test_mlflow_models_serve_answers_with_the_champion_classifier(tiny_run, tmp_path):
+    from scoring_server import invoke, mlflow_models_serve
+
+    out = tiny_run["first"]
+    labels = json.loads((Path(out["export"]) / "labels.json").read_text())
+    texts = ["Return the JSON encoding of obj.", "Split the string s using shell-like syntax."]
+    with mlflow_models_serve("models:/lmforge-tiny@champion", out["tracking_uri"], tmp_path / "serve.log") as url:
+        split = invoke(url, {"dataframe_split": {"columns": ["text"], "data": [[t] for t in texts]}})
+        records = invoke(url, {"dataframe_records": [{"text": t} for t in texts]})
+    assert split == records
+    rows = split["predictions"]
+    assert len(rows) == 2 and all(row["label"] in labels and 0.0 < row["score"] <= 1.0 for row in rows), rows
 
 
 def test_fine_tuning_starts_from_a_registered_model_with_its_tokenizer(tiny_run):

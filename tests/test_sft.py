@@ -430,21 +430,29 @@ def test_sft_trains_evaluates_exports_and_answers(tmp_path, sft_dirs, packing):
     assert "vllm serve ./hf" in card and str(tmp_path) not in card
 
 
-@pytest.mark.slow  # ~2 min: the whole tiny pipeline through Prefect and MLflow
-def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(prefect_harness, tmp_path):
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
+@pytest.fixture(scope="module")
+def sft_pipeline(prefect_harness, tmp_path_factory) -> dict:
+    """~2 min: the whole tiny sft pipeline through Prefect and MLflow, once for the tests that read it."""
     from flows.pipeline import pipeline
-    from lm.tracking import run_tree
 
+    tmp_path = tmp_path_factory.mktemp("sft-pipeline")
     cfg = load_config(
         "tiny",
         [f"workdir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", "model.seq_len=128",
          "finetune.task=sft", "finetune.max_steps=20", "finetune.lora.enabled=true", "evaluate.generate_prompts=8",
          "evaluate.max_new_tokens=16", "deploy.promote_metric=eval/chrf", "deploy.model_name=lmforge-tiny-sft"],
     )
-    out = pipeline(config=cfg)
+    return pipeline(config=cfg)
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(sft_pipeline):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from lm.tracking import run_tree
+
+    out = sft_pipeline
     tree = run_tree(out["tracking_uri"], out["mlflow_run_id"])
     assert tree["parent"].info.status == "FINISHED"
     evaluate = tree["children"]["evaluate"]
@@ -467,3 +475,23 @@ def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(prefect_harn
     # The model card says how the model scored and which MLflow run made it.
     card = (Path(out["export"]) / "hf" / "README.md").read_text()
     assert "| `eval/chrf` |" in card and tree["children"]["export"].info.run_id in card
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_champion_generator(sft_pipeline, tmp_path):
+    from scoring_server import invoke, mlflow_models_serve
+
+    out = sft_pipeline
+    prompts = ["What does `json.loads(s)` do?", "What does `shlex.split(s)` do?"]
+    with mlflow_models_serve("models:/lmforge-tiny-sft@champion", out["tracking_uri"], tmp_path / "serve.log") as url:
+        records = invoke(url, {"dataframe_records": [{"prompt": p} for p in prompts], "params": {"max_new_tokens": 4}})
+        split = invoke(url, {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in prompts]},
+                             "params": {"max_new_tokens": 4}})
+        longer = invoke(url, {"dataframe_records": [{"prompt": prompts[0]}], "params": {"max_new_tokens": 12}})
+    rows = records["predictions"]
+    assert len(rows) == 2 and split == records, (rows, split)  # greedy by default: the same answers
+    for row in rows:
+        assert isinstance(row["response"], str) and row["finish_reason"] in ("stop", "length")
+        assert row["completion_tokens"] <= 4 and row["prompt_tokens"] > 0
+    # The params reach the model: more tokens allowed, at least as many written.
+    assert longer["predictions"][0]["completion_tokens"] >= rows[0]["completion_tokens"]
