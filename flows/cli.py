@@ -8,6 +8,8 @@ Examples:
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
   lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
   lmforge generate --model runs/.../export "def " --max-new-tokens 50 --temperature 0.8
+  lmforge promote lmforge-demo 3                # move @champion to version 3 by hand (recorded)
+  lmforge rollback lmforge-demo                 # move @champion back to the version before
 """
 
 from __future__ import annotations
@@ -55,7 +57,28 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
     _config_args(sp)
     _generate_args(sub.add_parser("generate", help="continue a prompt with a trained decoder",
                                   description=generate_command.__doc__))
+    for name, help_ in (("promote", "move a registered model's alias to a version by hand (recorded on the version)"),
+                        ("rollback", "move a registered model's alias back to the version that held it before")):
+        rp = sub.add_parser(name, help=help_, description=help_ + "; the tracking URI comes from the config "
+                            "(tracking.uri) or MLFLOW_TRACKING_URI")
+        rp.add_argument("model_name", metavar="NAME", help="registered model name, e.g. lmforge-demo")
+        if name == "promote":
+            rp.add_argument("version", metavar="VERSION", help="the version to promote")
+        rp.add_argument("--alias", help="the alias to move (default: deploy.alias, champion)")
+        _config_args(rp)
     return p
+
+
+def registry_command(args: argparse.Namespace, cfg: Config) -> int:
+    """``lmforge promote`` / ``lmforge rollback``: one line saying how the alias moved."""
+    from lm import registry
+
+    alias = args.alias or cfg.deploy.alias
+    if args.command == "promote":
+        print("lmforge: " + registry.promote(cfg.tracking_uri(), args.model_name, args.version, alias))
+    else:
+        print("lmforge: " + registry.rollback(cfg.tracking_uri(), args.model_name, alias))
+    return 0
 
 
 def _generate_args(sp: argparse.ArgumentParser) -> None:
@@ -121,6 +144,8 @@ def _summary(out: dict, seconds: float, uri: str) -> str:
         d = json.loads((Path(out["deploy"]) / "manifest.json").read_text())
         promoted = "promoted to" if d["metrics"].get("deploy/promoted") else "registered; not better than"
         lines.append(f"  model {d['outputs']['model_uri']} {promoted} {d['outputs']['alias_uri']}")
+        if d.get("tags", {}).get("lmforge.decision_reason"):
+            lines.append(f"    {d['tags']['lmforge.decision_reason']}")
     from lm.tracking import run_page
 
     shown = display_uri(uri)
@@ -149,6 +174,8 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
+        if args.command in ("promote", "rollback"):
+            return registry_command(args, cfg)
         targets = [] if args.command == "schedule" else commands(table)[args.command][0]
         _prefect_environment(cfg)
         from flows.pipeline import build_pipeline, check, pipeline
