@@ -7,6 +7,7 @@ Examples:
   lmforge tokenize tokenizer.vocab_size=16000   # ingest, clean and tokenize (from cache when unchanged)
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
   lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
+  lmforge serve --model models:/lmforge-demo@champion   # OpenAI-compatible server following the champion
   lmforge generate --model runs/.../export "def " --max-new-tokens 50 --temperature 0.8
   lmforge promote lmforge-demo 3                # move @champion to version 3 by hand (recorded)
   lmforge rollback lmforge-demo                 # move @champion back to the version before
@@ -57,6 +58,8 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
     _config_args(sp)
     _generate_args(sub.add_parser("generate", help="continue a prompt with a trained decoder",
                                   description=generate_command.__doc__))
+    _serve_args(sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible), following a registry alias",
+                               description=serve_command.__doc__))
     for name, help_ in (("promote", "move a registered model's alias to a version by hand (recorded on the version)"),
                         ("rollback", "move a registered model's alias back to the version that held it before")):
         rp = sub.add_parser(name, help=help_, description=help_ + "; the tracking URI comes from the config "
@@ -122,6 +125,52 @@ def generate_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_args(sp: argparse.ArgumentParser) -> None:
+    # Defaults as lm.serving's, written out: parsing must not import torch.
+    sp.add_argument("--model", "-m", required=True, metavar="PATH_OR_URI",
+                    help="models:/NAME@ALIAS (followed: a moved alias is served without a restart), "
+                    "models:/NAME/VERSION, an export folder, or a decoder folder (lmforge or Hugging Face)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    sp.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    sp.add_argument("--api-key", default=os.environ.get("LMFORGE_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $LMFORGE_API_KEY)")
+    sp.add_argument("--max-concurrent", type=int, default=64, help="requests in flight; more get 429 (default %(default)s)")
+    sp.add_argument("--max-prompt-tokens", type=int, help="longest prompt (default: the model's context less one)")
+    sp.add_argument("--max-new-tokens", type=int, help="largest max_tokens (default: what the context leaves)")
+    sp.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body; more gets 413 "
+                    "(default %(default)s)")
+    sp.add_argument("--timeout-s", type=float, default=300.0, help="per request, arrival to last token; past it "
+                    "408 (default %(default)s)")
+    sp.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look where the alias points "
+                    "(default %(default)s)")
+    sp.add_argument("--tracking-uri", help="MLflow registry (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    sp.add_argument("--served-model-name", help="the model id clients send (default: the registered name or the folder's)")
+    sp.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (default %(default)s)")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions and /v1/completions (streaming too),
+    /v1/models, /v1/classify for classifiers, /health and /metrics (Prometheus). With
+    --model models:/NAME@ALIAS it follows the alias: a new version is loaded in the background and
+    takes the new requests, while the old one finishes those it has."""
+    from lm.serving.protocol import Limits
+    from lm.serving.server import ServeOptions, serve
+
+    for name in ("max_concurrent", "max_prompt_tokens", "max_new_tokens", "max_body_bytes", "max_batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.timeout_s <= 0 or args.poll_seconds <= 0:
+        raise LmforgeError("--timeout-s and --poll-seconds must be > 0")
+    limits = Limits(max_concurrent=args.max_concurrent, max_prompt_tokens=args.max_prompt_tokens,
+                    max_new_tokens=args.max_new_tokens, max_body_bytes=args.max_body_bytes,
+                    timeout_s=args.timeout_s, api_key=args.api_key or None)
+    serve(ServeOptions(model=args.model, host=args.host, port=args.port, limits=limits, poll_seconds=args.poll_seconds,
+                       tracking_uri=args.tracking_uri, served_model_name=args.served_model_name,
+                       max_batch_size=args.max_batch_size))
+    return 0
+
+
 def _config_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--config", "-c", metavar="FILE",
                     help=f"YAML config (default conf/default.yaml; presets: {', '.join(list_presets())})")
@@ -170,6 +219,8 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
     try:
         if args.command == "generate":
             return generate_command(args)
+        if args.command == "serve":
+            return serve_command(args)
         cfg = load_config(args.config, args.overrides)  # the one parse of this run's config
         if args.command == "config":
             print(cfg.to_yaml(), end="")

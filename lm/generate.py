@@ -201,6 +201,7 @@ class _Row:
     params: SamplingParams
     context: list[int]  # prompt + every token produced (what the no-cache path reads again)
     prompt_tokens: int
+    generator: torch.Generator | None = None  # the row's own (a seeded request); None: the batch's
     ids: list[int] = field(default_factory=list)
     text: str | None = None  # set when a stop string cut it
     produced: int = 0
@@ -244,8 +245,12 @@ class GenerationBatch:
         return len(self.rows)
 
     @torch.inference_mode()
-    def add(self, prompts: list[list[int]], params: SamplingParams) -> list[int]:
-        """Read these prompts (cut on the left to ``max_len - max_new_tokens`` tokens) -> one handle each."""
+    def add(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator | None = None
+    ) -> list[int]:
+        """Read these prompts (cut on the left to ``max_len - max_new_tokens`` tokens) -> one handle each.
+        ``generator``: these rows sample with it instead of the batch's (a server seeds one per request,
+        so a seeded request's text does not depend on the requests it is batched with)."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings are matched on decoded text: pass a tokenizer")
         room = self.max_len - params.max_new_tokens
@@ -256,7 +261,7 @@ class GenerationBatch:
         if any(not p for p in prompts):
             raise ValueError("a prompt is empty: give at least one token (e.g. the end-of-text id)")
         kept = [list(p[-room:]) for p in prompts]
-        rows = [_Row(next(self._handles), params, k, len(k)) for k in kept]
+        rows = [_Row(next(self._handles), params, k, len(k), generator) for k in kept]
         if self.use_cache:
             cache, logits = prefill(self.model, kept, self.max_len)
             self.cache = cache if self.cache is None else KVCache.cat([self.cache, cache])
@@ -275,7 +280,7 @@ class GenerationBatch:
         """One new token for every row -> the rows that finished with it (they leave the batch)."""
         if not self.rows:
             return {}
-        tokens = sample_next(self.logits, [r.params for r in self.rows], self.generator, self.seen)  # (B,)
+        tokens = self._sample()  # (B,)
         self.seen[torch.arange(len(self.rows), device=self.device), tokens] = True
         for row, token in zip(self.rows, tokens.tolist(), strict=True):
             self._push(row, token)
@@ -290,6 +295,21 @@ class GenerationBatch:
             else:
                 self.logits = last_logits(self.model, [r.context for r in self.rows])
         return done
+
+    def _sample(self) -> torch.Tensor:
+        """The next token of every row (B,): rows that bring their own generator sample with it."""
+        params = [r.params for r in self.rows]
+        if all(r.generator is None for r in self.rows):
+            return sample_next(self.logits, params, self.generator, self.seen)
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.device)
+        groups: dict[int, list[int]] = {}  # id(generator) -> rows
+        for i, r in enumerate(self.rows):
+            groups.setdefault(id(r.generator), []).append(i)
+        for rows in groups.values():
+            idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+            generator = self.rows[rows[0]].generator or self.generator
+            tokens[idx] = sample_next(self.logits[idx], [params[i] for i in rows], generator, self.seen[idx])
+        return tokens
 
     @torch.inference_mode()
     def cancel(self, handles: Sequence[int]) -> dict[int, Generation]:

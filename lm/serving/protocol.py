@@ -1,0 +1,156 @@
+"""The limits of a server, the request bodies of OpenAI's chat completions and completions APIs (the fields a small decoder
+can honour; unknown fields are ignored, as OpenAI-compatible servers do, and fields that would
+change the answer in a way we cannot, such as ``n`` > 1 or ``logprobs``, are refused), a classify
+body, and OpenAI's error shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts (``lmforge serve`` options)."""
+
+    max_concurrent: int = 64  # requests in flight (generation and classify); one more is a 429
+    max_prompt_tokens: int | None = None  # None: the model's context less one token
+    max_new_tokens: int | None = None  # largest max_tokens; None: what the context leaves
+    max_body_bytes: int = 1 << 20
+    timeout_s: float = 300.0  # from arrival to the last token; past it a 408 (or an error event)
+    api_key: str | None = None  # required as "Authorization: Bearer KEY" everywhere but /health
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+class _Body(BaseModel):
+    # Strict: "stream": "yes" or "max_tokens": "8" is a client bug to report, not to guess at.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Generation(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # as OpenAI: at most 4
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    # Not in OpenAI's API; vLLM takes them the same way (the openai client's extra_body).
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    # Refused unless left at their "off" value (see refused()).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    top_logprobs: int | None = None
+
+    def refused(self) -> tuple[str, str] | None:
+        """(param, why) for a setting this server cannot honour, else None."""
+        if self.n != 1:
+            return "n", "only n=1 is supported: send one request per completion"
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"{name} is not supported: use repetition_penalty (CTRL's, 1 = off)"
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported"
+        if self.logprobs not in (None, False, 0) or self.top_logprobs:
+            return "logprobs", "logprobs are not supported"
+        return None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Generation):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def refused(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tools are not supported"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format", "only the text response format is supported"
+        return super().refused()
+
+    def conversation(self) -> list[dict[str, str]]:
+        # OpenAI's newer models call the system role "developer"; a chat template knows "system".
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[str]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def refused(self) -> tuple[str, str] | None:
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            return "prompt", "give one prompt (a string): several prompts are several requests here"
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        if self.best_of not in (None, 1):
+            return "best_of", "best_of is not supported"
+        return super().refused()
+
+    def text(self) -> str:
+        return self.prompt[0] if isinstance(self.prompt, list) else self.prompt
+
+
+class ClassifyBody(_Body):
+    model: str | None = None
+    input: str | list[str]
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -1,0 +1,479 @@
+"""``lmforge serve``: real uvicorn servers on 127.0.0.1 called with the real ``openai`` client and
+httpx: chat, completion, streaming, classify, every limit, the API key, batching, and a registry
+alias moved while a stream runs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from train_fixtures import ROOT, child_env, make_token_dir
+
+from lm.serving.engine import TextStream
+from lm.serving.protocol import Limits
+from lm.serving.server import ServeOptions, Server
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEY = "sk-test-serve"
+CONTEXT = 1024  # long enough that a stream of ~1000 tokens is still running while a test acts
+HELLO = [{"role": "user", "content": "What does `json.dumps(obj)` do?"}]
+
+
+# ---- tiny models, exported as the pipeline exports them ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> dict[str, Path]:
+    """A token dir (real tokenize stage: BPE tokenizer + ChatML config) and a little sft data."""
+    from lm.config import Config, FinetuneConfig
+    from lm.data.instruct import build_instruct_data
+
+    root = tmp_path_factory.mktemp("serve")
+    tokens = make_token_dir(root / "tokens")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(20)]
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (root / "sft-data").mkdir()
+    build_instruct_data(Config(finetune=FinetuneConfig(task="sft", data=str(root / "sft.jsonl"))),
+                        out_dir=root / "sft-data")
+    (root / "classify-data").mkdir()
+    (root / "classify-data" / "labels.json").write_text(json.dumps(["json", "glob", "shlex"]))
+    return {"root": root, "tokens": tokens}
+
+
+def export_model(workdir: dict[str, Path], name: str, task: str = "sft", seed: int = 0) -> Path:
+    """An export folder (lm.export.export) of a tiny untrained decoder (sft) or classifier."""
+    from lm.chat import ChatFormat
+    from lm.export import export
+    from lm.model import ModelArgs, SequenceClassifier, build_model, save_model
+    from lm.shards import TokenIndex
+
+    root, tokens = workdir["root"] / name, workdir["tokens"]
+    index = TokenIndex.load(tokens)
+    torch.manual_seed(seed)
+    # An untied output layer: with random tied embeddings greedy decoding repeats its input token.
+    lm = build_model(ModelArgs(index.vocab_size, 2, 4, 2, 64, 192, CONTEXT, tie_embeddings=False))
+    with torch.no_grad():  # the special tokens' logits are 0: greedy text runs to max_tokens, never ends early
+        lm.lm_head.weight[sorted(set(index.special_ids().values()) | set(special_ids(tokens)))] = 0
+    save_model(lm, root / "pretrain", extra=index.special_ids())
+    if task == "sft":
+        meta = {"task": "sft", "tokenizer_config": ChatFormat.load(tokens).config, "system_prompt": None,
+                "finetune": {"data": "sft.jsonl", "max_steps": 0, "lr": 0.0, "packing": False, "lora": None}}
+        save_model(lm, root / "finetune", extra={**index.special_ids(), **meta})
+        data = workdir["root"] / "sft-data"
+    else:
+        data = workdir["root"] / "classify-data"
+        labels = json.loads((data / "labels.json").read_text())
+        save_model(SequenceClassifier(lm, len(labels)), root / "finetune",
+                   extra={"task": "classify", **index.special_ids(), "labels": labels})
+    (root / "export").mkdir()
+    export(task, root / "finetune", root / "pretrain", tokens, data, out_dir=root / "export")
+    return root / "export"
+
+
+def special_ids(tokens: Path) -> list[int]:
+    from lm.config import SPECIAL_TOKENS
+    from lm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokens / "tokenizer.json")
+    return [i for t in SPECIAL_TOKENS if (i := tokenizer.token_to_id(t)) is not None]
+
+
+@pytest.fixture(scope="module")
+def chat_model(workdir) -> Path:
+    return export_model(workdir, "chat")
+
+
+@contextmanager
+def serving(model: str | Path, **options) -> Iterator[Server]:
+    """``lmforge serve`` in this process (uvicorn in a thread) on a free port of 127.0.0.1."""
+    if isinstance(model, Path):
+        options.setdefault("served_model_name", "chat")
+    fields = Limits.__dataclass_fields__
+    limits = Limits(**{k: options.pop(k) for k in list(options) if k in fields})
+    server = Server(ServeOptions(model=str(model), port=0, limits=limits, log_level="warning", **options))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def client(server: Server, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def metric(server: Server, name: str) -> dict[tuple, float]:
+    """The samples of one metric on /metrics: {labels (sorted items, 'le' included): value}."""
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {
+        (s.name, *sorted(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+@pytest.fixture(scope="module")
+def server(chat_model) -> Iterator[Server]:
+    with serving(chat_model, api_key=KEY, served_model_name="tiny-chat", max_new_tokens=CONTEXT) as s:
+        yield s
+
+
+# ---- the OpenAI API ---------------------------------------------------------------------------------
+
+
+def test_chat_answers_with_the_models_own_greedy_tokens(server, chat_model):
+    from lm.finetune.sft import Predictor
+    from lm.generate import SamplingParams, generate
+
+    reply = client(server).chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0)
+    predictor = Predictor(chat_model)
+    prompt = predictor.fmt.encode(HELLO, add_generation_prompt=True)[0]
+    [expected] = generate(predictor.model, [prompt], SamplingParams(max_new_tokens=12, temperature=0),
+                          eos_ids=predictor.stop_ids, tokenizer=predictor.fmt.tokenizer)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(prompt) and reply.usage.completion_tokens == expected.completion_tokens
+    assert reply.usage.total_tokens == len(prompt) + expected.completion_tokens
+    assert reply.model == "tiny-chat" and reply.id.startswith("chatcmpl-") and reply.created > 0
+
+
+def test_completion_and_its_stream_give_the_same_text(server):
+    api = client(server)
+    whole = api.completions.create(model="tiny-chat", prompt="def parse(", max_tokens=24, temperature=0)
+    chunks = list(api.completions.create(model="tiny-chat", prompt="def parse(", max_tokens=24, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert whole.choices[0].text == text and len(text) > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 24
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+def test_chat_stream_assembles_to_the_non_streaming_answer_and_ends_with_done(server):
+    api = client(server)
+    whole = api.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=30, temperature=0)
+    chunks = list(api.chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=30, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": HELLO, "max_tokens": 5, "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream") and events[-1] == "data: [DONE]"
+
+
+def test_a_stop_string_ends_the_text_before_it_and_is_never_streamed(server):
+    api = client(server)
+    free = api.completions.create(model="tiny-chat", prompt="import os", max_tokens=40, temperature=0)
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert len(stop) == 3
+    cut = text[: text.find(stop)]
+    whole = api.completions.create(model="tiny-chat", prompt="import os", max_tokens=40, temperature=0, stop=[stop])
+    streamed = "".join(c.choices[0].text for c in api.completions.create(
+        model="tiny-chat", prompt="import os", max_tokens=40, temperature=0, stop=stop, stream=True))
+    assert whole.choices[0].text == streamed == cut and whole.choices[0].finish_reason == "stop"
+
+
+def test_a_seeded_sample_repeats_whatever_it_is_batched_with(server):
+    api = client(server)
+
+    def sample(seed: int) -> str:
+        return api.completions.create(model="tiny-chat", prompt="class ", max_tokens=16, temperature=1.0,
+                                      seed=seed).choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        texts = list(pool.map(sample, [7, 7, 8, 7]))
+    assert texts[0] == texts[1] == texts[3] and texts[2] != texts[0]
+
+
+def test_streamed_pieces_never_split_a_character_nor_show_a_stop_string(workdir):
+    from lm.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(workdir["tokens"] / "tokenizer.json")
+    text = "naïve café — 日本語 🙂 done"
+    ids = tokenizer.encode(text).ids
+    assert len(ids) > len(text.split())  # multi-byte characters span several tokens here
+    stream = TextStream(tokenizer)
+    pieces = [stream.push(ids[: n + 1]) for n in range(len(ids))]
+    assert "".join(pieces) + stream.finish(text) == text
+    assert not any("\ufffd" in p for p in pieces)
+    held = TextStream(tokenizer, hold=4)  # the longest stop string is 5 characters
+    shown = "".join(held.push(ids[: n + 1]) for n in range(len(ids)))
+    assert text.startswith(shown) and len(shown) <= len(text) - 4
+    assert shown + held.finish(text) == text
+
+
+def test_models_lists_the_served_model_and_health_needs_no_key(server):
+    models = client(server).models.list().data
+    assert [m.id for m in models] == ["tiny-chat"]
+    card = models[0].model_dump()
+    assert card["version"] is None and card["served_as"] == "tiny-chat" and card["max_model_len"] == CONTEXT
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok", "model": "tiny-chat"}
+
+
+def test_a_wrong_or_missing_api_key_is_401_on_every_route_but_health(server):
+    with pytest.raises(openai.AuthenticationError) as e:
+        client(server, key="sk-wrong").chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=2)
+    assert e.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/metrics", "/nope"):
+        r = httpx.get(f"{server.url}{path}")
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        (b'{"messages": [{"role": "user", "content": "hi"}', 400, None),  # not JSON
+        ({"messages": "hi"}, 400, "messages"),
+        ({"messages": HELLO, "max_tokens": "8"}, 400, "max_tokens"),
+        ({"messages": HELLO, "stream": "yes"}, 400, "stream"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role"),
+        ({"messages": HELLO, "n": 2}, 400, "n"),
+        ({"messages": HELLO, "temperature": 3}, 400, "temperature"),
+        ({"messages": HELLO, "model": "gpt-4o"}, 404, "model"),
+    ],
+    ids=["not-json", "messages-not-a-list", "max-tokens-a-string", "stream-a-string", "unknown-role", "n-2",
+         "temperature-3", "unknown-model"],
+)
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(server, body, status, param):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}/v1/chat/completions", content=content, headers=headers)
+    assert r.status_code == status
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and error["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_concurrent_requests_are_decoded_together(server):
+    def ask(i: int) -> int:
+        return client(server).completions.create(model="tiny-chat", prompt=f"x = {i}", max_tokens=32,
+                                                 temperature=0).usage.completion_tokens
+
+    before = metric(server, "lmforge_batch_size_bucket")
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, range(8))) == [32] * 8
+    after = metric(server, "lmforge_batch_size_bucket")
+    steps = {dict(k[1:])["le"]: after[k] - before.get(k, 0) for k in after}
+    assert steps["+Inf"] > steps["1.0"], "no decode step held more than one request"
+    assert steps["+Inf"] < 8 * 32  # fewer steps than one request at a time would take
+    tokens = metric(server, "lmforge_generated_tokens_total")
+    assert tokens[("lmforge_generated_tokens_total", ("version", "local"))] >= 8 * 32
+
+
+# ---- classifiers ------------------------------------------------------------------------------------
+
+
+def test_a_classifier_labels_texts_in_one_batch(workdir):
+    from lm.finetune.classify import Predictor
+
+    folder = export_model(workdir, "classifier", task="classify")
+    texts = ["import json", "glob.glob('*.py')", "shlex.split(line)"]
+    with serving(folder) as s:
+        r = httpx.post(f"{s.url}/v1/classify", json={"input": texts})
+        assert r.status_code == 200, r.text
+        data = r.json()["data"]
+        expected = Predictor(folder).predict(__import__("pandas").DataFrame({"text": texts}))
+        assert [d["label"] for d in data] == list(expected["label"])
+        assert all(abs(sum(d["scores"].values()) - 1) < 1e-5 for d in data)
+        assert [d["score"] for d in data] == pytest.approx(list(expected["score"]), abs=1e-6)
+        wrong = httpx.post(f"{s.url}/v1/chat/completions", json={"messages": HELLO})
+        assert wrong.status_code == 400 and "classify" in wrong.json()["error"]["message"]
+        assert httpx.post(f"{s.url}/v1/classify", json={"input": []}).status_code == 400
+
+
+# ---- limits -----------------------------------------------------------------------------------------
+
+
+def test_prompt_and_max_tokens_over_the_limits_are_400(chat_model):
+    with serving(chat_model, max_prompt_tokens=24, max_new_tokens=64) as s:
+        api = client(s)
+        with pytest.raises(openai.BadRequestError) as e:
+            api.completions.create(model="chat", prompt="word " * 40, max_tokens=4)
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], max_tokens=65)
+        assert e.value.body["param"] == "max_tokens" and "64" in e.value.body["message"]
+        assert api.completions.create(model="chat", prompt="def", max_tokens=64, temperature=0).usage.completion_tokens == 64
+
+
+def test_a_body_over_the_limit_is_413_whether_its_size_is_announced_or_not(chat_model):
+    with serving(chat_model, max_body_bytes=2000) as s:
+        with pytest.raises(openai.APIStatusError) as e:
+            client(s).completions.create(model="chat", prompt="a" * 3000, max_tokens=2)
+        assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+        def chunks():  # no Content-Length: the server counts the bytes as they arrive
+            yield b'{"prompt": "'
+            for _ in range(30):
+                yield b"a" * 100
+            yield b'", "max_tokens": 2}'
+
+        r = httpx.post(f"{s.url}/v1/completions", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+        assert client(s).completions.create(model="chat", prompt="a" * 100, max_tokens=2).choices
+
+
+def test_requests_beyond_max_concurrent_get_a_quick_429_and_a_closed_stream_is_cancelled(chat_model):
+    with serving(chat_model, max_concurrent=2) as s:
+        api = client(s)
+        streams = [api.completions.create(model="chat", prompt="def", max_tokens=1000, temperature=0, stream=True)
+                   for _ in range(2)]
+        for stream in streams:
+            next(iter(stream))  # both are running
+        t0 = time.perf_counter()
+        with pytest.raises(openai.RateLimitError) as e:
+            api.completions.create(model="chat", prompt="def", max_tokens=4)
+        assert time.perf_counter() - t0 < 1.0 and e.value.body["code"] == "too_many_requests"
+        for stream in streams:
+            stream.close()  # the clients go away: their rows must leave the batch, not run to 1000 tokens
+        deadline = time.monotonic() + 5
+        while metric(s, "lmforge_running_batch_size")[("lmforge_running_batch_size",)] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        generated = metric(s, "lmforge_generated_tokens_total")[("lmforge_generated_tokens_total", ("version", "local"))]
+        assert generated < 2 * 1000
+        assert api.completions.create(model="chat", prompt="def", max_tokens=4, temperature=0).usage.completion_tokens == 4
+        assert metric(s, "lmforge_requests_total")[
+            ("lmforge_requests_total", ("route", "/v1/completions"), ("status", "429"), ("version", "local"))] == 1
+
+
+def test_a_request_past_the_timeout_is_408_and_a_stream_ends_with_an_error(chat_model):
+    with serving(chat_model, timeout_s=0.2) as s:
+        api = client(s)
+        with pytest.raises(openai.APIStatusError) as e:
+            api.completions.create(model="chat", prompt="def", max_tokens=1000, temperature=0)
+        assert e.value.status_code == 408 and e.value.body["code"] == "request_timeout"
+        with pytest.raises(openai.APIError, match="longer than"):
+            for _ in api.completions.create(model="chat", prompt="def", max_tokens=1000, temperature=0, stream=True):
+                pass
+        assert httpx.get(f"{s.url}/health").json()["status"] == "ok"
+        assert api.completions.create(model="chat", prompt="def", max_tokens=2).choices
+
+
+# ---- the command line -------------------------------------------------------------------------------
+
+
+def test_the_command_says_in_one_line_when_the_model_is_missing_or_the_port_busy(chat_model, tmp_path):
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flows.cli", "serve", *args], cwd=ROOT, env=child_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    missing = serve("--model", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [f"lmforge: error: --model {tmp_path / 'nowhere'}: no such folder "
+                                                   "(give an export folder or models:/NAME@ALIAS)"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = serve("--model", str(chat_model), "--port", str(port))
+    assert busy.returncode == 2
+    assert busy.stderr.strip().splitlines()[-1] == (
+        f"lmforge: error: port {port} on 127.0.0.1 is in use (another server? choose one with --port)")
+
+
+# ---- following the registry -------------------------------------------------------------------------
+
+
+def register(uri: str, name: str, folder: Path, work: Path) -> str:
+    """Register an export folder as lmforge's registry does (a pyfunc model whose artifact "model" is
+    the folder) -> its version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client_ = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client_.create_experiment("serve", artifact_location=(work / "artifacts").as_uri())
+    except mlflow.exceptions.MlflowException:
+        experiment = client_.get_experiment_by_name("serve").experiment_id
+    model_dir = work / f"pyfunc-{folder.parent.name}"
+    mlflow.pyfunc.save_model(str(model_dir), python_model=str(ROOT / "lm" / "registry_model.py"),
+                             artifacts={"model": str(folder)}, code_paths=[str(ROOT / "lm")], pip_requirements=[])
+    run = client_.create_run(experiment)
+    client_.log_artifacts(run.info.run_id, str(model_dir), "model")
+    client_.set_terminated(run.info.run_id)
+    try:
+        client_.create_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        pass
+    return str(client_.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
+
+
+@pytest.fixture(scope="module")
+def registry(workdir, chat_model, tmp_path_factory) -> dict[str, str]:
+    """A real sqlite MLflow store holding "tiny": version 1 (the chat model), version 2 (another
+    seed), version 3 (a folder that cannot load)."""
+    work = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    broken = work / "broken" / "export"
+    broken.mkdir(parents=True)
+    (broken / "model.json").write_text("{}")  # an export folder without its weights
+    folders = [chat_model, export_model(workdir, "chat-v2", seed=1), broken]
+    versions = [register(uri, "tiny", folder, work) for folder in folders]
+    return {"uri": uri, "v1": versions[0], "v2": versions[1], "broken": versions[2]}
+
+
+@pytest.mark.slow  # ~15 s with the registry fixture: a swap under a running stream
+def test_a_moved_alias_is_served_after_the_running_stream_ends_on_the_old_version(registry):
+    from mlflow import MlflowClient
+
+    uri, v1, v2 = registry["uri"], registry["v1"], registry["v2"]
+    store = MlflowClient(tracking_uri=uri)
+    store.set_registered_model_alias("tiny", "champion", v1)
+
+    with serving("models:/tiny@champion", tracking_uri=uri, poll_seconds=0.1) as s:
+        api = client(s)
+        assert [(m.id, m.model_dump()["version"]) for m in api.models.list().data] == [("tiny", v1)]
+        old_text = api.completions.create(model="tiny", prompt="def", max_tokens=900, temperature=0).choices[0].text
+        chunks = iter(api.completions.create(model="tiny", prompt="def", max_tokens=900, temperature=0, stream=True))
+        first = next(chunks)
+        store.set_registered_model_alias("tiny", "champion", v2)
+        deadline = time.monotonic() + 30
+        while api.models.list().data[0].model_dump()["version"] != v2:
+            assert time.monotonic() < deadline, "the server did not pick up the moved alias"
+            time.sleep(0.05)
+        # The stream is still running, on version 1 ...
+        assert metric(s, "lmforge_running_batch_size")[("lmforge_running_batch_size",)] == 1, (
+            "the stream ended before the swap: nothing was tested")
+        rest = list(chunks)
+        assert {c.model for c in [first, *rest]} == {f"tiny/{v1}"}
+        assert "".join(c.choices[0].text for c in [first, *rest] if c.choices) == old_text
+        # ... and the next request gets version 2.
+        new = api.completions.create(model="tiny", prompt="def", max_tokens=900, temperature=0)
+        assert new.model == f"tiny/{v2}" and new.choices[0].text != old_text
+        info = metric(s, "lmforge_model_info")
+        assert [dict(k[1:])["version"] for k, v in info.items() if v == 1] == [v2]
+        assert metric(s, "lmforge_model_swaps_total")[("lmforge_model_swaps_total",)] == 1
+
+
+@pytest.mark.slow  # shares the registry fixture (~10 s to build)
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(registry, caplog):
+    from mlflow import MlflowClient
+
+    store = MlflowClient(tracking_uri=registry["uri"])
+    store.set_registered_model_alias("tiny", "canary", registry["v1"])
+    with serving("models:/tiny@canary", tracking_uri=registry["uri"], poll_seconds=3600) as s:
+        store.set_registered_model_alias("tiny", "canary", registry["broken"])
+        assert s.follower.check() is False
+        assert "failed to load" in caplog.text and f"still serving version {registry['v1']}" in caplog.text
+        reply = client(s).completions.create(model="tiny", prompt="def", max_tokens=3)
+        assert reply.model == f"tiny/{registry['v1']}"
+        assert metric(s, "lmforge_model_load_failures_total")[("lmforge_model_load_failures_total",)] == 1
