@@ -188,7 +188,7 @@ def _summary(out: dict, seconds: float, uri: str) -> str:
     lines = ["", f"lmforge: pipeline finished in {seconds / 60:.1f} min"]
     if "evaluate" in out:
         m = json.loads((Path(out["evaluate"]) / "metrics.json").read_text())
-        lines += [f"  {k:<22} {m[k]:.4f}" for k in SHOWN if k in m]
+        lines += [f"  {k:<26} {m[k]:.4f}" for k in SHOWN if k in m]
     if "deploy" in out:
         d = json.loads((Path(out["deploy"]) / "manifest.json").read_text())
         promoted = "promoted to" if d["metrics"].get("deploy/promoted") else "registered; not better than"
