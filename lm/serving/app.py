@@ -310,7 +310,7 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
                 except EngineClosed:
                     continue
             else:
-                raise ApiError(503, "the model is being replaced; retry", code="model_swapping")
+                raise _unavailable(slot)
             version = served.version_label
             metrics.prompt_tokens.labels(version).inc(len(prompt))
             reply = _Reply(chat, served.served_as, include_usage=bool(body.stream_options and body.stream_options.include_usage))
@@ -364,7 +364,7 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
                 except EngineClosed:
                     continue
             else:
-                raise ApiError(503, "the model is being replaced; retry", code="model_swapping")
+                raise _unavailable(slot)
             watcher = asyncio.create_task(_watch_disconnect(request, events))
             try:
                 end = await _until_finished(events, deadline, None, limits.timeout_s)
@@ -447,6 +447,12 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
         app.add_middleware(_Authorize, api_key=limits.api_key)
     app.add_middleware(_Observe, metrics=metrics, slot=slot, routes=routes)
     return app
+
+
+def _unavailable(slot: ModelSlot) -> ApiError:
+    if slot.current.engine.exited:
+        return ApiError(503, "the model's engine has stopped (the server's log says why)", code="engine_stopped")
+    return ApiError(503, "the model is being replaced; retry", code="model_swapping")
 
 
 def _model_card(served: ServedModel) -> dict[str, Any]:

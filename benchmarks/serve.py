@@ -1,0 +1,290 @@
+"""``lmforge serve`` under load, beside Hugging Face ``transformers``' ``generate`` on the same weights.
+
+    python benchmarks/serve.py                           # the demo's shape (conf/default.yaml), random weights
+    python benchmarks/serve.py --model runs/export/<key> --new-tokens 64
+
+The server runs as its own process (``lmforge serve``, as a user starts it); this process is the
+clients: streaming completions (greedy, ``--new-tokens`` each, prompts cut from standard-library
+source lines) at each concurrency of ``--concurrency`` for the matching count of ``--requests``,
+then ``transformers``' ``LlamaForCausalLM.generate`` on the same weights in this process once the
+server has stopped: one prompt at a time, and batches of 8 left-padded prompts; beside it lmforge's
+engine in this process without HTTP, one request at a time. Requests/s and
+generated tokens/s are over each level's wall time; latency is a request's whole time, time to
+first token the arrival of its first text chunk. Server memory (RSS) is read after a warm-up at
+the highest concurrency and again after every request.
+
+The last line holds the figures as key=value pairs: ``ratio_vs_transformers`` (one stream through
+HTTP over transformers one prompt at a time, in process), ``batching_gain`` (total tokens/s at
+concurrency 8 over concurrency 1), ``p99_ms_c8``, ``errors``, ``mem_growth`` (RSS after / before - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import queue
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+STDLIB = Path(json.__file__).parent.parent
+SOURCES = ["json/encoder.py", "textwrap.py", "shlex.py", "fnmatch.py", "glob.py", "argparse.py", "pathlib.py",
+           "csv.py", "string.py", "base64.py", "dataclasses.py", "inspect.py", "typing.py", "functools.py"]
+
+
+def demo_folder(out: Path, vocab_size: int) -> Path:
+    """The demo's network (conf/default.yaml's model section), random weights, with a byte-level BPE
+    tokenizer of ``vocab_size`` learned from standard-library sources and its chat template."""
+    import torch
+
+    from lm.chat import write_tokenizer_config
+    from lm.config import SPECIAL_TOKENS, load_config
+    from lm.model import build_model, model_args, save_model
+    from lm.tokenizer import special_ids, train_bpe
+
+    texts = [(STDLIB / s).read_text(encoding="utf-8") for s in SOURCES]
+    tok = train_bpe(iter(texts), vocab_size, list(SPECIAL_TOKENS))
+    cfg = load_config(str(ROOT / "conf" / "default.yaml"), [])
+    torch.manual_seed(0)
+    model = build_model(model_args(cfg.model, tok.get_vocab_size())).eval()
+    save_model(model, out, extra=special_ids(tok, list(SPECIAL_TOKENS)))
+    tok.save(str(out / "tokenizer.json"))
+    write_tokenizer_config(out, tok, list(SPECIAL_TOKENS))
+    return out
+
+
+def prompts(n: int) -> list[str]:
+    """Source lines of the standard library (30-120 characters), repeated to n."""
+    lines = [line.strip()[:120] for s in SOURCES for line in (STDLIB / s).read_text(encoding="utf-8").splitlines()
+             if len(line.strip()) >= 30]
+    return [lines[(i * 7919) % len(lines)] for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def one_request(client, url: str, prompt: str, new_tokens: int) -> tuple[float, float, int] | None:
+    """-> (latency s, time to first token s, completion tokens), or None for an error."""
+    body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, tokens, done = None, 0, False
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return None
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    return None
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    except Exception:
+        return None
+    latency = time.perf_counter() - t0
+    return (latency, first if first is not None else latency, tokens) if done else None
+
+
+async def load(url: str, texts: list[str], concurrency: int, new_tokens: int) -> dict[str, float]:
+    """``len(texts)`` requests, ``concurrency`` at a time -> throughput, latency and error figures."""
+    import httpx
+
+    results: list[tuple[float, float, int] | None] = []
+    todo = iter(texts)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def worker() -> None:
+            for text in todo:
+                results.append(await one_request(client, url, text, new_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r is not None]
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "rps": len(ok) / wall,
+        "tok_s": sum(r[2] for r in ok) / wall,
+        "p50_ms": 1000 * percentile([r[0] for r in ok], 0.5),
+        "p99_ms": 1000 * percentile([r[0] for r in ok], 0.99),
+        "ttft_p50_ms": 1000 * percentile([r[1] for r in ok], 0.5),
+        "ttft_p99_ms": 1000 * percentile([r[1] for r in ok], 0.99),
+        "mean_tokens": sum(r[2] for r in ok) / max(1, len(ok)),
+    }
+
+
+def start_server(folder: Path, port: int, threads: int, log: Path) -> subprocess.Popen:
+    import httpx
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", "--model", str(folder), "--port", str(port),
+         "--max-concurrent", "64", "--max-batch-size", "32", "--timeout-s", "600"],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"the server stopped: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    sys.exit("the server did not answer /health within 180 s")
+
+
+def transformers_figures(folder: Path, texts: list[str], new_tokens: int, singles: int, batch: int) -> dict[str, float]:
+    """tokens/s of LlamaForCausalLM.generate (greedy, KV cache) on the same weights and prompts, and
+    of lmforge's engine in this process (what the server's HTTP and the clients add is the rest)."""
+    import torch
+    import transformers
+
+    from lm.generate import SamplingParams, load_for_generation
+    from lm.model import llama_config_dict, to_llama_state_dict
+    from lm.serving.engine import Finished, GenerationEngine
+
+    transformers.logging.set_verbosity_error()
+    gm = load_for_generation(folder)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_dict(gm.model.args))).eval()
+    hf.load_state_dict(to_llama_state_dict(gm.model), strict=False)
+    hf.generation_config.eos_token_id = None  # every prompt gets exactly new_tokens, as the server's do here
+    hf.generation_config.pad_token_id = 0
+    ids = [gm.tokenizer.encode(t).ids for t in texts]
+
+    def run(rows: list[list[int]]) -> int:
+        width = max(map(len, rows))
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for b, row in enumerate(rows):  # left padding, as decoder-only batched generation needs
+            x[b, width - len(row):] = torch.tensor(row)
+            mask[b, width - len(row):] = 1
+        with torch.inference_mode():
+            out = hf.generate(x, attention_mask=mask, do_sample=False, use_cache=True,
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        return (out.shape[1] - width) * len(rows)
+
+    def engine_run(rows: list[list[int]]) -> int:
+        """lmforge's engine in this process, no HTTP: one request at a time."""
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
+        n = 0
+        for row in rows:
+            events: queue.SimpleQueue = queue.SimpleQueue()
+            engine.submit(row, params, events.put)
+            while not isinstance(event := events.get(), Finished):
+                pass
+            n += event.completion_tokens
+        return n
+
+    engine = GenerationEngine(gm.model, gm.tokenizer, gm.eos_ids)
+    engine.start()
+    run(ids[:2])  # warm-up
+    engine_run(ids[:2])
+    figures = {}
+    for name, fn in (("hf_tok_s_single", lambda: sum(run([row]) for row in ids[:singles])),
+                     ("engine_tok_s_single", lambda: engine_run(ids[:singles]))):
+        t0 = time.perf_counter()
+        figures[name] = fn() / (time.perf_counter() - t0)
+    engine.close()
+    batches = [ids[i : i + batch] for i in range(0, min(len(ids), singles * 2), batch)]
+    t0 = time.perf_counter()
+    batched = sum(run(rows) for rows in batches)
+    figures[f"hf_tok_s_batched{batch}"] = batched / (time.perf_counter() - t0)
+    return figures
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="an export or decoder folder; default: the demo's shape, random weights")
+    p.add_argument("--vocab-size", type=int, default=4096, help="without --model (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests", default="200,600,1200", help="per concurrency level (2,000 in all by default)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and of transformers (default "
+                   "%(default)s: on a shared 2-core machine two threads wait on each other)")
+    p.add_argument("--hf-prompts", type=int, default=24, help="prompts transformers answers one at a time")
+    a = p.parse_args()
+    import psutil
+    import torch
+
+    torch.set_num_threads(a.threads)
+    levels = [int(c) for c in a.concurrency.split(",")]
+    counts = [int(n) for n in a.requests.split(",")]
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-serve-") as tmp:
+        folder = Path(a.model) if a.model else demo_folder(Path(tmp) / "model", a.vocab_size)
+        port = free_port()
+        server = start_server(folder, port, a.threads, Path(tmp) / "server.log")
+        url = f"http://127.0.0.1:{port}"
+        rss = psutil.Process(server.pid)
+        try:
+            asyncio.run(load(url, prompts(2 * max(levels)), max(levels), a.new_tokens))  # warm-up at the peak
+            rss_before = rss.memory_info().rss
+            figures: dict[str, float] = {}
+            errors = 0
+            for c, n in zip(levels, counts, strict=True):
+                f = asyncio.run(load(url, prompts(n), c, a.new_tokens))
+                errors += f["errors"]
+                print(f"concurrency {c:>3}: {n} requests, {f['rps']:.1f} req/s, {f['tok_s']:.0f} tokens/s, "
+                      f"latency p50 {f['p50_ms']:.0f} ms p99 {f['p99_ms']:.0f} ms, first token p50 "
+                      f"{f['ttft_p50_ms']:.0f} ms p99 {f['ttft_p99_ms']:.0f} ms, {f['mean_tokens']:.1f} tokens/request, "
+                      f"{f['errors']} errors", flush=True)
+                figures.update({f"{k}_c{c}": round(v, 1) for k, v in f.items() if k not in ("requests", "errors")})
+            rss_after = rss.memory_info().rss
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        print(f"server RSS {rss_before / 2**20:.0f} MiB after warm-up, {rss_after / 2**20:.0f} MiB after "
+              f"{sum(counts)} requests", flush=True)
+        hf = transformers_figures(folder, prompts(2 * a.hf_prompts), a.new_tokens, a.hf_prompts, 8)
+        print(f"transformers generate: {hf['hf_tok_s_single']:.0f} tokens/s one prompt at a time, "
+              f"{hf['hf_tok_s_batched8']:.0f} tokens/s in batches of 8 (left-padded); lmforge's engine in "
+              f"process, no HTTP: {hf['engine_tok_s_single']:.0f} tokens/s one at a time", flush=True)
+    out = {
+        "ratio_vs_transformers": round(figures["tok_s_c1"] / hf["hf_tok_s_single"], 3),
+        "engine_ratio_vs_transformers": round(hf["engine_tok_s_single"] / hf["hf_tok_s_single"], 3),
+        "ratio_vs_transformers_batched8": round(figures[f"tok_s_c{8}"] / hf["hf_tok_s_batched8"], 3)
+        if "tok_s_c8" in figures else None,
+        "batching_gain": round(figures["tok_s_c8"] / figures["tok_s_c1"], 3) if "tok_s_c8" in figures else None,
+        "p99_ms_c8": figures.get("p99_ms_c8"),
+        "errors": errors,
+        "mem_growth": round(rss_after / rss_before - 1, 4),
+        "requests": sum(counts),
+        "new_tokens": a.new_tokens,
+        "threads": a.threads,
+        **figures,
+        **{k: round(v, 1) for k, v in hf.items()},
+        "rss_mib_before": round(rss_before / 2**20, 1),
+        "rss_mib_after": round(rss_after / 2**20, 1),
+    }
+    print(" ".join(f"{k}={v}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    main()
