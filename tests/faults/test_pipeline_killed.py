@@ -46,7 +46,7 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
     second = start_lmforge(*args)
     out, _ = second.communicate(timeout=600)
     assert second.returncode == 0, out[-3000:]
-    assert "resuming from" in out and "step-00000020.ckpt" in out
+    assert "resuming from" in out and "step-00000020.ckpt" in out, out[-6000:]
     assert json.loads((pretrain / "result.json").read_text())["metrics"]["steps"] == 60
     leftovers = [p for p in (tmp_path / "w").rglob("*") if ".tmp-" in p.name]
     assert not leftovers, leftovers
