@@ -144,7 +144,8 @@ def _serve_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look where the alias points "
                     "(default %(default)s)")
     sp.add_argument("--tracking-uri", help="MLflow registry (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    sp.add_argument("--served-model-name", help="the model id clients send (default: the registered name or the folder's)")
+    sp.add_argument("--served-model-name", help="the model id clients send (default: the registered name, or the "
+                    "folder as given, as vLLM does)")
     sp.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (default %(default)s)")
 
 

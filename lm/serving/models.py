@@ -135,7 +135,8 @@ def load_served(
         folder = Path(source).expanduser()
         if not folder.is_dir():
             raise LmforgeError(f"--model {source}: no such folder (give an export folder or models:/NAME@ALIAS)")
-        return load_folder(folder, name=name or folder.resolve().name, version=None, source=source,
+        # As vLLM names a folder it serves: by the path it was given.
+        return load_folder(folder, name=name or source, version=None, source=source,
                            max_batch_size=max_batch_size, on_step=on_step)
     uri = tracking_uri or "sqlite:///mlflow.db"
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))

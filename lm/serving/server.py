@@ -27,7 +27,7 @@ class ServeOptions:
     limits: Limits = Limits()
     poll_seconds: float = 30.0  # how often a models:/NAME@ALIAS server asks the registry where the alias is
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
-    served_model_name: str | None = None  # None: the registered name, or the folder's name
+    served_model_name: str | None = None  # None: the registered name, or the folder as given (as vLLM does)
     max_batch_size: int = 32  # rows decoded together
     log_level: str = "info"
 
