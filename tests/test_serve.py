@@ -389,7 +389,7 @@ def test_a_request_past_the_timeout_is_408_and_a_stream_ends_with_an_error(chat_
 # ---- the command line -------------------------------------------------------------------------------
 
 
-def test_the_command_says_in_one_line_when_the_model_is_missing_or_the_port_busy(chat_model, tmp_path):
+def test_the_command_says_in_one_line_when_the_model_or_its_store_is_missing_or_the_port_busy(chat_model, tmp_path):
     def serve(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "flows.cli", "serve", *args], cwd=ROOT, env=child_env(),
                               capture_output=True, text=True, timeout=120)
@@ -398,6 +398,12 @@ def test_the_command_says_in_one_line_when_the_model_is_missing_or_the_port_busy
     assert missing.returncode == 2
     assert missing.stderr.strip().splitlines() == [f"lmforge: error: --model {tmp_path / 'nowhere'}: no such folder "
                                                    "(give an export folder or models:/NAME@ALIAS)"]
+    nowhere = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    no_store = serve("--model", "models:/tiny@champion", "--tracking-uri", nowhere)
+    assert no_store.returncode == 2 and no_store.stderr.strip().splitlines() == [
+        f"lmforge: error: --model models:/tiny@champion: there is no MLflow store at {nowhere} (give --tracking-uri "
+        "or set MLFLOW_TRACKING_URI)"]
+    assert not (tmp_path / "mlflow.db").exists()
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -141,7 +141,10 @@ def load_served(
     uri = tracking_uri or "sqlite:///mlflow.db"
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
     try:
-        folder, version = download_registered(source, uri, work)
+        try:
+            folder, version = download_registered(source, uri, work)
+        except ConfigError as e:  # worded for model.init_from, where the pipeline meets the same spec
+            raise ConfigError(str(e).replace(f"model.init_from={source!r}", f"--model {source}")) from None
         return load_folder(folder, name=name or registered[0], version=version, source=source,
                            max_batch_size=max_batch_size, on_step=on_step)
     finally:

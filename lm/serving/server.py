@@ -59,6 +59,10 @@ class Server:
         registered = registered_name(opts.model)
         if registered is None and not Path(opts.model).expanduser().is_dir():
             raise LmforgeError(f"--model {opts.model}: no such folder (give an export folder or models:/NAME@ALIAS)")
+        if registered is not None and self.uri.startswith("sqlite:///") and not Path(self.uri[10:]).is_file():
+            # MLflow would create an empty store there and then find no model in it.
+            raise LmforgeError(f"--model {opts.model}: there is no MLflow store at {self.uri} (give --tracking-uri "
+                               "or set MLFLOW_TRACKING_URI)")
         self.sock = bind(opts.host, opts.port)
 
         import uvicorn
