@@ -5,6 +5,8 @@ in it names the machine or the folders it was trained in.
     model.safetensors, model.json   the fine-tuned network (model.json: shape, method, token ids, ...)
     tokenizer.json                  Hugging Face ``tokenizers`` format
     lm/                             the pretrained language model it was fine-tuned from
+    hf/                             the decoder as a Hugging Face Llama folder (the tuned one for sft,
+                                    the pretrained one for a classifier)
     ...                             what the fine-tuning method adds (labels.json for classify)
     README.md                       what is in the folder
 """
@@ -19,7 +21,7 @@ import torch
 from lm.model import MODEL_JSON, MODEL_WEIGHTS, count_params, load_model
 from lm.shards import TokenIndex
 from lm.stage import StageResult
-from lm.tokenizer import TOKENIZER
+from lm.tokenizer import TOKENIZER, load_tokenizer
 
 LM_DIR = "lm"
 
@@ -32,6 +34,39 @@ def _card_provenance(card: Path, metrics: dict[str, float], run_id: str | None) 
         lines += ["", f"Made by the MLflow run `{run_id}` (its parent run is the whole pipeline run)."]
     with card.open("a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _lm_as_hf(out_dir: Path, tokens_dir: Path) -> list[str]:
+    """When the method wrote no Hugging Face folder (a classifier), the pretrained decoder it was
+    tuned from gets one, ``hf/``: every decoder lmforge trains can leave for the ecosystem."""
+    import json
+
+    from lm.hf import export_hf
+    from lm.model import Decoder
+
+    lm = load_model(out_dir / LM_DIR)
+    if not isinstance(lm, Decoder):
+        return []  # an encoder: lm/ holds it in lmforge's format
+    index = TokenIndex.load(tokens_dir)
+    config_path = Path(tokens_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    tokenizer = load_tokenizer(out_dir / TOKENIZER)
+    eos = tokenizer.id_to_token(index.eot_id)
+    export_hf(
+        lm,
+        out_dir / TOKENIZER,
+        out_dir / "hf",
+        chat_template=None,  # a pretrained model continues text; it was never taught to chat
+        special_tokens={"eos_token": eos, "pad_token": config.get("pad_token") or eos, "bos_token": None},
+        generation_config={"eos_token_id": index.eot_id, "do_sample": False},
+        card=(
+            "# lmforge pretrained language model\n\n"
+            f"The decoder the classifier in the parent folder was fine-tuned from: {lm.args.n_layer} layers, "
+            f"d_model {lm.args.d_model}, vocabulary {lm.args.vocab_size}, context {lm.args.seq_len} tokens. "
+            "It continues text; it was not instruction-tuned.\n"
+        ),
+    )
+    return ["hf"]
 
 
 def export(
@@ -55,6 +90,8 @@ def export(
         shutil.copy2(Path(pretrain_dir) / name, out_dir / LM_DIR / name)
     shutil.copy2(Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer, out_dir / TOKENIZER)
     added = method(task).export(Path(finetune_dir), Path(ft_data_dir), out_dir=out_dir)
+    if not (out_dir / "hf").exists():
+        added += _lm_as_hf(out_dir, Path(tokens_dir))
     if (out_dir / "hf" / "README.md").is_file() and (metrics or run_id):
         _card_provenance(out_dir / "hf" / "README.md", metrics or {}, run_id)
 

@@ -344,3 +344,18 @@ def test_fine_tuning_starts_from_a_registered_model_with_its_tokenizer(tiny_run)
     assert children["base_model"].data.params["base_model.kind"] == "registered"
     assert children["base_model"].data.params["model.init_from"] == "models:/lmforge-tiny/1"
     assert children["finetune"].info.status == "FINISHED"
+
+
+def test_the_classifier_export_carries_its_decoder_as_a_hugging_face_folder(tiny_run):
+    import torch
+    transformers = pytest.importorskip("transformers")
+
+    from lm.model import load_model
+
+    export = Path(tiny_run["first"]["export"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export / "hf").eval()
+    ours = load_model(export / "lm")
+    idx = torch.randint(0, ours.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, ours(idx)[0], atol=1e-4)
+    assert "not instruction-tuned" in (export / "hf" / "README.md").read_text()
