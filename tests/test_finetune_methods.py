@@ -40,6 +40,7 @@ def test_a_method_registered_in_a_test_trains_evaluates_and_exports(tmp_path, mo
         "tokenize": tokens,
         "finetune_data": tmp_path / "finetune_data",
         "finetune": tmp_path / "finetune",
+        "evaluate": tmp_path / "evaluate",
     }
 
     def stage(name: str):

@@ -25,7 +25,8 @@ TOKENIZE = (
     "from lm.stage import StageContext, execute, stage_by_name\n"
     "from lm.stages import STAGES\n"
     "cfg = load_config('tiny', sys.argv[3:])\n"
-    "execute(stage_by_name(STAGES, 'tokenize'), StageContext(cfg, {'clean': Path(sys.argv[1])}, Path(sys.argv[2])))\n"
+    "inputs = {'clean': Path(sys.argv[1]), 'base_model': Path(sys.argv[1]).parent / 'base_model'}\n"
+    "execute(stage_by_name(STAGES, 'tokenize'), StageContext(cfg, inputs, Path(sys.argv[2])))\n"
 )
 
 
@@ -36,6 +37,8 @@ def test_killed_tokenize_publishes_nothing_and_the_rerun_is_byte_identical(tmp_p
     execute(
         stage_by_name(STAGES, "clean"), StageContext(cfg, {"ingest": tmp_path / "ingest"}, tmp_path / "clean")
     )
+    execute(stage_by_name(STAGES, "base_model"), StageContext(cfg, {}, tmp_path / "base_model"))
+    inputs = {"clean": tmp_path / "clean", "base_model": tmp_path / "base_model"}
 
     out = tmp_path / "tokenize" / "key"
     proc = subprocess.Popen(
@@ -55,10 +58,10 @@ def test_killed_tokenize_publishes_nothing_and_the_rerun_is_byte_identical(tmp_p
     assert not out.exists() and not is_complete(out)
     assert not (abandoned / "index.json").exists()  # the index is written after every shard
 
-    execute(stage_by_name(STAGES, "tokenize"), StageContext(cfg, {"clean": tmp_path / "clean"}, out))
+    execute(stage_by_name(STAGES, "tokenize"), StageContext(cfg, inputs, out))
     assert is_complete(out) and not abandoned.exists()  # the killed run's leftovers are gone
     reference = tmp_path / "reference"
-    execute(stage_by_name(STAGES, "tokenize"), StageContext(cfg, {"clean": tmp_path / "clean"}, reference))
+    execute(stage_by_name(STAGES, "tokenize"), StageContext(cfg, inputs, reference))
     files = sorted(p.name for p in reference.iterdir() if p.name != "manifest.json")
     assert sum(name.startswith("train_") for name in files) > 3
     assert files == sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
