@@ -224,6 +224,9 @@ def transformers_figures(
             t0 = time.perf_counter()
             figures[name] = max(figures[name], fn() / (time.perf_counter() - t0))
     engine.close()
+    # A daemon thread still inside torch when the interpreter exits aborts it ("terminate called
+    # without an active exception", exit 134, after the figures were printed): wait for it.
+    engine.join(timeout=30)
     return figures
 
 
