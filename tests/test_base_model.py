@@ -136,3 +136,37 @@ def test_a_hugging_face_bert_becomes_the_encoder_a_classifier_is_tuned_on(tmp_pa
     metrics = run_finetune(cfg, make_finetune_dir(tmp_path / "ft"), tokens, pre, tmp_path / "out")
     assert metrics["val/accuracy"] >= 0
     assert load_model(tmp_path / "out").backbone.args.arch == "bert"
+
+
+def test_instruction_tuning_starts_from_a_hugging_face_llama_with_its_own_tokenizer(tmp_path):
+    """The imported tokenizer has no ChatML tokens: the plain-text chat template is stored with it,
+    sft trains on the imported weights, and the export's hf/ folder is the tuned Llama again."""
+    from lm.data.instruct import build_instruct_data
+    from lm.export import export
+    from lm.finetune import sft
+
+    _hf_llama(tmp_path / "hf")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(80)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    cfg = load_config(tiny_config_yaml(
+        tmp_path / "c.yaml", model={"init_from": str(tmp_path / "hf")},
+        finetune={"task": "sft", "data": str(tmp_path / "qa.jsonl"), "max_steps": 4, "val_every": 2},
+    ))
+    for name in ("base", "tokens", "pre", "data", "export"):
+        (tmp_path / name).mkdir()
+    prepare_base(cfg, out_dir=tmp_path / "base")
+    tokenize(cfg, _clean_dir(tmp_path / "clean"), out_dir=tmp_path / "tokens", base_dir=tmp_path / "base")
+    template = json.loads((tmp_path / "tokens" / "tokenizer_config.json").read_text())["chat_template"]
+    assert "<|im_start|>" not in template  # the tokenizer cannot encode ChatML's tokens: plain text
+    use_as_pretrained(tmp_path / "base", tmp_path / "tokens", tmp_path / "pre")
+    build_instruct_data(cfg, out_dir=tmp_path / "data")
+    metrics = run_finetune(cfg, tmp_path / "data", tmp_path / "tokens", tmp_path / "pre", tmp_path / "ft")
+    assert metrics["steps"] == 4
+    export("sft", tmp_path / "ft", tmp_path / "pre", tmp_path / "tokens", tmp_path / "data", out_dir=tmp_path / "export")
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "hf").eval()
+    ours = load_model(tmp_path / "ft")
+    idx = torch.randint(0, 200, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(tuned(idx).logits, ours(idx)[0], atol=1e-4)
+    answer = sft.Predictor(tmp_path / "export").predict(pd.DataFrame({"prompt": ["What is 3 plus 3?"]}), {"max_new_tokens": 4})
+    assert answer["completion_tokens"][0] >= 1
