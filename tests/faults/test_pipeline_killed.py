@@ -24,18 +24,27 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
         "pretrain.ckpt_every=10",
     )
     first = start_lmforge(*args)
-    trainer = None
-    for line in first.stdout:
-        if trainer is None and "lmforge: pretrain decoder" in line:
-            trainer = [
-                p
-                for p in psutil.Process(first.pid).children(recursive=True)
-                if "lm.train" in " ".join(p.cmdline())
-            ]
-        if "saved checkpoint" in line and "step-00000020.ckpt" in line:
-            first.send_signal(signal.SIGKILL)
-            break
-    first.wait(timeout=60)
+    trainer, orphans = None, []
+    try:
+        for line in first.stdout:
+            if trainer is None and "lmforge: pretrain decoder" in line:
+                children = psutil.Process(first.pid).children(recursive=True)
+                trainer = [p for p in children if "lm.train" in " ".join(p.cmdline())]
+                # Prefect's temporary server outlives a pipeline killed with -9 (its own process,
+                # a known gap): stop it when the test ends, so the suite leaves nothing running.
+                orphans = [p for p in children if "prefect.server" in " ".join(p.cmdline())]
+            if "saved checkpoint" in line and "step-00000020.ckpt" in line:
+                first.send_signal(signal.SIGKILL)
+                break
+        first.wait(timeout=60)
+        _check_the_rerun_takes_over(tmp_path, uri, args, first, trainer)
+    finally:
+        for p in orphans:
+            if p.is_running():
+                p.kill()
+
+
+def _check_the_rerun_takes_over(tmp_path, uri, args, first, trainer) -> None:
     assert first.returncode == -signal.SIGKILL and trainer
     # The training process does not run on alone (writing into the folder the rerun resumes in).
     gone, alive = psutil.wait_procs(trainer, timeout=5)
