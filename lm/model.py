@@ -352,27 +352,40 @@ class _Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def hidden_states(
-        self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> final-norm hidden states (B, T, C). attention_mask (B, T) bool, True = real token.
 
         With a ``cache`` (decoder only), idx continues each row of the cache: its keys and values are
-        stored there and the tokens attend to everything the row read before (right-padded rows)."""
+        stored there and the tokens attend to everything the row read before (right-padded rows).
+        ``document_ids`` (B, T), decoder only: several documents packed in a window; a token attends
+        to the earlier tokens of its own document only (RoPE scores depend on relative positions, so
+        a document gives the same logits wherever it sits)."""
         B, T = idx.shape
         if cache is not None:
             return self._cached_hidden_states(idx, attention_mask, cache)
         if T > self.args.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len={self.args.seq_len}")
-        mask = None
+        causal, mask = self.causal, None
         if attention_mask is not None and not self.causal:
             # (B, 1, 1, T): every query may look at the real keys only.
             mask = attention_mask.bool()[:, None, None, :]
+        if document_ids is not None:
+            if not self.causal:
+                raise ValueError("document_ids (packing) is for a decoder")
+            earlier = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = ((document_ids[:, :, None] == document_ids[:, None, :]) & earlier)[:, None]  # (B, 1, T, T)
+            causal = False  # the mask carries causality
         # A causal model with right padding needs no mask: real tokens never look at later pads.
         cos = self.rope_cos[:T].to(self.embed_tokens.weight.dtype)
         sin = self.rope_sin[:T].to(self.embed_tokens.weight.dtype)
         x = self.embed_tokens(idx)  # (B, T, C)
         for layer in self.layers:
-            x = layer(x, cos, sin, self.causal, mask)
+            x = layer(x, cos, sin, causal, mask)
         return self.norm(x)
 
     def _cached_hidden_states(
@@ -395,10 +408,11 @@ class _Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) -> logits (B, T, V); loss is mean cross-entropy over targets != -100.
-        ``cache``: continue the cached rows (see :meth:`hidden_states`)."""
-        logits = self.lm_head(self.hidden_states(idx, attention_mask, cache))
+        ``cache``, ``document_ids``: see :meth:`hidden_states`."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask, cache, document_ids))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

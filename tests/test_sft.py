@@ -244,7 +244,7 @@ def test_a_packed_example_attends_only_to_itself():
     assert len(windows) < len(items)  # some share a window
     ids, targets, doc = (torch.stack(p) for p in zip(*windows, strict=True))
     with torch.no_grad():
-        packed = sft.packed_logits(net, ids, doc)
+        packed = net(ids, document_ids=doc)[0]
         for w, (_, _, d) in enumerate(windows):
             for k in range(1, int(d.max()) + 1):
                 pos = (d == k).nonzero().flatten()

@@ -7,7 +7,7 @@ an assistant turn (:class:`lm.chat.ChatFormat`); only those tokens are learned a
 (targets -100 elsewhere). A conversation longer than the model's context keeps its start and is
 counted as truncated; one whose prompt alone fills the context teaches nothing and is skipped and
 counted. ``finetune.packing`` puts several conversations in one window, each attending only to
-itself (a block-diagonal causal mask, :func:`packed_logits`).
+itself (a block-diagonal causal mask: the decoder's ``document_ids``).
 
 Metrics (test split): the response loss of the tuned and of the pretrained model, and for the
 first ``evaluate.generate_prompts`` prompts, answered greedily, chrF (Popović 2015) and exact
@@ -174,25 +174,9 @@ class InstructionDataModule(ResumableDataModule):
 # ---- the network's forward ----------------------------------------------------------------------
 
 
-def packed_logits(net: nn.Module, ids: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of packed windows: token t attends to the tokens s <= t of its own document
-    only (doc (B, T)). The decoder's own forward takes only a padding mask, so its layers are run
-    here with a block-diagonal causal mask (B, 1, T, T); RoPE scores depend on relative positions
-    only, so an example gives the same logits wherever it sits in the window."""
-    T = ids.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-    mask = ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
-    dtype = net.embed_tokens.weight.dtype
-    cos, sin = net.rope_cos[:T].to(dtype), net.rope_sin[:T].to(dtype)
-    x = net.embed_tokens(ids)  # (B, T, C)
-    for layer in net.layers:
-        x = layer(x, cos, sin, False, mask)  # the mask carries causality
-    return net.lm_head(net.norm(x))
-
-
 def batch_logits(net: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    if len(batch) == 3:
-        return packed_logits(net, batch[0], batch[2])
+    if len(batch) == 3:  # packed: (ids, targets, document ids)
+        return net(batch[0], document_ids=batch[2])[0]
     return net(batch[0])[0]  # right padding needs no mask in a causal model
 
 
