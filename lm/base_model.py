@@ -122,15 +122,13 @@ def _from_lmforge_folder(folder: Path, out_dir: Path) -> dict[str, Any]:
 
 def _from_hf_folder(folder: Path, out_dir: Path) -> dict[str, Any]:
     from lm.hf import import_hf
-    from lm.model import count_params, load_model
 
-    info = import_hf(folder, out_dir)
-    net = load_model(out_dir)
+    info = import_hf(folder, out_dir)  # what it wrote, so the folder need not be read back
     return {
-        "arch": getattr(net.args, "arch", "llama"),
-        "model_kind": net.args.kind,
-        "params": count_params(net),
-        "vocab_size": net.args.vocab_size,
+        "arch": info["arch"],
+        "model_kind": info["kind"],
+        "params": info["params"],
+        "vocab_size": info["vocab_size"],
         "tokenizer": True,
         "special_tokens": _special_tokens(out_dir),
         "architecture": info.get("architecture"),

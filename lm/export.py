@@ -36,15 +36,14 @@ def _card_provenance(card: Path, metrics: dict[str, float], run_id: str | None) 
         f.write("\n".join(lines) + "\n")
 
 
-def _lm_as_hf(out_dir: Path, tokens_dir: Path) -> list[str]:
+def _lm_as_hf(lm: torch.nn.Module, out_dir: Path, tokens_dir: Path) -> list[str]:
     """When the method wrote no Hugging Face folder (a classifier), the pretrained decoder it was
-    tuned from gets one, ``hf/``: every decoder lmforge trains can leave for the ecosystem."""
+    tuned from (``lm``) gets one, ``hf/``: every decoder lmforge trains can leave for the ecosystem."""
     import json
 
     from lm.hf import export_hf
     from lm.model import Decoder
 
-    lm = load_model(out_dir / LM_DIR)
     if not isinstance(lm, Decoder):
         return []  # an encoder: lm/ holds it in lmforge's format
     index = TokenIndex.load(tokens_dir)
@@ -90,8 +89,9 @@ def export(
         shutil.copy2(Path(pretrain_dir) / name, out_dir / LM_DIR / name)
     shutil.copy2(Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer, out_dir / TOKENIZER)
     added = method(task).export(Path(finetune_dir), Path(ft_data_dir), out_dir=out_dir)
+    lm = load_model(out_dir / LM_DIR)
     if not (out_dir / "hf").exists():
-        added += _lm_as_hf(out_dir, Path(tokens_dir))
+        added += _lm_as_hf(lm, out_dir, Path(tokens_dir))
     if (out_dir / "hf" / "README.md").is_file() and (metrics or run_id):
         _card_provenance(out_dir / "hf" / "README.md", metrics or {}, run_id)
 
@@ -99,7 +99,7 @@ def export(
     # loaded must fail here, not at deploy time.
     predictor = method(task).Predictor(out_dir)
     predictor.predict(predictor.input_example())
-    model, lm = predictor.model, load_model(out_dir / LM_DIR)
+    model = predictor.model
     with torch.no_grad():
         lm(torch.zeros(1, min(8, lm.args.seq_len), dtype=torch.long))
     size = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
