@@ -76,6 +76,10 @@ def test_a_hugging_face_llama_becomes_the_pretrained_model_with_its_tokenizer(tm
     metrics = run_finetune(ft_cfg, make_finetune_dir(tmp_path / "ft"), tokens, pre, tmp_path / "out")
     assert metrics["val/accuracy"] >= 0
     assert load_model(tmp_path / "out").backbone.args.d_model == 64
+    # It was tuned from the imported weights: a few small steps away from them, not from a fresh start.
+    tuned = load_model(tmp_path / "out").backbone.embed_tokens.weight
+    start = hf.model.embed_tokens.weight
+    assert 0 < float((tuned - start).norm()) < 0.1 * float(start.norm())
 
 
 def test_an_lmforge_classifier_folder_gives_its_backbone(tmp_path):
@@ -116,7 +120,8 @@ def test_a_hugging_face_bert_becomes_the_encoder_a_classifier_is_tuned_on(tmp_pa
         vocab_size=tok.get_vocab_size(with_added_tokens=True), hidden_size=64, num_hidden_layers=2,
         num_attention_heads=4, intermediate_size=128, max_position_embeddings=64,
     )
-    transformers.BertForMaskedLM(hf_cfg).save_pretrained(tmp_path / "bert")
+    hf_bert = transformers.BertForMaskedLM(hf_cfg)
+    hf_bert.save_pretrained(tmp_path / "bert")
     tok.save(str(tmp_path / "bert" / "tokenizer.json"))
     (tmp_path / "bert" / "tokenizer_config.json").write_text(
         json.dumps({"sep_token": "[SEP]", "pad_token": "[PAD]", "mask_token": "[MASK]", "cls_token": "[CLS]"})
@@ -136,6 +141,9 @@ def test_a_hugging_face_bert_becomes_the_encoder_a_classifier_is_tuned_on(tmp_pa
     metrics = run_finetune(cfg, make_finetune_dir(tmp_path / "ft"), tokens, pre, tmp_path / "out")
     assert metrics["val/accuracy"] >= 0
     assert load_model(tmp_path / "out").backbone.args.arch == "bert"
+    tuned = load_model(tmp_path / "out").backbone.embed_tokens.weight
+    start = hf_bert.bert.embeddings.word_embeddings.weight
+    assert 0 < float((tuned - start).norm()) < 0.1 * float(start.norm())
 
 
 def test_instruction_tuning_starts_from_a_hugging_face_llama_with_its_own_tokenizer(tmp_path):
