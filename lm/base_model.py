@@ -25,7 +25,7 @@ from typing import Any
 
 from lm.config import Config
 from lm.errors import ConfigError
-from lm.fileio import atomic_write
+from lm.fileio import atomic_write, file_sha256
 from lm.stage import StageResult
 
 SOURCE = "source.json"
@@ -184,6 +184,15 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
     return StageResult(metrics=metrics, params=params, artifacts=artifacts, outputs={"source": SOURCE})
 
 
+def check_tokenizer_fits(tokenizer_vocab: int, model_vocab: int, spec: str) -> None:
+    """Every token id the tokenizer can give must have a row in the model's embedding."""
+    if tokenizer_vocab > model_vocab:
+        raise ConfigError(
+            f"the tokenizer has {tokenizer_vocab} tokens but the model {spec} only {model_vocab}: "
+            "a tokenizer whose vocabulary does not match the model; use the tokenizer that came with it"
+        )
+
+
 def use_as_pretrained(base_dir: Path, tokens_dir: Path, out_dir: Path) -> StageResult:
     """The pretrain stage when pretraining is skipped: the base model, as the pretrained model, with
     the token ids of the tokenizer it came with; the same files training would leave."""
@@ -196,16 +205,8 @@ def use_as_pretrained(base_dir: Path, tokens_dir: Path, out_dir: Path) -> StageR
         raise ConfigError("pretraining can be skipped only when model.init_from names a model folder or a registered model")
     index = TokenIndex.load(tokens_dir)
     net = load_model(base_dir)
-    if index.vocab_size > net.args.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {index.vocab_size} tokens but the model {source['spec']} only {net.args.vocab_size}: "
-            "a tokenizer whose vocabulary does not match the model; use the tokenizer that came with it"
-        )
+    check_tokenizer_fits(index.vocab_size, net.args.vocab_size, source["spec"])
     save_model(net, out_dir, extra=index.special_ids())
-    from lm.fileio import file_sha256
-
     result = {"metrics": {}, "weights_sha256": file_sha256(Path(out_dir) / MODEL_WEIGHTS), "skipped": True}
     atomic_write(Path(out_dir) / RESULT, json.dumps(result, indent=2))
-    stage_result = training_result("pretrain", Path(out_dir))
-    stage_result.outputs.pop("checkpoints", None)  # nothing was trained
-    return stage_result
+    return training_result("pretrain", Path(out_dir))

@@ -77,7 +77,8 @@ def training_result(kind: str, out: Path) -> StageResult:
         metrics=metrics,
         params={"weights_sha256": result["weights_sha256"]},
         artifacts=artifacts,
-        outputs={"model": "model.safetensors", "checkpoints": CKPT_DIR},
+        # Checkpoints only where training ran (a base model used as it is has none).
+        outputs={"model": "model.safetensors", **({"checkpoints": CKPT_DIR} if (out / CKPT_DIR).is_dir() else {})},
     )
 
 
@@ -381,12 +382,11 @@ def run_pretrain(
         source = read_source(init)
     if source is not None and source["kind"] != "checkpoint":
         # Continued pretraining of a model brought from elsewhere: its own shape, whatever model.* says.
+        from lm.base_model import check_tokenizer_fits
+
         net = load_backbone(init)
         args = net.args
-        if index.vocab_size > args.vocab_size:
-            raise ConfigError(
-                f"the tokenizer has {index.vocab_size} tokens but the model {source['spec']} only {args.vocab_size}"
-            )
+        check_tokenizer_fits(index.vocab_size, args.vocab_size, source["spec"])
     else:
         args = model_args(cfg.model, index.vocab_size)
         net = build_model(args)
