@@ -116,31 +116,50 @@ def evaluate(
         )
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # What the numbers were measured on, hashed here once (this stage is cached), not by every deploy.
+    (out_dir / EVAL_SETS).write_text(json.dumps(evaluation_set_digests(cfg, Path(ft_data_dir), Path(tokens_dir))))
     artifacts = ["metrics.json", *sorted(p.name for p in out_dir.iterdir() if p.name != "metrics.json")]
     tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
     return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables)
 
 
-def evaluation_set_digest(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> str:
-    """sha256 of what ``cfg.deploy.promote_metric`` is measured on: the held-out files (the
-    fine-tuning test split and its label names for a method's metric, the validation token shards
-    and their tokenizer for the language model's) and the ``evaluate`` settings that pick from
-    them. Two numbers are comparable only under the same digest (issue 10)."""
+EVAL_SETS = "eval_sets.json"  # the evaluate stage's digests of its held-out data, by kind of metric
+
+
+def evaluation_set_digests(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> dict[str, str]:
+    """sha256 of the held-out files each kind of metric is measured on, with the ``evaluate``
+    settings that pick from them: ``language_model`` (the validation token shards and their
+    tokenizer) and ``method`` (the fine-tuning test split and its label names). Two numbers are
+    comparable only under the same digest (issue 10)."""
     import hashlib
 
     from lm.data.labelled import LABELS, SPLIT_FILES
     from lm.fileio import file_sha256
     from lm.shards import TokenIndex
 
-    if cfg.deploy.promote_metric in LM_METRICS[cfg.model.kind]:
-        index = TokenIndex.load(tokens_dir)
-        files = [Path(tokens_dir) / name for name in (*index.splits["val"]["files"], index.tokenizer)]
-    else:
-        files = [p for p in (Path(ft_data_dir) / SPLIT_FILES["test"], Path(ft_data_dir) / LABELS) if p.is_file()]
-    h = hashlib.sha256(json.dumps(cfg.evaluate.model_dump(mode="json"), sort_keys=True).encode())
-    for path in files:
-        h.update(f"{path.name}:{file_sha256(path)}\n".encode())
-    return h.hexdigest()
+    index = TokenIndex.load(tokens_dir)
+    files = {
+        "language_model": [Path(tokens_dir) / name for name in (*index.splits["val"]["files"], index.tokenizer)],
+        "method": [p for p in (Path(ft_data_dir) / SPLIT_FILES["test"], Path(ft_data_dir) / LABELS) if p.is_file()],
+    }
+    settings = json.dumps(cfg.evaluate.model_dump(mode="json"), sort_keys=True).encode()
+    out = {}
+    for kind, paths in files.items():
+        h = hashlib.sha256(settings)
+        for path in paths:
+            h.update(f"{path.name}:{file_sha256(path)}\n".encode())
+        out[kind] = h.hexdigest()
+    return out
+
+
+def digest_for_metric(cfg: Config, digests: dict[str, str]) -> str:
+    """The digest of the data ``cfg.deploy.promote_metric`` is measured on."""
+    return digests["language_model" if cfg.deploy.promote_metric in LM_METRICS[cfg.model.kind] else "method"]
+
+
+def evaluation_set_digest(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> str:
+    """sha256 of what ``cfg.deploy.promote_metric`` is measured on (see :func:`evaluation_set_digests`)."""
+    return digest_for_metric(cfg, evaluation_set_digests(cfg, ft_data_dir, tokens_dir))
 
 
 def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, *, out_dir: Path) -> dict[str, float]:

@@ -99,13 +99,13 @@ def _export(ctx: StageContext) -> StageResult:
 
 
 def _deploy(ctx: StageContext) -> StageResult:
-    from lm.evaluate import evaluation_set_digest, rescore
+    from lm.evaluate import EVAL_SETS, digest_for_metric, rescore
     from lm.registry import deploy
 
     i = ctx.inputs
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
     export_dir = i["export"]
-    eval_set = evaluation_set_digest(ctx.cfg, i["finetune_data"], i["tokenize"])
+    eval_set = digest_for_metric(ctx.cfg, json.loads((i["evaluate"] / EVAL_SETS).read_text()))
 
     def rescore_here(model_dir: Path, scratch: Path) -> dict[str, float]:  # the champion, on this run's data
         return rescore(ctx.cfg, model_dir, i["finetune_data"], i["tokenize"], out_dir=scratch)
@@ -164,7 +164,7 @@ STAGES: tuple[Stage, ...] = (
           resumable=True, live_metrics=True),
     Stage("evaluate", _evaluate, "evaluate the language model and the fine-tuned model beside baselines",
           inputs=("pretrain", "finetune", "tokenize", "finetune_data"), config=("evaluate",),
-          code=("lm.evaluate", "lm.finetune"), outputs=("metrics.json",)),
+          code=("lm.evaluate", "lm.finetune"), outputs=("metrics.json", "eval_sets.json")),
     Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
           inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.export", "lm.finetune"),
           outputs=("model.safetensors", "model.json", "tokenizer.json")),
