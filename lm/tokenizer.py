@@ -264,7 +264,8 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
     t0 = time.perf_counter()
     source = read_source(base_dir) if base_dir is not None else None
     own_dir = Path(cfg.tokenizer.path).parent if cfg.tokenizer.kind == "file" else None  # its own config
-    if source is not None and source.get("tokenizer"):
+    from_base = source is not None and bool(source.get("tokenizer"))
+    if from_base:
         tok = load_tokenizer(Path(base_dir) / TOKENIZER)
         specials, own_dir = source["special_tokens"], Path(base_dir)
     else:
@@ -297,7 +298,7 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
         **ids,
         splits=splits,
         tokenizer=TOKENIZER,
-        kind="base_model" if source is not None and source.get("tokenizer") else cfg.tokenizer.kind,
+        kind="base_model" if from_base else cfg.tokenizer.kind,
     )
     index.save(out_dir)
     total = splits["train"]["tokens"] + splits["val"]["tokens"]
