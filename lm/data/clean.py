@@ -48,6 +48,7 @@ from lm.stage import StageResult
 TRAIN, VAL = "train.parquet", "val.parquet"
 STATS, DROPPED, HIST = "stats.json", "dropped_samples.jsonl", "length_hist.png"
 DEDUP_PAIRS = "dedup_samples.jsonl"  # (dropped, kept) duplicate pairs, to judge the threshold
+DROPPED_PLOT = "dropped_by_reason.png"
 DEDUP_SAMPLES = 10  # pairs of each kind (exact, near)
 SAMPLE_CHARS = 2000  # characters of each dropped document kept for a person to judge the filter
 MINHASH_CHARS = 1_000_000
@@ -379,10 +380,15 @@ def finish_clean(
     }
     (out_dir / STATS).write_text(json.dumps(stats, indent=2))
     _plot_lengths(out_dir / HIST, agg.hist_in, hist_out)
+    _plot_dropped(
+        out_dir / DROPPED_PLOT,
+        {**agg.reasons, "exact duplicate": exact_dups, "near duplicate": near_dups},
+        kept=docs[TRAIN] + docs[VAL],
+    )
     return StageResult(
         metrics=metrics,
         params={"dedup.bands": bands, "dedup.rows": rows},  # the thresholds in force are the run's config params
-        artifacts=[STATS, DROPPED, HIST, DEDUP_PAIRS],
+        artifacts=[STATS, DROPPED, HIST, DROPPED_PLOT, DEDUP_PAIRS],
         outputs={"train": TRAIN, "val": VAL},
         datasets=[
             {
@@ -421,6 +427,30 @@ def _plot_lengths(path: Path, hist_in: np.ndarray, hist_out: np.ndarray) -> None
     ax.set_ylabel("documents")
     ax.set_title("Document lengths before and after cleaning")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_dropped(path: Path, dropped: dict[str, int], kept: int) -> None:
+    """A horizontal bar per reason a document was dropped (filters, then deduplication), largest on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = sorted(((r, int(n)) for r, n in dropped.items() if n), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(len(items), 1)))
+    if items:
+        names, counts = zip(*items)
+        bars = ax.barh(names, counts, color="tab:red", alpha=0.7)
+        ax.bar_label(bars, labels=[f"{c:,}" for c in counts], padding=3, fontsize=8)
+        ax.set_xlim(0, max(counts) * 1.15)
+    else:
+        ax.text(0.5, 0.5, "no document was dropped", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+    ax.set_xlabel("documents dropped")
+    ax.set_title(f"Documents dropped, by reason ({sum(n for _, n in items):,} dropped, {kept:,} kept)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
