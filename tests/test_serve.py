@@ -11,119 +11,28 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
-from train_fixtures import ROOT, child_env, make_token_dir
+from serve_fixtures import CONTEXT, HELLO, KEY, client, export_model, make_workdir, metric, register, serving
+from train_fixtures import ROOT, child_env
 
 from lm.serving.engine import TextStream
-from lm.serving.protocol import Limits
-from lm.serving.server import ServeOptions, Server
+from lm.serving.server import Server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-KEY = "sk-test-serve"
-CONTEXT = 1024  # long enough that a stream of ~1000 tokens is still running while a test acts
-HELLO = [{"role": "user", "content": "What does `json.dumps(obj)` do?"}]
-
-
-# ---- tiny models, exported as the pipeline exports them ---------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> dict[str, Path]:
-    """A token dir (real tokenize stage: BPE tokenizer + ChatML config) and a little sft data."""
-    from lm.config import Config, FinetuneConfig
-    from lm.data.instruct import build_instruct_data
-
-    root = tmp_path_factory.mktemp("serve")
-    tokens = make_token_dir(root / "tokens")
-    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(20)]
-    (root / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (root / "sft-data").mkdir()
-    build_instruct_data(Config(finetune=FinetuneConfig(task="sft", data=str(root / "sft.jsonl"))),
-                        out_dir=root / "sft-data")
-    (root / "classify-data").mkdir()
-    (root / "classify-data" / "labels.json").write_text(json.dumps(["json", "glob", "shlex"]))
-    return {"root": root, "tokens": tokens}
-
-
-def export_model(workdir: dict[str, Path], name: str, task: str = "sft", seed: int = 0) -> Path:
-    """An export folder (lm.export.export) of a tiny untrained decoder (sft) or classifier."""
-    from lm.chat import ChatFormat
-    from lm.export import export
-    from lm.model import ModelArgs, SequenceClassifier, build_model, save_model
-    from lm.shards import TokenIndex
-
-    root, tokens = workdir["root"] / name, workdir["tokens"]
-    index = TokenIndex.load(tokens)
-    torch.manual_seed(seed)
-    # An untied output layer: with random tied embeddings greedy decoding repeats its input token.
-    lm = build_model(ModelArgs(index.vocab_size, 2, 4, 2, 64, 192, CONTEXT, tie_embeddings=False))
-    with torch.no_grad():  # the special tokens' logits are 0: greedy text runs to max_tokens, never ends early
-        lm.lm_head.weight[sorted(set(index.special_ids().values()) | set(special_ids(tokens)))] = 0
-    save_model(lm, root / "pretrain", extra=index.special_ids())
-    if task == "sft":
-        meta = {"task": "sft", "tokenizer_config": ChatFormat.load(tokens).config, "system_prompt": None,
-                "finetune": {"data": "sft.jsonl", "max_steps": 0, "lr": 0.0, "packing": False, "lora": None}}
-        save_model(lm, root / "finetune", extra={**index.special_ids(), **meta})
-        data = workdir["root"] / "sft-data"
-    else:
-        data = workdir["root"] / "classify-data"
-        labels = json.loads((data / "labels.json").read_text())
-        save_model(SequenceClassifier(lm, len(labels)), root / "finetune",
-                   extra={"task": "classify", **index.special_ids(), "labels": labels})
-    (root / "export").mkdir()
-    export(task, root / "finetune", root / "pretrain", tokens, data, out_dir=root / "export")
-    return root / "export"
-
-
-def special_ids(tokens: Path) -> list[int]:
-    from lm.config import SPECIAL_TOKENS
-    from lm.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokens / "tokenizer.json")
-    return [i for t in SPECIAL_TOKENS if (i := tokenizer.token_to_id(t)) is not None]
+    return make_workdir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def chat_model(workdir) -> Path:
     return export_model(workdir, "chat")
-
-
-@contextmanager
-def serving(model: str | Path, **options) -> Iterator[Server]:
-    """``lmforge serve`` in this process (uvicorn in a thread) on a free port of 127.0.0.1."""
-    if isinstance(model, Path):
-        options.setdefault("served_model_name", "chat")
-    fields = Limits.__dataclass_fields__
-    limits = Limits(**{k: options.pop(k) for k in list(options) if k in fields})
-    server = Server(ServeOptions(model=str(model), port=0, limits=limits, log_level="warning", **options))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def client(server: Server, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def metric(server: Server, name: str) -> dict[tuple, float]:
-    """The samples of one metric on /metrics: {labels (sorted items, 'le' included): value}."""
-    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return {
-        (s.name, *sorted(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    }
 
 
 @pytest.fixture(scope="module")
@@ -415,30 +324,6 @@ def test_the_command_says_in_one_line_when_the_model_or_its_store_is_missing_or_
 
 
 # ---- following the registry -------------------------------------------------------------------------
-
-
-def register(uri: str, name: str, folder: Path, work: Path) -> str:
-    """Register an export folder as lmforge's registry does (a pyfunc model whose artifact "model" is
-    the folder) -> its version."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    client_ = MlflowClient(tracking_uri=uri)
-    try:
-        experiment = client_.create_experiment("serve", artifact_location=(work / "artifacts").as_uri())
-    except mlflow.exceptions.MlflowException:
-        experiment = client_.get_experiment_by_name("serve").experiment_id
-    model_dir = work / f"pyfunc-{folder.parent.name}"
-    mlflow.pyfunc.save_model(str(model_dir), python_model=str(ROOT / "lm" / "registry_model.py"),
-                             artifacts={"model": str(folder)}, code_paths=[str(ROOT / "lm")], pip_requirements=[])
-    run = client_.create_run(experiment)
-    client_.log_artifacts(run.info.run_id, str(model_dir), "model")
-    client_.set_terminated(run.info.run_id)
-    try:
-        client_.create_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        pass
-    return str(client_.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
 
 
 @pytest.fixture(scope="module")
