@@ -7,6 +7,7 @@ silently falls back to a default half-way through a run.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -412,6 +413,16 @@ class DeployConfig(Section):
         return v
 
 
+class RetrainConfig(Section):
+    """When the new-data trigger (``lmforge schedule``) starts a retrain: the configured sources hold
+    at least this many new or changed files AND this many MB of them, compared by content digest
+    with what the last finished pipeline run ingested."""
+
+    min_new_files: int = Field(1, ge=1)
+    min_new_mb: float = Field(0.0, ge=0)
+    check_every_s: int = Field(300, ge=5)  # how often the check runs (a small Prefect flow run each time)
+
+
 class Config(Section):
     name: str = "lmforge"
     workdir: str = "runs"
@@ -424,6 +435,7 @@ class Config(Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
+    retrain: RetrainConfig = Field(default_factory=RetrainConfig)
 
     @model_validator(mode="after")
     def _something_to_start_from(self) -> Config:
@@ -511,10 +523,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         raise ConfigError(f"{path} is not a text file (not UTF-8): give a YAML config") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, not {type(tree).__name__}")
+    return apply_overrides(tree, overrides, f"{path}")
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...], source: str) -> Config:
+    """A config tree (a YAML file's, or a deployment's parameter) with ``section.key=value``
+    overrides applied, validated; errors name ``source``."""
+    tree = copy.deepcopy(tree)
     for item in overrides:
         keys, value = parse_override(item)
         _set(tree, keys, value)
-    source = f"{path}" + (" (with command-line overrides)" if overrides else "")
+    source = source + (" (with command-line overrides)" if overrides else "")
     try:
         return Config.model_validate(tree)
     except ValidationError as e:

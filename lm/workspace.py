@@ -39,8 +39,9 @@ RUN_ONLY_KEYS = (
     "finetune.resume",
     "trainer.log_every",
 )
-# Keys about the run as a whole (its name, where outputs and records go), read by no stage.
-RUN_KEYS = ("name", "workdir", "tracking")
+# Keys about the run as a whole (its name, where outputs and records go, when the new-data trigger
+# starts one), read by no stage.
+RUN_KEYS = ("name", "workdir", "tracking", "retrain")
 # Modules that never change what a stage produces: the config schema (its values are hashed
 # instead), errors, file plumbing, tracking, and the table machinery itself.
 NEUTRAL_MODULES = frozenset(
