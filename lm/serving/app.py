@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import secrets
 import threading
 import time
@@ -40,6 +41,7 @@ from lm.serving.protocol import (
 )
 
 HEALTH = "/health"
+_UNION_BRANCH = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")
 
 
 # ---- middleware (plain ASGI: they answer before FastAPI reads a body) ----------------------------
@@ -419,9 +421,11 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
         if first.get("type") == "json_invalid":
             message = f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'decode error')})"
             return JSONResponse(error_body(400, message, code="invalid_json"), status_code=400)
-        loc = [str(p) for p in first["loc"] if p != "body"]
+        # A union's branches add their type to the location ("stop.list[str]"): not a field a client sent.
+        loc = [str(p) for p in first["loc"] if p != "body" and not _UNION_BRANCH.fullmatch(str(p))]
         param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else first["msg"]
+        why = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
+        message = f"{param}: {why}" if param else why
         if len(e.errors()) > 1:
             message += f" (and {len(e.errors()) - 1} more problems)"
         return JSONResponse(error_body(400, message, param=param, code="invalid_request"), status_code=400)

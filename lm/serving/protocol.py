@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -50,6 +50,27 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
                       "param": param, "code": code}}
 
 
+def _encodable(text: str) -> str:
+    # JSON's "\ud800" is a lone surrogate: a str Python holds but no tokenizer can encode (a 500 before).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the text holds a lone UTF-16 surrogate (\\ud800-\\udfff): send valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+# The engine samples in float32 and a bad value there stops it for every request, so the sampling
+# settings are kept where float32 stays finite: logits / 1e-300 is inf, top_p = 1e-300 rounds to 0
+# and masks every token, and a seed outside torch.Generator's 64 bits raised in the engine thread.
+MIN_TEMPERATURE = 1e-6  # above 0 (greedy)
+MIN_TOP_P = 1e-6
+REPETITION_PENALTY = (0.01, 100.0)
+SEED = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP = 4  # as OpenAI
+
+
 class _Body(BaseModel):
     # Strict: "stream": "yes" or "max_tokens": "8" is a client bug to report, not to guess at.
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -63,22 +84,39 @@ class _Generation(_Body):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # as OpenAI: at most 4
-    seed: int | None = None
+    top_p: float = Field(1.0, ge=MIN_TOP_P, le=1)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED[0], le=SEED[1])
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
     # Not in OpenAI's API; vLLM takes them the same way (the openai client's extra_body).
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, le=2**31 - 1)
+    repetition_penalty: float = Field(1.0, ge=REPETITION_PENALTY[0], le=REPETITION_PENALTY[1])
     # Refused unless left at their "off" value (see refused()).
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     top_logprobs: int | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _not_vanishing(cls, t: float) -> float:
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"give 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+        return t
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP:
+            raise ValueError(f"give at most {MAX_STOP} stop strings, not {len(strings)}")
+        if any(not s for s in strings):
+            raise ValueError("a stop string must not be empty")
+        return stop
 
     def refused(self) -> tuple[str, str] | None:
         """(param, why) for a setting this server cannot honour, else None."""
@@ -96,12 +134,12 @@ class _Generation(_Body):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -128,7 +166,7 @@ class ChatCompletionRequest(_Generation):
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -150,7 +188,7 @@ class CompletionRequest(_Generation):
 
 class ClassifyBody(_Body):
     model: str | None = None
-    input: str | list[str]
+    input: Text | list[Text]
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)
