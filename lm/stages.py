@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from lm.config import Config
@@ -27,7 +28,10 @@ from lm.stage import Stage, StageContext, StageResult, needed
 def _ingest(ctx: StageContext) -> StageResult:
     from lm.data.ingest import ingest
 
-    return ingest(ctx.cfg.data, out_dir=ctx.out_dir)
+    # A retrain reads only new and changed files: the rest comes from the last ingest of this
+    # pipeline made with the same settings (any data.sources, any files).
+    with _extending(ctx, "ingest", varying=("data.sources", "data.stdlib_tests")) as earlier:
+        return ingest(ctx.cfg.data, out_dir=ctx.out_dir, previous=earlier)
 
 
 def _clean(ctx: StageContext) -> StageResult:
@@ -35,7 +39,22 @@ def _clean(ctx: StageContext) -> StageResult:
 
     on_cluster = ctx.cluster_map
     map_parts = None if on_cluster is None else (lambda parts, cfg: on_cluster(clean_part, parts, cfg))
-    return clean(ctx.cfg.data, ctx.inputs["ingest"] / "documents.parquet", out_dir=ctx.out_dir, map_parts=map_parts)
+    with _extending(ctx, "clean") as earlier:  # the same filters, dedup, seed and split: new documents only
+        return clean(ctx.cfg.data, ctx.inputs["ingest"] / "documents.parquet", out_dir=ctx.out_dir,
+                     map_parts=map_parts, previous=earlier)
+
+
+@contextmanager
+def _extending(ctx: StageContext, name: str, varying: tuple[str, ...] = ()):
+    """The earlier output of stage ``name`` this run may extend (None: there is none); the stage's
+    output is marked with its lineage for the next run."""
+    from lm import workspace
+
+    stage = next(s for s in STAGES if s.name == name)
+    ident = workspace.lineage(ctx.cfg, stage, varying)
+    earlier = workspace.earlier_output(ctx.cfg, stage, ident, ctx.out_dir)
+    yield earlier
+    workspace.write_lineage(ctx.out_dir, ident, earlier)
 
 
 def _base_model(ctx: StageContext) -> StageResult:

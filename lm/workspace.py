@@ -11,6 +11,11 @@ stage's result depends on, all read off its row of the stage table:
 
 Same inputs, same folder: that is what makes reruns skip finished stages, lets a killed training
 run resume from its own checkpoints, and recomputes exactly what a change affects.
+
+A stage that can extend an earlier output of its own (ingest and clean, on a retrain whose files
+changed) finds it with :func:`earlier_output`: the newest finished folder of the stage made by the
+same pipeline (``name``) with the same code and the same config keys, except those that only say
+which files to read (:func:`lineage`). The folder is only read, never changed.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 
 from lm.config import Config
 from lm.data import sources
-from lm.stage import Stage
+from lm.stage import MANIFEST, Stage, is_complete
 
 # Keys that say where or how a stage runs, never what it produces: no key includes them. (The
 # others are each some stage's input: tests/test_workspace.py checks that none is forgotten.)
@@ -199,3 +204,37 @@ def stage_dirs(cfg: Config, stages: Sequence[Stage]) -> dict[str, Path]:
     """Every given stage's output folder: ``<workdir>/<stage>/<key>``."""
     root = Path(cfg.workdir).expanduser().resolve()
     return {name: root / name / key for name, key in stage_keys(cfg, stages).items()}
+
+
+LINEAGE = "lineage.json"
+
+
+def lineage(cfg: Config, stage: Stage, varying: Sequence[str] = ()) -> str:
+    """What an earlier output of ``stage`` must share with this run for the stage to extend it
+    instead of starting over: the pipeline name, the stage's code and its config keys except
+    ``varying`` (those that only say which files to read). A changed filter, seed or split
+    fraction is another lineage: that run rebuilds everything."""
+    values = {k: v for k, v in config_values(cfg, stage).items() if not k.startswith(tuple(varying))}
+    return _hash(cfg.name, stage.name, values, code_digest(stage))
+
+
+def earlier_output(cfg: Config, stage: Stage, ident: str, current: Path) -> Path | None:
+    """The newest finished output folder of ``stage`` in the work folder, other than ``current``,
+    whose :data:`LINEAGE` says ``ident``; None if there is none."""
+    root = Path(cfg.workdir).expanduser().resolve() / stage.name
+    found = []
+    for folder in root.iterdir() if root.is_dir() else ():
+        if folder.name.startswith(".") or folder.resolve() == Path(current).resolve() or not is_complete(folder):
+            continue
+        try:
+            if json.loads((folder / LINEAGE).read_text()).get("lineage") != ident:
+                continue
+            found.append(((folder / MANIFEST).stat().st_mtime_ns, folder.name, folder))
+        except (OSError, ValueError):  # an older layout, or removed meanwhile
+            continue
+    return max(found)[2] if found else None
+
+
+def write_lineage(out_dir: Path, ident: str, extends: Path | None) -> None:
+    """Mark a stage's output with its lineage (and the folder it extended), for the next run."""
+    (Path(out_dir) / LINEAGE).write_text(json.dumps({"lineage": ident, "extends": None if extends is None else str(extends)}))

@@ -4,6 +4,15 @@ Documents are written in row groups of about ``data.row_group_mb`` as they are r
 document is longer than ``data.max_doc_chars`` (longer ones are cut at line breaks), so memory
 stays bounded whatever the corpus size; the row groups are also the unit of parallel work for
 the clean stage.
+
+A retrain extends an earlier ingest (``previous``) instead of reading everything again: a file
+whose path, size and modification time are those the earlier ingest read is not read, its
+documents are copied from the earlier ``documents.parquet`` (as Arrow data, never as Python
+strings); only new and changed files are read, and removed files' documents are left out. What
+is written is what a full ingest of the same files writes, byte for byte: the same documents in
+the same order, cut into the same row groups. ``ingest_index.json`` (per file: its stat, the rows
+of its documents, its provenance row) and ``doc_digests.npy`` (per document: a digest of its
+source and text, which the clean stage matches its own earlier work by) make that possible.
 """
 
 from __future__ import annotations
@@ -11,13 +20,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import json
+import os
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lm.config import DataConfig
@@ -28,42 +41,169 @@ from lm.stage import StageResult
 
 DOCUMENTS = "documents.parquet"
 PROVENANCE = "provenance.csv"
+INDEX = "ingest_index.json"  # per source file: stat, rows of its documents, provenance row
+DIGESTS = "doc_digests.npy"  # uint64 per document: document_digest(source, text)
 SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string())])
+INDEX_VERSION = 1
+
+
+def document_digest(source: str, text: str) -> int:
+    """64-bit digest of a document's source and text: what tells the clean stage a document it
+    cleaned before from a new or changed one (with its id)."""
+    h = hashlib.blake2b(source.encode("utf-8", errors="surrogatepass"), digest_size=8)
+    h.update(b"\0")
+    h.update(text.encode("utf-8", errors="surrogatepass"))
+    return int.from_bytes(h.digest(), "little")
 
 
 class DocumentWriter:
-    """Streams (doc_id, source, text) rows into a parquet file, one row group per ~``group_bytes``."""
+    """Streams (doc_id, source, text) rows into a parquet file, one row group per ~``group_bytes``:
+    a group ends after the document that brings it to ``group_bytes``, whether the documents came
+    one by one (:meth:`add`) or as rows of an earlier file (:meth:`add_table`), so both write the
+    same file."""
 
     def __init__(self, path: Path, group_bytes: int):
         self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
         self.group_bytes = group_bytes
         self.cols: tuple[list[str], list[str], list[str]] = ([], [], [])
+        self.tables: list[pa.Table] = []  # pending rows, in order (the Python rows last)
         self.pending = 0
         self.documents = 0
         self.bytes = 0
+        self.digests: list[np.ndarray] = []
+        self.new_digests: list[int] = []
+        self.copying: tuple[Earlier, int, int] | None = None  # a range of earlier rows not yet added
+
+    def copy(self, earlier: Earlier, first: int, count: int) -> None:
+        """Rows ``first .. first + count`` of an earlier ingest's documents; consecutive ranges
+        are copied as one (a file at a time would cost a fraction of a millisecond each)."""
+        if self.copying is not None and self.copying[1] + self.copying[2] == first:
+            self.copying = (earlier, self.copying[1], self.copying[2] + count)
+        else:
+            self._copy_pending()
+            self.copying = (earlier, first, count)
+        self.documents += count
+
+    def _copy_pending(self) -> None:
+        if self.copying is not None:
+            earlier, first, count = self.copying
+            self.copying = None
+            self.documents -= count
+            self.add_table(*earlier.rows(first, count))
 
     def add(self, doc_id: str, source: str, text: str) -> None:
+        self._copy_pending()
         n = len(text.encode("utf-8", errors="surrogatepass"))
         self.cols[0].append(doc_id)
         self.cols[1].append(source)
         self.cols[2].append(text)
+        self.new_digests.append(document_digest(source, text))
         self.pending += n
         self.bytes += n
         self.documents += 1
         if self.pending >= self.group_bytes:
             self.flush()
 
-    def flush(self) -> None:
+    def add_table(self, table: pa.Table, digests: np.ndarray) -> None:
+        """Rows of an earlier documents.parquet (and their digests), cut into row groups as
+        :meth:`add` would have cut them."""
+        self._python_rows_to_table()
+        sizes = pc.binary_length(table.column("text")).to_numpy(zero_copy_only=False).astype(np.int64)
+        start = 0
+        while start < table.num_rows:
+            total = self.pending + np.cumsum(sizes[start:])
+            end = int(np.searchsorted(total, self.group_bytes, side="left"))  # this row fills the group
+            if end >= total.size:
+                self.tables.append(table.slice(start))
+                self.pending = int(total[-1])
+                break
+            self.tables.append(table.slice(start, end + 1))
+            self.pending = int(total[end])
+            self.flush()
+            start += end + 1
+        self.digests.append(np.asarray(digests, dtype=np.uint64))
+        self.documents += table.num_rows
+        self.bytes += int(sizes.sum())
+
+    def _python_rows_to_table(self) -> None:
         if self.cols[0]:
-            self.writer.write_table(
-                pa.table(list(self.cols), schema=SCHEMA), row_group_size=len(self.cols[0])
-            )
-            self.cols = ([], [], [])
+            self.tables.append(pa.table(list(self.cols), schema=SCHEMA))
+            self.digests.append(np.array(self.new_digests, dtype=np.uint64))
+            self.cols, self.new_digests = ([], [], []), []
+
+    def flush(self) -> None:
+        self._python_rows_to_table()
+        if self.tables:
+            # One contiguous chunk: Parquet pages (and so the file's bytes) then do not depend on
+            # where the rows came from.
+            table = pa.concat_tables(self.tables).combine_chunks()
+            self.writer.write_table(table, row_group_size=table.num_rows)
+            self.tables = []
             self.pending = 0
 
     def close(self) -> None:
+        self._copy_pending()
         self.flush()
         self.writer.close()
+
+    def all_digests(self) -> np.ndarray:
+        self._python_rows_to_table()
+        return np.concatenate(self.digests) if self.digests else np.zeros(0, np.uint64)
+
+
+@dataclass
+class Earlier:
+    """An earlier ingest that this one extends: its documents and, per file, what it read."""
+
+    folder: Path
+    files: dict[tuple[str, str], dict]  # (source, path as the source lists it) -> its index entry
+    digests: np.ndarray | None = None  # read when the first file is reused
+    starts: np.ndarray | None = None  # first row of each of its row groups (and the row count last)
+    cached: dict[int, pa.Table] = field(default_factory=dict)  # the row groups last read
+    file: pq.ParquetFile | None = None
+
+    @classmethod
+    def open(cls, folder: Path, cfg: DataConfig) -> Earlier | None:
+        """The earlier ingest in ``folder`` if its documents can be reused with ``cfg``: it has an
+        index and was cut with the same settings."""
+        try:
+            index = json.loads((folder / INDEX).read_text())
+        except (OSError, ValueError):
+            return None
+        if index.get("version") != INDEX_VERSION or index.get("settings") != _reuse_settings(cfg):
+            return None
+        return cls(folder, {(f["source"], f["path"]): f for f in index["files"]})
+
+    def reusable(self, spec: str, sf: SourceFile, stat: os.stat_result) -> dict | None:
+        """The earlier entry of this file if it is unchanged (same name, size and modification time)."""
+        entry = self.files.get((spec, str(sf.path)))
+        if entry is None or (entry["name"], entry["size"], entry["mtime_ns"]) != (sf.name, stat.st_size, stat.st_mtime_ns):
+            return None
+        return entry
+
+    def rows(self, first: int, count: int) -> tuple[pa.Table, np.ndarray]:
+        """Rows ``first .. first + count`` of the earlier documents. Files are reused in about the
+        order they were written, so only the row groups holding the last rows asked for are kept
+        in memory (memory does not grow with the corpus)."""
+        if self.digests is None:
+            self.file = pq.ParquetFile(self.folder / DOCUMENTS)
+            self.digests = np.load(self.folder / DIGESTS)
+            sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.metadata.num_row_groups)]
+            self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        if count == 0:  # a binary file: skipped, no documents
+            return SCHEMA.empty_table(), self.digests[:0]
+        lo = int(np.searchsorted(self.starts, first, side="right")) - 1
+        hi = int(np.searchsorted(self.starts, first + count, side="left"))
+        groups = range(lo, max(hi, lo + 1))
+        self.cached = {g: self.cached[g] if g in self.cached else self.file.read_row_group(g) for g in groups}
+        table = pa.concat_tables([self.cached[g] for g in groups])
+        return table.slice(first - int(self.starts[lo]), count), self.digests[first : first + count]
+
+
+def _reuse_settings(cfg: DataConfig) -> dict:
+    """What decides the documents of a file and how they are cut into row groups: an earlier
+    ingest with other values is not extended."""
+    return {"text_field": cfg.text_field, "max_doc_chars": cfg.max_doc_chars, "row_group_mb": cfg.row_group_mb}
 
 
 def _source_files(spec: str, cfg: DataConfig) -> Iterable[SourceFile] | None:
@@ -151,7 +291,7 @@ class Provenance:
         self.not_utf8_first: list[str] = []
 
     def add(self, r: FileReport) -> None:
-        row = asdict(r)
+        row = dict(vars(r))  # (dataclasses.asdict deep-copies: 10x slower, a file at a time)
         row["first_bad_lines"] = " ".join(map(str, r.first_bad_lines))
         self._csv.writerow(row)
         self.files += 1
@@ -170,20 +310,28 @@ class Provenance:
         self._f.close()
 
 
-def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
+def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> StageResult:
     """Read every source in ``cfg.sources`` into ``documents.parquet`` and ``provenance.csv``.
 
     Memory holds one row group of documents, one document of at most ``data.max_doc_chars``, and per
-    file nothing (its provenance row is written at once), so it does not grow with the corpus."""
+    file its index entry, so it does not grow with the corpus. ``previous``: an earlier ingest's
+    folder whose unchanged files are copied instead of read (see the module docstring); it is only
+    read. With ``data.max_docs`` (a cap that cuts the corpus anywhere) everything is read."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
+    earlier = Earlier.open(Path(previous), cfg) if previous is not None and cfg.max_docs is None else None
+    index_files: list[dict] = []
+    files_read = files_reused = 0
     if not cfg.sources:
         raise DataError("data.sources is empty: give at least one file, directory, glob or 'stdlib'")
     # Walk every source once first (counting its files, keeping none) so that a missing path fails
     # before any work is done.
     total_files = 0
+    listed: dict[str, list[SourceFile]] = {}  # the stdlib's files: a list already, walked once
     for spec in cfg.sources:
         files = _source_files(spec, cfg)
+        if isinstance(files, list):
+            listed[spec] = files
         total_files += 1 if files is None else sum(1 for _ in files)
     writer = DocumentWriter(out_dir / DOCUMENTS, int(cfg.row_group_mb * 2**20))
     provenance = Provenance(out_dir / PROVENANCE)
@@ -204,13 +352,14 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
 
     try:
         for spec in cfg.sources:
-            files = _source_files(spec, cfg)
+            files = listed[spec] if spec in listed else _source_files(spec, cfg)
             if files is None:
                 report = FileReport(source=spec, path=spec)
                 for doc_id, text in sources.read_hf(spec, report, cfg.text_field, limit):
                     if not add(doc_id, spec, text, report):
                         break
                 bar.update(1)
+                files_read += 1
                 _check_bad_fraction(report, cfg.max_bad_fraction)
                 provenance.add(report)
                 continue
@@ -218,16 +367,30 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
                 if limit is not None and writer.documents >= limit:
                     break
                 if seen is not None:
-                    key = hashlib.blake2b(str(sf.path.resolve()).encode(), digest_size=8).digest()
+                    key = hashlib.blake2b(os.path.realpath(sf.path).encode(), digest_size=8).digest()
                     if key in seen:
                         continue
                     seen.add(key)
-                report = FileReport(source=spec, path=str(sf.path))
-                for doc_id, text in _read(sf, report, cfg):
-                    if not add(doc_id, spec, text, report):
-                        break
+                stat = sf.path.stat()
+                first = writer.documents
+                entry = None if earlier is None else earlier.reusable(spec, sf, stat)
+                if entry is not None:
+                    writer.copy(earlier, entry["first"], entry["count"])
+                    report = FileReport(**entry["report"])
+                    files_reused += 1
+                else:
+                    report = FileReport(source=spec, path=str(sf.path))
+                    for doc_id, text in _read(sf, report, cfg):
+                        if not add(doc_id, spec, text, report):
+                            break
+                    files_read += 1
                 _check_bad_fraction(report, cfg.max_bad_fraction)
                 provenance.add(report)
+                index_files.append({
+                    "source": spec, "path": str(sf.path), "name": sf.name, "size": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns, "first": first, "count": writer.documents - first,
+                    "report": {**vars(report), "first_bad_lines": list(report.first_bad_lines)},
+                })
                 bar.update(1)
     except BaseException:
         # The files are abandoned (the stage's folder is not published): closing them must not hide
@@ -241,6 +404,10 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
         bar.close()
     writer.close()
     provenance.close()
+    np.save(out_dir / DIGESTS, writer.all_digests())
+    (out_dir / INDEX).write_text(
+        json.dumps({"version": INDEX_VERSION, "settings": _reuse_settings(cfg), "files": index_files})
+    )
     elapsed = time.perf_counter() - start
 
     totals = provenance.totals
@@ -265,6 +432,8 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
         "ingest/documents": writer.documents,
         "ingest/bytes": writer.bytes,
         "ingest/files": provenance.files,
+        "ingest/files_read": files_read,  # read and parsed by this run
+        "ingest/files_reused": files_reused,  # unchanged since the earlier ingest: copied from it
         "ingest/file_bytes": totals["size"],
         "ingest/invalid_utf8": totals["invalid_utf8"],
         "ingest/split_documents": totals["split"],
@@ -284,7 +453,8 @@ def ingest(cfg: DataConfig, *, out_dir: Path) -> StageResult:
             "bad_lines_first": provenance.bad_lines_first[:BAD_LINES_PARAM_CHARS],
         },
         artifacts=[PROVENANCE],
-        outputs={"documents": DOCUMENTS, "provenance": PROVENANCE},
+        outputs={"documents": DOCUMENTS, "provenance": PROVENANCE, "index": INDEX, "digests": DIGESTS},
+        tags={} if earlier is None else {"lmforge.extends": str(earlier.folder)},
         datasets=[
             {
                 "name": "documents",

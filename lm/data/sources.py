@@ -105,7 +105,7 @@ def _has_glob(spec: str) -> bool:
     return any(c in spec for c in "*?[")
 
 
-def _walk(root: Path, key: str | None) -> Iterator[Path]:
+def _walk(root: Path, key: str | None, skip: frozenset[str] | set[str] = SKIP_DIRS) -> Iterator[Path]:
     """Regular files under ``root`` in sorted order, directory by directory (never the whole list at
     once). Symbolic links to folders are not followed (a link back up would loop); links that loop or
     point nowhere, sockets and pipes hold no document and are passed over. A folder that cannot be
@@ -116,7 +116,7 @@ def _walk(root: Path, key: str | None) -> Iterator[Path]:
             raise DataError(f"{key}: folder {e.filename} cannot be read ({e.strerror}): make it readable or leave it out")
 
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for f in sorted(filenames):
             p = Path(dirpath) / f
             if p.is_file():
@@ -209,7 +209,8 @@ def stdlib_files(include_tests: bool = True) -> list[Path]:
     """The standard library's own .py files, sorted, without site-packages (installed packages)."""
     root = stdlib_root()
     out = []
-    for p in _walk(root, None):
+    # Installed packages are not walked at all (tens of thousands of files in a training venv).
+    for p in _walk(root, None, SKIP_DIRS | {"site-packages", "dist-packages"}):
         rel = p.relative_to(root)
         if p.suffix != ".py" or "site-packages" in rel.parts or "dist-packages" in rel.parts:
             continue
