@@ -6,7 +6,9 @@ Examples:
   lmforge data --config my.yaml data.sources=[docs/,notes/*.md]
   lmforge tokenize tokenizer.vocab_size=16000   # ingest, clean and tokenize (from cache when unchanged)
   lmforge config --config conf/gpt2-124m.yaml   # print the resolved config
-  lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00 (Prefect deployment)
+  lmforge report --last 10                      # compare the newest pipeline runs in the terminal
+  lmforge schedule --cron "0 3 * * 1"           # retrain every Monday at 03:00, and when new data lands
+  lmforge trigger retrain pretrain.max_steps=50 # start a deployment's run on the Prefect server, follow it
   lmforge serve --model models:/lmforge-demo@champion   # OpenAI-compatible server following the champion
   lmforge generate --model runs/.../export "def " --max-new-tokens 50 --temperature 0.8
   lmforge promote lmforge-demo 3                # move @champion to version 3 by hand (recorded)
@@ -50,12 +52,30 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
     for name, (_, help_) in commands(table).items():
         _config_args(sub.add_parser(name, help=help_, description=help_))
     _config_args(sub.add_parser("config", help="print the resolved config (preset + overrides) as YAML"))
-    sp = sub.add_parser("schedule", help="serve the pipeline as a Prefect deployment that retrains on a cron schedule",
-                        description="Serve the pipeline as a Prefect deployment run on a cron schedule (one run "
-                        "at a time); it can also be triggered from the Prefect UI. Runs until stopped.")
-    sp.add_argument("--cron", required=True, help='cron schedule, e.g. "0 3 * * 1" (Mondays 03:00)')
-    sp.add_argument("--name", default="retrain", help="deployment name (default: retrain)")
+    rep = sub.add_parser("report", help="compare the recent pipeline runs of the configured MLflow experiment",
+                         description=report_command.__doc__)
+    rep.add_argument("--last", type=int, default=5, metavar="N", help="how many runs, newest first (default 5)")
+    _config_args(rep)
+    sp = sub.add_parser("schedule", help="serve the retrain, stage and new-data deployments on a Prefect server",
+                        description="Serve lmforge's Prefect deployments (flows/deployments.py): the pipeline as "
+                        "'retrain' (on a cron schedule when given), one per stage, and the new-data check that "
+                        "starts 'retrain' when enough new source files appear (config section retrain). One run "
+                        "of each at a time; all can be triggered from the Prefect UI or with lmforge trigger. "
+                        "Runs until stopped.")
+    sp.add_argument("--cron", help='cron schedule of the retrain, e.g. "0 3 * * 1" (Mondays 03:00); default: none')
+    sp.add_argument("--name", default="retrain", help="the retrain deployment's name (default: retrain)")
+    sp.add_argument("--local-server", action="store_true", help="use the Prefect server on --host:--port, starting "
+                    "one (SQLite under the workdir) when none answers there, instead of PREFECT_API_URL's")
+    sp.add_argument("--host", default="127.0.0.1", help="--local-server's address (default %(default)s)")
+    sp.add_argument("--port", type=int, default=4200, help="--local-server's port (default %(default)s)")
     _config_args(sp)
+    tp = sub.add_parser("trigger", help="start a run of a deployment on the Prefect server and follow it to the end",
+                        description="Start a run of a deployment on the Prefect server PREFECT_API_URL points at "
+                        "(lmforge schedule serves them), with config overrides, and follow it to the end: its "
+                        "states, its Prefect UI page and its MLflow parent run. Exit 0 when it completed.")
+    tp.add_argument("deployment", metavar="DEPLOYMENT", help="retrain, a stage (tokenize, ...), watch, or FLOW/NAME")
+    tp.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="override keys of the deployment's config, e.g. pretrain.max_steps=100")
     _generate_args(sub.add_parser("generate", help="continue a prompt with a trained decoder",
                                   description=generate_command.__doc__))
     _serve_args(sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible), following a registry alias",
@@ -81,6 +101,27 @@ def registry_command(args: argparse.Namespace, cfg: Config) -> int:
         print("lmforge: " + registry.promote(cfg.tracking_uri(), args.model_name, args.version, alias))
     else:
         print("lmforge: " + registry.rollback(cfg.tracking_uri(), args.model_name, alias))
+    return 0
+
+
+def report_command(args: argparse.Namespace, cfg: Config) -> int:
+    """A table of the newest pipeline runs of the experiment tracking.experiment (tracking URI from the
+    config or MLFLOW_TRACKING_URI): name (with its start time), trigger, documents kept, the promotion
+    metric beside the champion's value, other headline metrics, decision, minutes and status."""
+    from lm import tracking
+    from lm.errors import ConfigError
+    from lm.report import comparison_table
+
+    if args.last < 1:
+        raise ConfigError(f"--last {args.last}: give a number of runs, 1 or more")
+    uri = cfg.tracking_uri()
+    tracking.check_tracking_uri(uri)
+    runs = tracking.pipeline_runs(uri, cfg.tracking.experiment, args.last)
+    if not runs:
+        print(f"lmforge: no pipeline runs in experiment {cfg.tracking.experiment!r} at {display_uri(uri)} yet")
+        return 0
+    print(f"lmforge: the {len(runs)} newest pipeline runs of {cfg.tracking.experiment!r} ({display_uri(uri)})")
+    print(comparison_table(runs))
     return 0
 
 
@@ -147,6 +188,8 @@ def _serve_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--served-model-name", help="the model id clients send (default: the registered name, or the "
                     "folder as given, as vLLM does)")
     sp.add_argument("--max-batch-size", type=int, default=32, help="rows decoded together (default %(default)s)")
+    sp.add_argument("--engine-in-process", action="store_true", help="run a decoder's engine in a thread of the "
+                    "server's process instead of a process of its own (slower streams; one process to debug)")
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -168,7 +211,7 @@ def serve_command(args: argparse.Namespace) -> int:
                     timeout_s=args.timeout_s, api_key=args.api_key or None)
     serve(ServeOptions(model=args.model, host=args.host, port=args.port, limits=limits, poll_seconds=args.poll_seconds,
                        tracking_uri=args.tracking_uri, served_model_name=args.served_model_name,
-                       max_batch_size=args.max_batch_size))
+                       max_batch_size=args.max_batch_size, engine_in_process=args.engine_in_process))
     return 0
 
 
@@ -207,6 +250,21 @@ def _summary(out: dict, seconds: float, uri: str) -> str:
     return "\n".join(lines)
 
 
+def schedule_command(args: argparse.Namespace, cfg: Config) -> int:
+    """``lmforge schedule``: serve the deployments until stopped."""
+    import contextlib
+
+    from flows.deployments import local_server, serve_deployments
+
+    server = local_server(cfg.workdir, args.host, args.port) if args.local_server else contextlib.nullcontext()
+    with server:
+        when = f"on cron {args.cron!r}" if args.cron else "without a schedule"
+        print(f"lmforge: serving lmforge-pipeline/{args.name} {when}, a deployment per stage, and the new-data "
+              f"check every {cfg.retrain.check_every_s} s; Ctrl-C stops")
+        serve_deployments(cfg, args.cron, args.name)
+    return 0
+
+
 def _prefect_environment(cfg: Config) -> None:
     # Persisted task results (the cache records) live beside the outputs they point to, so
     # removing the work directory forgets both.
@@ -222,12 +280,18 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
             return generate_command(args)
         if args.command == "serve":
             return serve_command(args)
+        if args.command == "trigger":
+            from flows.deployments import trigger
+
+            return trigger(args.deployment, args.overrides)
         cfg = load_config(args.config, args.overrides)  # the one parse of this run's config
         if args.command == "config":
             print(cfg.to_yaml(), end="")
             return 0
         if args.command in ("promote", "rollback"):
             return registry_command(args, cfg)
+        if args.command == "report":
+            return report_command(args, cfg)
         targets = [] if args.command == "schedule" else commands(table)[args.command][0]
         _prefect_environment(cfg)
         from flows.pipeline import build_pipeline, check, pipeline
@@ -236,11 +300,7 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
         check(cfg, stages_for(targets, table))  # seconds, before Prefect starts
         quiet_user_errors()
         if args.command == "schedule":
-            from flows.schedule import serve_retraining
-
-            print(f"lmforge: serving deployment 'lmforge-pipeline/{args.name}' on cron {args.cron!r}; Ctrl-C stops")
-            serve_retraining(args.name, args.cron, cfg)
-            return 0
+            return schedule_command(args, cfg)
         t0 = time.monotonic()
         flow_ = pipeline if table is STAGES else build_pipeline(table)
         out = flow_(config=cfg, targets=targets)

@@ -1,38 +1,249 @@
-"""Scheduled retraining through Prefect deployments.
+"""Every lmforge Prefect deployment, declared here; serving them, and triggering one from the terminal.
 
-``lmforge schedule --cron "0 3 * * 1"`` serves the pipeline as a deployment that Prefect runs on
-that schedule (and that anyone can trigger from the Prefect UI, where the config is a form). The
-deployment holds the resolved config as its parameter: what runs is what was scheduled, until the
-deployment is served again with another config. At most one pipeline run at a time: a runner
-started after downtime would otherwise launch the whole backlog of missed runs at once. For a
-team, point PREFECT_API_URL at a Prefect server and use a work pool instead of this long-running
-process: the deployment is the same.
+``lmforge schedule`` serves, on the Prefect server PREFECT_API_URL points at (``make schedule``
+starts a local one):
+
+- ``lmforge-pipeline/retrain``: the whole pipeline, on a cron schedule when one is given;
+- ``lmforge-pipeline/<stage>`` for every stage of the table (``ingest`` ... ``deploy``): that stage
+  and the stages it reads, from cache when unchanged, as ``lmforge <stage>`` does (a stage's own
+  subflow needs the folders of the stages before it, which only the pipeline knows);
+- ``lmforge-new-data/watch``: the new-data check (``flows/watch.py``) every ``retrain.check_every_s``.
+
+Each pipeline deployment holds the resolved config as its parameter (a pydantic model: the Prefect
+UI renders it as a form, section by section, beside ``targets`` and ``trigger``); what runs is what
+was served, until the deployments are served again with another config. Each deployment runs at
+most one run at a time and cancels a new one while one runs: a runner started after downtime would
+otherwise launch the whole backlog of missed runs at once. For a team, the same deployments go to a
+work pool on a shared server (README, "Scheduled retraining").
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
 from flows.pipeline import pipeline
-from lm.config import Config
+from flows.watch import PIPELINE_FLOW, new_data_check
+from lm.config import Config, apply_overrides
+from lm.errors import LmforgeError
+from lm.stage import Stage
+from lm.stages import STAGES
+
+RETRAIN = "retrain"
+WATCH = "watch"
 
 
-def retrain_deployment(name: str, cron: str, config: Config):
-    """The whole pipeline as a Prefect deployment on a cron schedule, one run at a time."""
-    return pipeline.to_deployment(
+def one_at_a_time() -> ConcurrencyLimitConfig:
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW)
+
+
+def _importable(deployment):
+    # The pipeline flow is built inside build_pipeline(); Prefect would record that function's local
+    # as the entrypoint, which a worker (a work pool's process) cannot import. The module's own is.
+    deployment.entrypoint = "flows/pipeline.py:pipeline"
+    return deployment
+
+
+def retrain_deployment(name: str, cron: str | None, config: Config):
+    """The whole pipeline as a Prefect deployment (on a cron schedule when given), one run at a time."""
+    return _importable(pipeline.to_deployment(
         name=name,
         cron=cron,
-        parameters={"config": config.model_dump(mode="json"), "targets": None},
-        concurrency_limit=ConcurrencyLimitConfig(
-            limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
-        ),
+        parameters={"config": config.model_dump(mode="json"), "targets": None, "trigger": "manual"},
+        concurrency_limit=one_at_a_time(),
         description="lmforge retraining: the whole pipeline; unchanged stages are reused from cache, "
         "and the registry alias moves only if the new model is better.",
+        tags=["lmforge"],
+    ))
+
+
+def stage_deployment(stage: Stage, config: Config):
+    """One stage and the stages it reads (from cache when unchanged), one run at a time."""
+    return _importable(pipeline.to_deployment(
+        name=stage.command,
+        parameters={"config": config.model_dump(mode="json"), "targets": [stage.name], "trigger": "manual"},
+        concurrency_limit=one_at_a_time(),
+        description=f"lmforge {stage.command}: {stage.help} (after the stages it needs, from cache when unchanged)",
+        tags=["lmforge"],
+    ))
+
+
+def watch_deployment(config: Config, retrain: str = RETRAIN):
+    """The new-data check every ``retrain.check_every_s`` seconds, starting ``retrain`` when it should."""
+    return new_data_check.to_deployment(
+        name=WATCH,
+        interval=config.retrain.check_every_s,
+        parameters={"deployment": f"{PIPELINE_FLOW}/{retrain}"},
+        concurrency_limit=one_at_a_time(),
+        description="lmforge new-data trigger: starts the retrain deployment when enough new or changed "
+        "source files appear (retrain.min_new_files, retrain.min_new_mb)",
         tags=["lmforge"],
     )
 
 
-def serve_retraining(name: str, cron: str, config: Config) -> None:
+def deployments(config: Config, cron: str | None, retrain: str = RETRAIN, table: Sequence[Stage] = STAGES) -> list:
+    """Every deployment ``lmforge schedule`` serves: the retrain, one per stage, the new-data check."""
+    return [
+        retrain_deployment(retrain, cron, config),
+        *(stage_deployment(stage, config) for stage in table),
+        watch_deployment(config, retrain),
+    ]
+
+
+def serve_deployments(config: Config, cron: str | None, retrain: str = RETRAIN) -> None:
+    """Register every deployment and run their flow runs here until stopped (Ctrl-C)."""
     from prefect import serve
 
-    serve(retrain_deployment(name, cron, config))
+    serve(*deployments(config, cron, retrain))
+
+
+# ---- a local Prefect server (make schedule) ---------------------------------------------------
+
+
+def _healthy(api: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=timeout) as r:  # noqa: S310 (loopback)
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def local_server(workdir: str, host: str, port: int, startup_s: float = 180.0) -> Iterator[str]:
+    """The API URL of a Prefect server on ``host:port``: the one running there, else one started
+    here (SQLite under ``<workdir>/prefect``; stopped on exit). Sets PREFECT_API_URL for this process."""
+    api = f"http://{host}:{port}/api"
+    proc = None
+    if not _healthy(api):
+        home = Path(workdir).expanduser().resolve() / "prefect"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        env.pop("PREFECT_API_URL", None)
+        log = open(home / "server.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + startup_s
+        while not _healthy(api):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise LmforgeError(f"the Prefect server on {host}:{port} did not start; see {home / 'server.log'}")
+            time.sleep(1)
+        print(f"lmforge: started a Prefect server on http://{host}:{port} (SQLite in {home}; log server.log)")
+    os.environ["PREFECT_API_URL"] = api
+    try:
+        yield api
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# ---- lmforge trigger -------------------------------------------------------------------------
+
+
+def _api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise LmforgeError(
+            "PREFECT_API_URL is not set: start a server and the deployments (make schedule), then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return url
+
+
+def _find_deployment(client, name: str):
+    """A deployment by ``flow/deployment`` or by its deployment name alone (``retrain``, ``tokenize``)."""
+    from prefect.exceptions import ObjectNotFound
+
+    if "/" in name:
+        try:
+            return client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            pass
+    else:
+        found = [d for d in client.read_deployments() if d.name == name]
+        if len(found) == 1:
+            return found[0]
+    flows = {f.id: f.name for f in client.read_flows()}
+    known = sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in client.read_deployments())
+    raise LmforgeError(
+        f"deployment {name!r} does not exist on {_api_url()}; it has: {', '.join(known) or 'none'} "
+        "(lmforge schedule registers lmforge's)"
+    )
+
+
+def trigger(name: str, overrides: Sequence[str], echo: Callable[[str], None] = print, poll_s: float = 2.0) -> int:
+    """Start a run of deployment ``name`` (config overrides applied) on the Prefect server at
+    PREFECT_API_URL, print its state changes, its Prefect UI page and its MLflow parent run; 0 when
+    it completed, 1 when it did not."""
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.urls import url_for
+
+    from flows.watch import parent_run_of
+    from lm.tracking import run_page
+
+    api = _api_url()
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+        if problem is not None:
+            raise LmforgeError(f"no Prefect server answers at {api} ({str(problem).splitlines()[0][:200]}): "
+                               "start one (make schedule) or fix PREFECT_API_URL")
+        dep = _find_deployment(client, name)
+        parameters: dict = {}
+        cfg = None
+        if "config" in (dep.parameters or {}):
+            cfg = apply_overrides(dep.parameters["config"], list(overrides), f"deployment {dep.name}'s config")
+            parameters = {"config": cfg.model_dump(mode="json"), "trigger": "manual"}
+        elif overrides:
+            raise LmforgeError(f"deployment {dep.name} takes no config: leave out {' '.join(overrides)}")
+        run = client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+        page = url_for("flow-run", obj_id=str(run.id))
+        echo(f"lmforge: started {dep.name} flow run {run.name} ({run.id})")
+        if page:
+            echo(f"  Prefect UI: {page}")
+        last, parent = None, None
+        try:
+            while True:
+                run = client.read_flow_run(run.id)
+                if run.state is not None and run.state.name != last:
+                    last = run.state.name
+                    echo(f"  {time.strftime('%H:%M:%S')} {last}")
+                if cfg is not None and parent is None and run.state is not None and not run.state.is_scheduled():
+                    with contextlib.suppress(Exception):  # the store may not exist yet; asked again
+                        parent = parent_run_of(cfg.tracking_uri(), cfg.tracking.experiment, str(run.id))
+                    if parent is not None:
+                        pid = parent.info.run_id
+                        echo(f"  MLflow parent run: {pid}  {run_page(cfg.tracking_uri(), pid)}")
+                if run.state is not None and run.state.is_final():
+                    break
+                time.sleep(poll_s)
+        except KeyboardInterrupt:
+            echo(f"lmforge: stopped following; the run goes on: {page or run.id}")
+            return 130
+    if run.state.is_completed():
+        echo(f"lmforge: {dep.name} run {run.name} completed")
+        return 0
+    why = (run.state.message or "").strip().splitlines()
+    print(f"lmforge: error: {dep.name} run {run.name} ended {run.state.name}" + (f": {why[0][:300]}" if why else ""),
+          file=sys.stderr)
+    return 1

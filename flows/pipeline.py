@@ -8,12 +8,14 @@ with the output folders of the stages it reads. One MLflow parent run holds a ch
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 
 from lm import tracking
 from lm.config import Config, display_uri
+from lm.retrain import config_digest, data_digest, source_digests
 from lm.stage import Stage
 from lm.stages import STAGES, preflight, stages_for
 from lm.workspace import stage_dirs
@@ -40,14 +42,40 @@ def check(config: Config, stages: Sequence[Stage]) -> None:
     preflight(config, stages)
 
 
+# What started a pipeline run (the tag lmforge.trigger on its MLflow parent run).
+Trigger = Literal["manual", "schedule", "new-data"]
+
+
+def review_tags(config: Config, trigger: Trigger) -> dict[str, str]:
+    """What a reviewer compares pipeline runs by: what started the run, the config's and the data's
+    digests, and the run's page in the Prefect UI (when a Prefect server's URL is known)."""
+    from prefect.context import FlowRunContext
+    from prefect.utilities.urls import url_for
+
+    ctx = FlowRunContext.get()
+    if ctx is not None and ctx.flow_run is not None and ctx.flow_run.auto_scheduled:
+        trigger = "schedule"  # created by the deployment's cron schedule, whatever its parameters say
+    tags = {
+        "lmforge.trigger": trigger,
+        "lmforge.config_hash": config_digest(config),
+        "lmforge.data_digest": data_digest(source_digests(config.data), config.data),
+    }
+    page = url_for("flow-run", obj_id=str(flow_run.id)) if flow_run.id else None
+    if page:
+        tags["lmforge.prefect_ui"] = page
+    return tags
+
+
 def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
     """The pipeline flow of a stage table."""
     subflows = {stage.name: stage_flow(stage) for stage in table}
 
     @flow(name="lmforge-pipeline")
-    def pipeline(config: Config, targets: list[str] | None = None) -> dict[str, str]:
+    def pipeline(config: Config, targets: list[str] | None = None, trigger: Trigger = "manual") -> dict[str, str]:
         """Run the stages ``targets`` need (stage or group names; all stages when empty); finished,
-        unchanged stages are reused from cache. Returns each stage's output folder and the MLflow run."""
+        unchanged stages are reused from cache. ``trigger`` says what started the run (a run created
+        by a deployment's schedule is tagged ``schedule`` whatever it says). Returns each stage's
+        output folder and the MLflow run."""
         stages = stages_for(targets or [], table)
         check(config, stages)
         dirs = stage_dirs(config, stages)
@@ -57,6 +85,7 @@ def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
             {
                 "lmforge.prefect_flow_run_id": str(flow_run.id),
                 "lmforge.targets": ",".join(targets or ["all"]),
+                **review_tags(config, trigger),
             },
         )
         shown = display_uri(uri)
@@ -67,6 +96,8 @@ def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
             for stage in stages:
                 inputs = {name: out[name] for name in stage.inputs}
                 out[stage.name] = subflows[stage.name](config, str(dirs[stage.name]), inputs, parent)
+            # What a reviewer opens first: key metrics, datasets, the registered version, a description.
+            tracking.summarize_pipeline_run(uri, parent)
             ok = True
             return out
         finally:
