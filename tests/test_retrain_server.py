@@ -212,4 +212,6 @@ def test_scheduled_triggered_and_new_data_retrains_on_a_real_prefect_server(serv
     assert len(runs) == 1, [r.info.run_id for r in runs]  # the check started one run, not one per check
     assert runs[0].data.tags["lmforge.data_digest"] == data_digest(source_digests(cfg.data), cfg.data)
     assert runs[0].data.tags["lmforge.data_digest"] != tags["lmforge.data_digest"]
-    assert ingest.data.metrics["ingest/files"] == len(CORPUS_MODULES) + 1
+    metrics = ingest.data.metrics
+    assert metrics["ingest/files"] == len(CORPUS_MODULES) + 1
+    assert metrics["ingest/files_read"] == 1 and metrics["ingest/files_reused"] == len(CORPUS_MODULES), metrics
