@@ -48,7 +48,8 @@ def fingerprint(cfg: Config) -> Any:
     if spec.startswith(REGISTERED_PREFIX):
         from lm.registry import resolve_registered
 
-        return resolve_registered(spec, cfg.tracking_uri())
+        found = resolve_registered(spec, cfg.tracking_uri(), missing_ok=cfg.model.init_from_fallback == "scratch")
+        return found if found is not None else {"scratch": f"{spec} is not registered yet"}
     path = Path(spec).expanduser()
     if not path.exists():
         raise ConfigError(f"model.init_from={spec!r} does not exist: give a model folder, a checkpoint or models:/NAME@ALIAS")
@@ -139,6 +140,14 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
     """The base_model stage: ``model.init_from`` in lmforge's format, or a note that there is none."""
     out_dir = Path(out_dir)
     spec = cfg.model.init_from
+    if spec is not None and spec.startswith(REGISTERED_PREFIX) and cfg.model.init_from_fallback == "scratch":
+        from lm.registry import resolve_registered
+
+        if resolve_registered(spec, cfg.tracking_uri(), missing_ok=True) is None:  # the first run of a retrain loop
+            atomic_write(out_dir / SOURCE, json.dumps({"kind": "scratch", "fallback_from": spec}, indent=2))
+            return StageResult(params={"base_model.kind": "scratch", "base_model.fallback_from": spec},
+                               tags={"lmforge.init_fallback": f"{spec} is not registered yet: pretrained from scratch"},
+                               artifacts=[SOURCE], outputs={"source": SOURCE})
     if spec is None:
         atomic_write(out_dir / SOURCE, json.dumps({"kind": "scratch"}, indent=2))
         return StageResult(params={"base_model.kind": "scratch"}, artifacts=[SOURCE], outputs={"source": SOURCE})

@@ -222,6 +222,10 @@ class ModelConfig(Section):
     # save_pretrained writes it), or a .ckpt/model folder of the configured shape. Pretraining is
     # then skipped unless pretrain.enabled=true (continued pretraining).
     init_from: str | None = None
+    # When init_from names a registered model that does not exist yet (models:/NAME@champion before
+    # the first model was promoted): "error" stops the run; "scratch" pretrains from scratch, so the
+    # first run of a retrain loop that warm-starts from its champion trains the first champion.
+    init_from_fallback: Literal["error", "scratch"] = "error"
     # A named size (MODEL_PRESETS) fills the dimensions the config leaves out; the loaded config
     # holds every dimension in force.
     preset: str | None = None

@@ -8,6 +8,14 @@ A champion measured on other data is first re-scored on this run's (issue 10). B
 decision are tags of the version; people move the alias with :func:`promote` and :func:`rollback`,
 and each alias keeps its history on the registered model.
 
+Two deploys at once (two triggered retrains) cannot let the slower, worse one overwrite a better
+champion: the alias moves only if its holder is still the version the decision compared with,
+re-read under a file lock next to a local sqlite store (:func:`promotion_lock`); if another run
+moved it meanwhile, the decision is made again against the new holder. A remote store
+(``http://``, a database server) has no file to lock: there the holder is re-read just before the
+move, and again after it, and the alias goes back to a version that took it in between unless this
+one beats it (best effort: a window of a few requests remains, see :func:`_decide_and_move`).
+
 Only ``MlflowClient`` calls, with the tracking URI and run id passed in: no global "active run",
 which Prefect's task threads would share. Registry stages are deprecated in MLflow 3; aliases
 (``models:/name@champion``) replace them, and a model is a LoggedModel linked to the run that
@@ -21,8 +29,10 @@ so loading never unpickles anything (CVE-2024-37052).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -30,7 +40,8 @@ import math
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +122,7 @@ DECIDED_BY_TAG, DECIDED_AT_TAG = "lmforge.decided_by", "lmforge.decided_at"
 # On the registered model: the versions that held an alias, oldest first (what rollback walks back).
 HISTORY_TAG = "lmforge.alias_history.{alias}"
 HISTORY_KEEP = 100  # entries kept: a tag value holds at most a few thousand characters
+REMOTE_SETTLE_S = 2.0  # a remote store: how long after moving the alias it is read again (no lock there)
 
 # rescore(export_folder, scratch_folder) -> the evaluate stage's metrics for that model on this run's data.
 Rescore = Callable[[Path, Path], dict[str, float]]
@@ -238,6 +250,65 @@ def _decide(client, uri: str, cfg: DeployConfig, holder, new_value: float, eval_
     )
 
 
+@contextlib.contextmanager
+def promotion_lock(uri: str, name: str) -> Iterator[bool]:
+    """Held while an alias of ``name`` is compared and moved: an exclusive ``flock`` on a file next
+    to a local sqlite store (released by the OS if the process dies). Yields False where there is
+    no such file (a remote store): the caller re-checks after moving instead."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        yield False
+        return
+    db = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    lock = db.with_name(f"{db.name}.promote-{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")
+    with open(lock, "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _version_of(holder) -> str | None:
+    return None if holder is None else str(holder.version)
+
+
+def _decide_and_move(
+    client, uri: str, cfg: DeployConfig, version: str, new_value: float, eval_set: str, rescore: Rescore, holder
+) -> Decision:
+    """Compare ``version`` with the alias's holder and move the alias to it if it is better, so that
+    a concurrent deploy cannot be overwritten by a worse one (see the module docstring): the move
+    happens only if the holder, re-read under :func:`promotion_lock`, is the one compared with;
+    else the comparison is made again with the new holder (re-scoring, if needed, outside the lock).
+
+    Without a lock (a remote store) two deploys may both re-read the old holder and both move: each
+    reads the holder again :data:`REMOTE_SETTLE_S` after its move, and the one that finds the other
+    holding it compares again, and moves it back only if it is better. The better one ends holding
+    it unless the two moves are more than that far apart yet both between the other's reads."""
+    name, alias = cfg.model_name, cfg.alias
+    while True:
+        if holder is None:
+            decision = Decision(True, f"promoted: no version held @{alias}")
+        else:
+            decision = _decide(client, uri, cfg, holder, new_value, eval_set, rescore)
+        if not decision.promoted:
+            return decision
+        with promotion_lock(uri, name) as locked:
+            current = _alias_holder(client, name, alias)
+            if _version_of(current) == _version_of(holder):
+                _move_alias(client, name, alias, version, _version_of(holder))
+                if locked:
+                    return decision
+                time.sleep(REMOTE_SETTLE_S)
+                current = _alias_holder(client, name, alias)
+                if _version_of(current) == version:
+                    return decision
+        log.info("%s@%s was moved to version %s while version %s was compared with version %s: comparing again",
+                 name, alias, _version_of(current), version, _version_of(holder))
+        holder = current
+
+
 def deploy(
     cfg: DeployConfig,
     uri: str,
@@ -307,12 +378,7 @@ def deploy(
             "not_compared",
         )
     else:
-        if holder is None:
-            decision = Decision(True, f"promoted: no version held @{cfg.alias}")
-        else:
-            decision = _decide(client, uri, cfg, holder, new_value, eval_set, rescore)
-        if decision.promoted:
-            _move_alias(client, name, cfg.alias, this_version, None if holder is None else str(holder.version))
+        decision = _decide_and_move(client, uri, cfg, this_version, new_value, eval_set, rescore, holder)
         extra = {CHAMPION_VERSION_TAG: decision.champion_version or "none", CHAMPION_SCORED_TAG: decision.champion_scored}
         if decision.champion_value is not None:
             extra[CHAMPION_VALUE_TAG] = str(decision.champion_value)
@@ -360,11 +426,12 @@ def promote(uri: str, name: str, version: str, alias: str = "champion") -> str:
         client.get_model_version(name, str(version))
     except MlflowException:
         raise RegistryError(f"{name} has no version {version!r} at {display_uri(uri)}") from None
-    holder = _alias_holder(client, name, alias)
-    previous = None if holder is None else str(holder.version)
-    if previous == str(version):
-        return f"{name} version {version} already holds @{alias}"
-    _move_alias(client, name, alias, str(version), previous)
+    with promotion_lock(uri, name):  # not between a deploy's last read of the holder and its move
+        holder = _alias_holder(client, name, alias)
+        previous = None if holder is None else str(holder.version)
+        if previous == str(version):
+            return f"{name} version {version} already holds @{alias}"
+        _move_alias(client, name, alias, str(version), previous)
     _record(client, name, str(version), "manual promote", f"manual promote: @{alias} moved from version {previous}",
             _who())
     return f"{name}@{alias}: version {previous} -> {version} (manual promote)"
@@ -372,9 +439,14 @@ def promote(uri: str, name: str, version: str, alias: str = "champion") -> str:
 
 def rollback(uri: str, name: str, alias: str = "champion") -> str:
     """Move ``alias`` of ``name`` back to the version that held it before the current one."""
+    client = _registered(uri, name)
+    with promotion_lock(uri, name):
+        return _rollback(client, name, alias)
+
+
+def _rollback(client, name: str, alias: str) -> str:
     from mlflow.exceptions import MlflowException
 
-    client = _registered(uri, name)
     holder = _alias_holder(client, name, alias)
     current = None if holder is None else str(holder.version)
     history = _history(client, name, alias)
@@ -407,7 +479,9 @@ def _parse_registered(spec: str) -> tuple[str, str | None, str | None]:
     return m.group(1), m.group(2), m.group(3)
 
 
-def _model_version(spec: str, uri: str):
+def _model_version(spec: str, uri: str, missing_ok: bool = False):
+    """(client, the model version ``spec`` names); with ``missing_ok``, (client, None) where the
+    registry answers that the model, version or alias does not exist (not where it cannot answer)."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -418,12 +492,19 @@ def _model_version(spec: str, uri: str):
             return client, client.get_model_version_by_alias(name, alias)
         return client, client.get_model_version(name, version)
     except MlflowException as e:
+        # A missing model: RESOURCE_DOES_NOT_EXIST; a missing alias: INVALID_PARAMETER_VALUE "... not found".
+        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in e.message
+        if missing_ok and missing:
+            return client, None
         raise ConfigError(f"model.init_from={spec!r} is not in the registry at {uri}: {e.message}") from None
 
 
-def resolve_registered(spec: str, uri: str) -> dict[str, str]:
-    """The version an alias points at now (aliases move: this is what a cache key must hold)."""
-    _, mv = _model_version(spec, uri)
+def resolve_registered(spec: str, uri: str, missing_ok: bool = False) -> dict[str, str] | None:
+    """The version an alias points at now (aliases move: this is what a cache key must hold); None
+    if it does not exist and ``missing_ok``."""
+    _, mv = _model_version(spec, uri, missing_ok)
+    if mv is None:
+        return None
     return {"name": mv.name, "version": str(mv.version), "run_id": str(mv.run_id), "source": str(mv.source)}
 
 
