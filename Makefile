@@ -8,8 +8,9 @@ HOST   ?= 127.0.0.1
 MLFLOW_PORT  ?= 5000
 PREFECT_PORT ?= 4200
 ARGS   ?=
+CRON   ?= 0 3 * * 1
 
-.PHONY: run test test-fast lint ui clean install bench
+.PHONY: run test test-fast lint ui schedule clean install bench
 
 install: $(STAMP)
 
@@ -45,6 +46,9 @@ ui: $(STAMP)  ## MLflow and Prefect dashboards on 127.0.0.1
 	@echo "Prefect: http://$(HOST):$(PREFECT_PORT)   (log /tmp/lmforge-prefect-ui.log)"
 	@echo "To send runs to this Prefect server: export PREFECT_API_URL=http://$(HOST):$(PREFECT_PORT)/api"
 	@echo "Stop both: pkill -f 'mlflow ui' ; pkill -f 'prefect server'"
+
+schedule: $(STAMP)  ## a Prefect server on $(HOST):$(PREFECT_PORT) (started when none answers; SQLite under the workdir) serving the retrain (cron $(CRON)), stage and new-data deployments
+	$(BIN)/lmforge schedule --local-server --host $(HOST) --port $(PREFECT_PORT) --cron "$(CRON)" $(ARGS)
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db mlflow.db.lock .pytest_cache .ruff_cache build dist *.egg-info
