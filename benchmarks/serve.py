@@ -11,8 +11,8 @@ server has stopped: one prompt at a time, and batches of 8 left-padded prompts; 
 engine in this process without HTTP, one request at a time. These alternate for ``--rounds`` rounds
 and each keeps its best (the server's figures are whole runs: the comparison leans against it). Requests/s and
 generated tokens/s are over each level's wall time; latency is a request's whole time, time to
-first token the arrival of its first text chunk. Server memory (RSS) is read after a warm-up at
-the highest concurrency and again after every request.
+first token the arrival of its first text chunk. Server memory (RSS of the server's process and of
+its engine's) is read after a warm-up at the highest concurrency and again after every request.
 
 The last line holds the figures as key=value pairs: ``ratio_vs_transformers`` (one stream through
 HTTP over transformers one prompt at a time, in process), ``batching_gain`` (total tokens/s at
@@ -253,10 +253,14 @@ def main() -> None:
         port = free_port()
         server = start_server(folder, port, a.threads, Path(tmp) / "server.log")
         url = f"http://127.0.0.1:{port}"
-        rss = psutil.Process(server.pid)
+        def rss() -> int:
+            """The server's memory: its process and the engine's (lm.serving.process)."""
+            main = psutil.Process(server.pid)
+            return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])
+
         try:
             asyncio.run(load(url, prompts(2 * max(levels)), max(levels), a.new_tokens))  # warm-up at the peak
-            rss_before = rss.memory_info().rss
+            rss_before = rss()
             figures: dict[str, float] = {}
             errors = 0
             for c, n in zip(levels, counts, strict=True):
@@ -267,7 +271,7 @@ def main() -> None:
                       f"{f['ttft_p50_ms']:.0f} ms p99 {f['ttft_p99_ms']:.0f} ms, {f['mean_tokens']:.1f} tokens/request, "
                       f"{f['errors']} errors", flush=True)
                 figures.update({f"{k}_c{c}": round(v, 1) for k, v in f.items() if k not in ("requests", "errors")})
-            rss_after = rss.memory_info().rss
+            rss_after = rss()
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -348,7 +348,10 @@ def test_a_moved_alias_is_served_after_the_running_stream_ends_on_the_old_versio
     store = MlflowClient(tracking_uri=uri)
     store.set_registered_model_alias("tiny", "champion", v1)
 
-    with serving("models:/tiny@champion", tracking_uri=uri, poll_seconds=0.1) as s:
+    # The engines in this process: a new version then loads in well under a second, while the old
+    # one is still decoding its 900 tokens (an engine process takes seconds to start; the swap itself
+    # is the same for both: test_engine_process_*).
+    with serving("models:/tiny@champion", tracking_uri=uri, poll_seconds=0.1, engine_in_process=True) as s:
         api = client(s)
         assert [(m.id, m.model_dump()["version"]) for m in api.models.list().data] == [("tiny", v1)]
         old_text = api.completions.create(model="tiny", prompt="def", max_tokens=900, temperature=0).choices[0].text

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm.chat import ChatFormat, Message
+from lm.config import display_uri
 from lm.errors import ConfigError, LmforgeError
 
 if TYPE_CHECKING:  # the engines import torch: a command that fails on its arguments should not wait for it
@@ -80,10 +81,11 @@ class ServedModel:
 
 def load_folder(
     folder: Path, *, name: str, version: str | None, source: str, max_batch_size: int,
-    on_step: Callable[[str | None, int, bool], None] | None = None,
+    on_step: Callable[[str | None, int, bool], None] | None = None, in_process: bool = False,
 ) -> ServedModel:
     """A served model from an lmforge export folder (a decoder, sft, or classifier) or a decoder's
-    folder (lmforge's or Hugging Face's), its engine started."""
+    folder (lmforge's or Hugging Face's), its engine started: a decoder's in a process of its own
+    (``lm.serving.process``) unless ``in_process``; a classifier's in a thread of this process."""
     import json
 
     from lm.generate import load_for_generation
@@ -103,28 +105,47 @@ def load_folder(
         engine = ClassifierEngine(predictor.probabilities, on_step=step(False), name=f"lmforge-classifier-{version or 'local'}")
         served = ServedModel(name, version, source, engine, "classifier", predictor.seq_len, predictor.tokenizer,
                              labels=predictor.labels)
-    else:
+    elif in_process:
+        from lm.serving.process import stop_ids
+
         gm = load_for_generation(folder)
-        chat = None
-        if gm.chat_template:
-            chat = ChatFormat(gm.tokenizer, {"chat_template": gm.chat_template, **gm.special_tokens})
-        eos_ids = sorted({*gm.eos_ids, *(chat.stop_ids if chat else ())})
+        eos_ids = stop_ids(gm)
         engine = GenerationEngine(gm.model, gm.tokenizer, eos_ids, max_batch_size=max_batch_size,
                                   on_step=step(True), name=f"lmforge-engine-{version or 'local'}")
-        model_meta = getattr(gm.model, "meta", {}) or {}
-        eot = model_meta.get("eot_id")
-        served = ServedModel(
-            name, version, source, engine, "decoder", gm.model.args.seq_len, gm.tokenizer, chat,
-            system_prompt=model_meta.get("system_prompt"),
-            start_ids=[int(eot)] if eot is not None else eos_ids[:1],
-        )
+        served = _decoder(name, version, source, engine, gm.model.args.seq_len, gm.tokenizer, eos_ids,
+                          gm.chat_template, gm.special_tokens, getattr(gm.model, "meta", {}) or {})
+    else:
+        from tokenizers import Tokenizer
+
+        from lm.serving.process import EngineProcess
+
+        engine = EngineProcess(folder, max_batch_size=max_batch_size, on_step=step(True),
+                               name=f"lmforge-engine-{version or 'local'}")
+        info = engine.start()  # the model is loaded in the engine's process only
+        served = _decoder(name, version, source, engine, info.seq_len, Tokenizer.from_str(info.tokenizer_json),
+                          info.eos_ids, info.chat_template, info.special_tokens, info.meta)
+        return served
     engine.start()
     return served
 
 
+def _decoder(name: str, version: str | None, source: str, engine: Any, seq_len: int, tokenizer: Any,
+             eos_ids: list[int], chat_template: str | None, special_tokens: dict[str, str],
+             meta: dict[str, Any]) -> ServedModel:
+    chat = None
+    if chat_template:
+        chat = ChatFormat(tokenizer, {"chat_template": chat_template, **special_tokens})
+    eot = meta.get("eot_id")
+    return ServedModel(
+        name, version, source, engine, "decoder", seq_len, tokenizer, chat,
+        system_prompt=meta.get("system_prompt"),
+        start_ids=[int(eot)] if eot is not None else eos_ids[:1],
+    )
+
+
 def load_served(
     source: str, *, tracking_uri: str | None, name: str | None = None, max_batch_size: int = 32,
-    on_step: Callable[[str | None, int, bool], None] | None = None,
+    on_step: Callable[[str | None, int, bool], None] | None = None, in_process: bool = False,
 ) -> ServedModel:
     """Load what ``--model`` names: a folder, or a registered model (downloaded to a temporary folder,
     which is removed once the model is in memory)."""
@@ -137,16 +158,17 @@ def load_served(
             raise LmforgeError(f"--model {source}: no such folder (give an export folder or models:/NAME@ALIAS)")
         # As vLLM names a folder it serves: by the path it was given.
         return load_folder(folder, name=name or source, version=None, source=source,
-                           max_batch_size=max_batch_size, on_step=on_step)
+                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process)
     uri = tracking_uri or "sqlite:///mlflow.db"
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
     try:
         try:
             folder, version = download_registered(source, uri, work)
         except ConfigError as e:  # worded for model.init_from, where the pipeline meets the same spec
-            raise ConfigError(str(e).replace(f"model.init_from={source!r}", f"--model {source}")) from None
+            # The registry's message names the tracking URI: without its password on a terminal.
+            raise ConfigError(display_uri(str(e).replace(f"model.init_from={source!r}", f"--model {source}"))) from None
         return load_folder(folder, name=name or registered[0], version=version, source=source,
-                           max_batch_size=max_batch_size, on_step=on_step)
+                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process)
     finally:
         # Weights and tokenizer are in memory now (a file mapped by safetensors stays readable on Linux).
         shutil.rmtree(work, ignore_errors=True)
@@ -193,6 +215,7 @@ class RegistryFollower:
         self.slot, self.source, self.uri, self.poll_s = slot, source, tracking_uri, poll_s
         self.load, self.on_failure = load, on_failure
         self._stop = threading.Event()
+        self.failed_polls = 0  # in a row: the registry is said to be unreachable once, not every poll
         self._thread = threading.Thread(target=self._run, name="lmforge-registry-follower", daemon=True)
 
     def start(self) -> None:
@@ -209,9 +232,16 @@ class RegistryFollower:
         try:
             version = resolve_registered(self.source, self.uri)["version"]
         except Exception as e:  # the registry is down, the alias was removed ...: keep serving
-            log.warning("lmforge serve: cannot read %s from the registry (%s); still serving version %s",
-                        self.source, _one_line(e), self.slot.current.version)
+            if not self.failed_polls:
+                log.warning("lmforge serve: cannot read %s from the registry (%s); still serving version %s, "
+                            "and asking again every %g s (said again when it answers)", self.source,
+                            _one_line(e), self.slot.current.version, self.poll_s)
+            self.failed_polls += 1
             return False
+        if self.failed_polls:
+            log.info("lmforge serve: the registry answers again after %d failed polls; %s is version %s",
+                     self.failed_polls, self.source, version)
+            self.failed_polls = 0
         if version == self.slot.current.version:
             return False
         log.info("lmforge serve: %s now points at version %s; loading it", self.source, version)
@@ -238,4 +268,4 @@ class RegistryFollower:
 
 def _one_line(e: BaseException) -> str:
     text = str(getattr(e, "message", None) or e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    return display_uri(f"{type(e).__name__}: {text[0] if text else ''}")

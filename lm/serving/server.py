@@ -29,6 +29,9 @@ class ServeOptions:
     tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     served_model_name: str | None = None  # None: the registered name, or the folder as given (as vLLM does)
     max_batch_size: int = 32  # rows decoded together
+    # A decoder's engine runs in a process of its own (lm.serving.process); True: in a thread of this
+    # one (one process to debug; a stream is then about half as fast on a small model).
+    engine_in_process: bool = False
     log_level: str = "info"
 
 
@@ -97,7 +100,7 @@ class Server:
     def _load(self) -> ServedModel:
         return load_served(
             self.opts.model, tracking_uri=self.uri, name=self.opts.served_model_name,
-            max_batch_size=self.opts.max_batch_size,
+            max_batch_size=self.opts.max_batch_size, in_process=self.opts.engine_in_process,
             on_step=lambda version, rows, generated: self.metrics.step(version or "local", rows, generated),
         )
 
