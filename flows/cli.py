@@ -68,6 +68,11 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
                     "one (SQLite under the workdir) when none answers there, instead of PREFECT_API_URL's")
     sp.add_argument("--host", default="127.0.0.1", help="--local-server's address (default %(default)s)")
     sp.add_argument("--port", type=int, default=4200, help="--local-server's port (default %(default)s)")
+    sp.add_argument("--work-pool", metavar="POOL", help="register the deployments on this work pool of the server at "
+                    "PREFECT_API_URL and return, instead of serving them here (prefect worker start --pool POOL "
+                    "runs them where lmforge is installed)")
+    sp.add_argument("--image", help="with --work-pool: the image the runs start in (Kubernetes/Docker pools; "
+                    "lmforge installed in it)")
     _config_args(sp)
     tp = sub.add_parser("trigger", help="start a run of a deployment on the Prefect server and follow it to the end",
                         description="Start a run of a deployment on the Prefect server PREFECT_API_URL points at "
@@ -254,10 +259,15 @@ def schedule_command(args: argparse.Namespace, cfg: Config) -> int:
     """``lmforge schedule``: serve the deployments until stopped."""
     import contextlib
 
-    from flows.deployments import local_server, serve_deployments
+    from flows.deployments import deploy_to_work_pool, local_server, serve_deployments
 
     server = local_server(cfg.workdir, args.host, args.port) if args.local_server else contextlib.nullcontext()
     with server:
+        if args.work_pool:
+            ids = deploy_to_work_pool(cfg, args.cron, args.work_pool, args.image, args.name)
+            print(f"lmforge: registered {len(ids)} deployments on work pool {args.work_pool!r}; "
+                  f"start a worker: prefect worker start --pool {args.work_pool}")
+            return 0
         when = f"on cron {args.cron!r}" if args.cron else "without a schedule"
         print(f"lmforge: serving lmforge-pipeline/{args.name} {when}, a deployment per stage, and the new-data "
               f"check every {cfg.retrain.check_every_s} s; Ctrl-C stops")

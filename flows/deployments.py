@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.types.entrypoint import EntrypointType
 
 from flows.pipeline import pipeline
 from flows.watch import PIPELINE_FLOW, new_data_check
@@ -48,14 +49,16 @@ def one_at_a_time() -> ConcurrencyLimitConfig:
 def _importable(deployment):
     # The pipeline flow is built inside build_pipeline(); Prefect would record that function's local
     # as the entrypoint, which a worker (a work pool's process) cannot import. The module's own is.
-    deployment.entrypoint = "flows/pipeline.py:pipeline"
+    module = deployment.entrypoint_type == EntrypointType.MODULE_PATH
+    deployment.entrypoint = "flows.pipeline.pipeline" if module else "flows/pipeline.py:pipeline"
     return deployment
 
 
-def retrain_deployment(name: str, cron: str | None, config: Config):
+def retrain_deployment(name: str, cron: str | None, config: Config, entrypoint_type=EntrypointType.FILE_PATH):
     """The whole pipeline as a Prefect deployment (on a cron schedule when given), one run at a time."""
     return _importable(pipeline.to_deployment(
         name=name,
+        entrypoint_type=entrypoint_type,
         cron=cron,
         parameters={"config": config.model_dump(mode="json"), "targets": None, "trigger": "manual"},
         concurrency_limit=one_at_a_time(),
@@ -65,10 +68,11 @@ def retrain_deployment(name: str, cron: str | None, config: Config):
     ))
 
 
-def stage_deployment(stage: Stage, config: Config):
+def stage_deployment(stage: Stage, config: Config, entrypoint_type=EntrypointType.FILE_PATH):
     """One stage and the stages it reads (from cache when unchanged), one run at a time."""
     return _importable(pipeline.to_deployment(
         name=stage.command,
+        entrypoint_type=entrypoint_type,
         parameters={"config": config.model_dump(mode="json"), "targets": [stage.name], "trigger": "manual"},
         concurrency_limit=one_at_a_time(),
         description=f"lmforge {stage.command}: {stage.help} (after the stages it needs, from cache when unchanged)",
@@ -76,10 +80,11 @@ def stage_deployment(stage: Stage, config: Config):
     ))
 
 
-def watch_deployment(config: Config, retrain: str = RETRAIN):
+def watch_deployment(config: Config, retrain: str = RETRAIN, entrypoint_type=EntrypointType.FILE_PATH):
     """The new-data check every ``retrain.check_every_s`` seconds, starting ``retrain`` when it should."""
     return new_data_check.to_deployment(
         name=WATCH,
+        entrypoint_type=entrypoint_type,
         interval=config.retrain.check_every_s,
         parameters={"deployment": f"{PIPELINE_FLOW}/{retrain}"},
         concurrency_limit=one_at_a_time(),
@@ -89,13 +94,25 @@ def watch_deployment(config: Config, retrain: str = RETRAIN):
     )
 
 
-def deployments(config: Config, cron: str | None, retrain: str = RETRAIN, table: Sequence[Stage] = STAGES) -> list:
-    """Every deployment ``lmforge schedule`` serves: the retrain, one per stage, the new-data check."""
+def deployments(config: Config, cron: str | None, retrain: str = RETRAIN, table: Sequence[Stage] = STAGES,
+                entrypoint_type=EntrypointType.FILE_PATH) -> list:
+    """Every deployment ``lmforge schedule`` serves: the retrain, one per stage, the new-data check.
+    A work pool's workers import the flows by module path (lmforge installed there)."""
     return [
-        retrain_deployment(retrain, cron, config),
-        *(stage_deployment(stage, config) for stage in table),
-        watch_deployment(config, retrain),
+        retrain_deployment(retrain, cron, config, entrypoint_type),
+        *(stage_deployment(stage, config, entrypoint_type) for stage in table),
+        watch_deployment(config, retrain, entrypoint_type),
     ]
+
+
+def deploy_to_work_pool(config: Config, cron: str | None, pool: str, image: str | None = None,
+                        retrain: str = RETRAIN) -> list:
+    """Register every deployment on a work pool (a team's shared server: ``prefect worker start
+    --pool POOL`` runs them where lmforge is installed, or in ``image`` on Kubernetes); returns their ids."""
+    from prefect import deploy
+
+    return deploy(*deployments(config, cron, retrain, entrypoint_type=EntrypointType.MODULE_PATH),
+                  work_pool_name=pool, image=image, build=False, push=False, print_next_steps_message=False)
 
 
 def serve_deployments(config: Config, cron: str | None, retrain: str = RETRAIN) -> None:
