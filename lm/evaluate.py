@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lm.config import Config
+from lm.figures import LOSS_CURVES, plot_loss_curves
 from lm.stage import StageResult
 
 LM_METRICS = {
@@ -117,10 +118,21 @@ def evaluate(
     )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     # What the numbers were measured on, hashed here once (this stage is cached), not by every deploy.
-    (out_dir / EVAL_SETS).write_text(json.dumps(evaluation_set_digests(cfg, Path(ft_data_dir), Path(tokens_dir))))
+    digests = evaluation_set_digests(cfg, Path(ft_data_dir), Path(tokens_dir))
+    (out_dir / EVAL_SETS).write_text(json.dumps(digests))
+    plot_loss_curves(Path(pretrain_dir), Path(finetune_dir), out_dir / LOSS_CURVES)  # the two trainings at a glance
     artifacts = ["metrics.json", *sorted(p.name for p in out_dir.iterdir() if p.name != "metrics.json")]
     tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
-    return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables)
+    # The held-out data as MLflow datasets, under the digests that say whether two runs' numbers compare.
+    from lm.data.labelled import SPLIT_FILES
+    from lm.shards import INDEX
+
+    held_out = [("heldout_tokens", Path(tokens_dir) / INDEX, digests["language_model"]),
+                ("test", Path(ft_data_dir) / SPLIT_FILES["test"], digests["method"])]
+    datasets = [{"name": name, "path": str(path.resolve()), "digest": digest, "source": "evaluate", "context": "evaluation"}
+                for name, path, digest in held_out if path.is_file()]
+    return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables,
+                       datasets=datasets)
 
 
 EVAL_SETS = "eval_sets.json"  # the evaluate stage's digests of its held-out data, by kind of metric

@@ -15,6 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from lm.config import TrainingConfig
@@ -109,8 +111,8 @@ class OptimisedModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self._pending and self.trainer.global_step >= self._pending_step:  # the optimizer step is done
-            if self.logger is not None:
-                self.logger.log_metrics(self._pending, step=self._pending_step)
+            for logger in self.loggers:
+                logger.log_metrics(self._pending, step=self._pending_step)
             self._pending = {}
 
     def on_train_end(self) -> None:
@@ -208,6 +210,38 @@ class LanguageModelModule(OptimisedModule):
         self.last_val_step = self.global_step
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             print(f"lmforge: step {self.global_step} val/loss {val_loss:.4f} val/ppl {ppl:.2f}", flush=True)
+
+
+class LossHistory(Logger):
+    """``train/loss`` and ``val/loss`` by optimizer step, appended to a CSV in the stage's folder (rank
+    0): what the loss-curve figure draws, with or without an MLflow run. A resumed run appends; the
+    steps a killed run logged after its last checkpoint come again, and the reader keeps the last."""
+
+    KEYS = ("train/loss", "val/loss")
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+
+    @property
+    def name(self) -> str:
+        return "loss_history"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        rows = [f"{step},{k},{float(v)!r}\n" for k, v in metrics.items() if k in self.KEYS and step is not None]
+        if not rows:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(("step,metric,value\n" if new else "") + "".join(rows))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
 
 
 class ProgressBar(TQDMProgressBar):

@@ -118,6 +118,7 @@ def check_tracking_uri(uri: str) -> None:
 
 # MLflow 3's UI opens an experiment on its GenAI overview (traces) unless told it holds model training.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+UI_VIEW = "workflowType=machine_learning"  # the UI's own switch between its GenAI and model-training views
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -315,8 +316,9 @@ def system_metrics(uri: str, run_id: str, interval: float = 5.0) -> Iterator[Non
 
 @_user_errors
 def run_page(uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The run's page in the MLflow UI that ``make ui`` starts (its runs table: the stages nest under it)."""
-    return f"{ui}/#/experiments/{_client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}"
+    """The run's page in the MLflow UI that ``make ui`` starts (its runs table: the stages nest under it),
+    in the UI's model-training view (MLflow 3.17 opens its GenAI view unless the link asks)."""
+    return f"{ui}/#/experiments/{_client(uri).get_run(run_id).info.experiment_id}/runs/{run_id}?{UI_VIEW}"
 
 
 @_user_errors
@@ -328,3 +330,139 @@ def run_tree(uri: str, parent_run_id: str) -> dict[str, Any]:
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'"
     )
     return {"parent": parent, "children": {r.info.run_name: r for r in children}}
+
+
+# ---- what a reviewer opens first: the parent run's summary, and the list of pipeline runs ----------
+
+NOTE_TAG = "mlflow.note.content"  # the run's description in the MLflow UI (markdown)
+MODEL_VERSION_TAG = "lmforge.model_version"  # models:/<name>/<version> this pipeline run registered
+
+
+@_user_errors
+def summarize_pipeline_run(uri: str, parent_run_id: str) -> str:
+    """Give the parent run what its stages' child runs hold, where a reviewer looks first: the key
+    metrics (lm.report.parent_metrics), the datasets the stages logged, the model version deploy
+    registered (tags, a link, the logged model as the run's output) and the markdown description.
+    Returns the description."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput
+
+    from lm import report
+
+    client = _client(uri)
+    tree = run_tree(uri, parent_run_id)
+    parent = tree["parent"]
+    children = sorted(tree["children"].values(), key=lambda r: r.info.start_time)
+    stages = {
+        r.info.run_name: report.StageRun(
+            metrics={k: v for k, v in r.data.metrics.items() if not k.startswith("system/")},
+            params=dict(r.data.params),
+            tags=dict(r.data.tags),
+            seconds=(r.info.end_time - r.info.start_time) / 1000 if r.info.end_time else None,
+        )
+        for r in children
+    }
+    seconds = dt.datetime.now().timestamp() - parent.info.start_time / 1000
+    log_metrics(uri, parent_run_id, report.parent_metrics(stages, seconds))
+
+    # The datasets each stage logged (documents, clean splits, evaluation sets), on the parent too.
+    seen, inputs = set(), []
+    for run in children:
+        for di in run.inputs.dataset_inputs:
+            d = di.dataset
+            if (d.name, d.digest) not in seen:
+                seen.add((d.name, d.digest))
+                copy = Dataset(d.name, d.digest, d.source_type, d.source, d.schema, d.profile)
+                inputs.append(DatasetInput(copy, tags=[InputTag(t.key, t.value) for t in di.tags]))
+    if inputs:
+        client.log_inputs(parent_run_id, datasets=inputs)
+
+    champion = model_version = link = None
+    deploy = stages.get("deploy")
+    if deploy is not None and "deploy/version" in deploy.metrics:
+        name = deploy.params["deploy.model_name"]
+        version = client.get_model_version(name, str(int(deploy.metrics["deploy/version"])))
+        model_version = f"models:/{name}/{version.version}"
+        link = f"#/models/{name}/versions/{version.version}"
+        tags = {MODEL_VERSION_TAG: model_version, "lmforge.promote_metric": deploy.params["deploy.promote_metric"]}
+        tags.update({k: v for k, v in deploy.tags.items() if k in ("lmforge.decision", "lmforge.decision_reason")})
+        for key, value in tags.items():
+            client.set_tag(parent_run_id, key, value)
+        model_id = _logged_model_of(client, version)
+        logged = {o.model_id for o in (parent.outputs.model_outputs if parent.outputs else [])}
+        if model_id and model_id not in logged:  # the run page lists its version under "Registered models"
+            client.log_outputs(parent_run_id, [LoggedModelOutput(model_id, step=0)])
+        held = deploy.params.get("champion_version", "none")  # before the decision; this version on a rerun
+        if held != "none":
+            theirs = version if held == str(version.version) else client.get_model_version(name, held)
+            champion = report.Champion(
+                held,
+                {k: float(v) for k, v in theirs.tags.items() if k.startswith("eval/")},
+                same_set=theirs.tags.get("lmforge.eval_set") == deploy.params.get("eval_set"),
+            )
+    note = report.summary_markdown(
+        run_name=parent.info.run_name,
+        config=parent.data.tags.get("lmforge.config", "?"),
+        targets=parent.data.tags.get("lmforge.targets", "all"),
+        commit=parent.data.tags.get("mlflow.source.git.commit"),
+        seconds=seconds,
+        stages=stages,
+        champion=champion,
+        model_version=model_version,
+        model_link=link,
+    )
+    client.set_tag(parent_run_id, NOTE_TAG, note)
+    return note
+
+
+def _logged_model_of(client, version) -> str | None:
+    """The logged model a registered version was made from, tagged with the version
+    (``mlflow.modelVersions``: how the UI goes from a run's logged model to its registered version).
+    A sqlite registry keeps no ``model_id`` on the version: then it is the model its run logged."""
+    import json
+
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    model_id = version.model_id
+    if not model_id:
+        run = client.get_run(version.run_id)
+        found = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{version.run_id}'", max_results=1
+        )
+        model_id = found[0].model_id if found else None
+    if model_id:
+        model = client.get_logged_model(model_id)
+        linked = json.loads(model.tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        this = {"name": version.name, "version": str(version.version)}
+        if this not in linked:
+            client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, this])})
+    return model_id
+
+
+@_user_errors
+def pipeline_runs(uri: str, experiment: str, last: int) -> list[dict[str, Any]]:
+    """The ``last`` newest pipeline (parent) runs of ``experiment``, newest first, as plain dicts
+    (run_id, name, start and end in ms, status, metrics, tags); none when the experiment does not exist."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return []  # no store yet: reading must not create one
+    client = _client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string="tags.mlflow.parentRunId IS NULL",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "start": r.info.start_time,
+            "end": r.info.end_time,
+            "status": r.info.status,
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+        }
+        for r in runs
+    ]

@@ -10,9 +10,10 @@ Lightning detects the external launcher and the same command line works unchange
 Pretraining and every fine-tuning method share one fit-and-save path (:func:`fit_and_save`): the
 stage's training block (``pretrain.*`` or ``finetune.*``, one type) sets steps, optimiser,
 checkpoints and resume. On success OUT holds model.safetensors + model.json, checkpoints/,
-samples.txt (decoder pretraining), config.yaml and result.json (rank 0's final metrics and the
-saved weights' sha256), and the process exits 0. A user-facing failure (bad config or data,
-divergence) prints one ``lmforge: error: ...`` line on stderr and exits 1.
+samples.txt (decoder pretraining), loss_history.csv (train/val loss by step), config.yaml and
+result.json (rank 0's final metrics and the saved weights' sha256), and the process exits 0. A
+user-facing failure (bad config or data, divergence) prints one ``lmforge: error: ...`` line on
+stderr and exits 1.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lm.stage import StageContext, StageResult
 
 PROMPTS = ["def ", "The ", "import ", "class "]
 RESULT = "result.json"
+LOSS_HISTORY = "loss_history.csv"  # train/val loss by step: the loss-curve figure reads it (lm.figures)
 CONFIG = "config.yaml"
 
 
@@ -263,7 +265,7 @@ def fit_and_save(
     weights; on rank 0 save model.safetensors + model.json (``meta`` added) and result.json.
     ``to_save(net)``: the network to save instead of ``module.net`` (LoRA merged). Returns the final metrics."""
     from lm.checkpoint import CKPT_DIR, StepCheckpoint
-    from lm.lit import ThroughputMonitor
+    from lm.lit import LossHistory, ThroughputMonitor
     from lm.model import count_params, flops_per_token, save_model
 
     train: TrainingConfig = getattr(cfg, section)
@@ -281,17 +283,18 @@ def fit_and_save(
         out_dir / CKPT_DIR, train.ckpt_every, train.keep_last, before_save=module.raise_if_diverged
     )
     throughput = ThroughputMonitor(tokens_per_batch, flops_per_token(net.args), window=cfg.trainer.log_every)
-    logger = False
-    if run_id:
+    loggers: list = []
+    if run_id:  # first: trainer.logger is the MLflow run (SampleWriter logs its texts there)
         from lightning.pytorch.loggers import MLFlowLogger
 
         # An explicit URI always: MLFlowLogger's fallback file:./mlruns is refused by MLflow 3 (mlflow#23637).
-        logger = MLFlowLogger(tracking_uri=tracking_uri or cfg.tracking_uri(), run_id=run_id, log_model=False)
+        loggers.append(MLFlowLogger(tracking_uri=tracking_uri or cfg.tracking_uri(), run_id=run_id, log_model=False))
+    loggers.append(LossHistory(out_dir / LOSS_HISTORY))
     trainer = _trainer(
         cfg.trainer,
         out_dir,
         max_steps=train.max_steps,
-        logger=logger,
+        logger=loggers,
         callbacks=[ckpt_cb, throughput, *(callbacks or [])],
     )
     world = trainer.world_size

@@ -46,3 +46,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(prefect_harness, tmp_path_factory):
+    """Run the whole tiny pipeline twice with nothing changed; yield both results and timings.
+    Once per session: tests/test_pipeline.py and tests/test_report.py read the same runs."""
+    import time
+
+    from flows.pipeline import pipeline
+    from lm.config import load_config
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = load_config("tiny", [f"workdir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
+    t0 = time.monotonic()
+    first = pipeline(config=cfg)
+    t1 = time.monotonic()
+    second = pipeline(config=cfg)
+    t2 = time.monotonic()
+    return {"first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1, "tmp": tmp, "cfg": cfg}

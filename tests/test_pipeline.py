@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,7 @@ from lm.workspace import config_values
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_run(prefect_harness, tmp_path_factory):
-    """Run the whole tiny pipeline twice with nothing changed; yield both results and timings."""
-    from flows.pipeline import pipeline
-
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = load_config("tiny", [f"workdir={tmp / 'runs'}", f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}"])
-    t0 = time.monotonic()
-    first = pipeline(config=cfg)
-    t1 = time.monotonic()
-    second = pipeline(config=cfg)
-    t2 = time.monotonic()
-    return {"first": first, "second": second, "t_first": t1 - t0, "t_second": t2 - t1, "tmp": tmp, "cfg": cfg}
+# tiny_run (conftest.py): the whole tiny pipeline, run twice with nothing changed, once per session.
 
 
 def test_run_tree_has_a_child_per_stage_with_results(tiny_run):

@@ -1,0 +1,260 @@
+"""What a reviewer reads first: the pipeline run's key numbers, its markdown summary, and the
+comparison table of recent runs (``lmforge report``).
+
+Plain data in, text out: the MLflow side (reading the run tree, writing the parent run, listing
+runs) is ``lm.tracking``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Each headline metric of the evaluate stage beside the baselines measured with it (same data).
+BASELINES: dict[str, list[tuple[str, str]]] = {
+    "eval/accuracy": [("eval/baseline_accuracy", "majority class"), ("eval/tfidf_accuracy", "TF-IDF + logistic regression")],
+    "eval/macro_f1": [("eval/baseline_macro_f1", "majority class"), ("eval/tfidf_macro_f1", "TF-IDF + logistic regression")],
+    "eval/chrf": [("eval/baseline_chrf", "nearest training answer")],
+    "eval/exact_match": [("eval/baseline_exact_match", "nearest training answer")],
+    "eval/response_loss": [("eval/base_response_loss", "the model before tuning")],
+    "eval/bpb": [("eval/baseline_bpb", "unigram")],
+    "eval/mlm_loss": [("eval/baseline_mlm_loss", "unigram")],
+    "eval/mlm_accuracy": [],
+    "eval/loss": [],
+}
+
+# Stage metrics the parent run repeats (as parent name <- stage, child metric), so that the run list
+# compares pipeline runs column by column. The evaluate stage's eval/* metrics come too, all of them.
+FROM_STAGES: dict[str, tuple[str, str]] = {
+    "deploy/version": ("deploy", "deploy/version"),
+    "deploy/promoted": ("deploy", "deploy/promoted"),
+    "deploy/new_value": ("deploy", "deploy/new_value"),
+    "deploy/champion_value": ("deploy", "deploy/champion_value"),
+    "ingest/documents": ("ingest", "ingest/documents"),
+    "ingest/bytes": ("ingest", "ingest/bytes"),
+    "clean/docs_in": ("clean", "clean/docs_in"),
+    "clean/docs_out": ("clean", "clean/docs_out"),
+    "clean/bytes_out": ("clean", "clean/bytes_out"),
+    "clean/train_docs": ("clean", "clean/train_docs"),
+    "clean/val_docs": ("clean", "clean/val_docs"),
+    "tokenize/train_tokens": ("tokenize", "tokenize/train_tokens"),
+    "tokenize/val_tokens": ("tokenize", "tokenize/val_tokens"),
+    "finetune_data/train": ("finetune_data", "finetune_data/train"),
+    "finetune_data/test": ("finetune_data", "finetune_data/test"),
+    "pretrain/val_loss": ("pretrain", "val/loss"),
+    "finetune/val_loss": ("finetune", "val/loss"),
+}
+DURATION = "pipeline/seconds"
+
+
+@dataclass
+class StageRun:
+    """One stage's child run, as the summary needs it."""
+
+    metrics: dict[str, float]
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    seconds: float | None = None
+
+
+@dataclass
+class Champion:
+    """The version that held the alias when this run's deploy decided, with its registered metrics."""
+
+    version: str
+    metrics: dict[str, float]
+    same_set: bool  # measured on the evaluation set this run's promotion metric was measured on
+
+
+def parent_metrics(stages: Mapping[str, StageRun], seconds: float) -> dict[str, float]:
+    """The key metrics of a pipeline run, from its stages' child runs."""
+    # The evaluation first: the UI lists a run's metrics in the order they were logged.
+    out = {k: v for k, v in sorted(stages["evaluate"].metrics.items()) if k.startswith("eval/")} if "evaluate" in stages else {}
+    out.update({name: stages[stage].metrics[key] for name, (stage, key) in FROM_STAGES.items()
+                if stage in stages and key in stages[stage].metrics})
+    out[DURATION] = seconds
+    return out
+
+
+def headline(metrics: Mapping[str, float], promote_metric: str | None) -> list[str]:
+    """The metrics a person compares first: the promotion metric, then each one that has a baseline."""
+    names = [promote_metric] if promote_metric in metrics else []
+    return names + [m for m in BASELINES if m in metrics and m not in names]
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{int(value):,}"
+
+
+def _size(n: float | None, unit: str = "") -> str:
+    """6867560 -> '6.9 M' + unit; a missing number -> '-'."""
+    if n is None:
+        return "-"
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {prefix}{unit}"
+    return f"{int(n)} {unit}".rstrip()
+
+
+def summary_markdown(
+    *,
+    run_name: str,
+    config: str,
+    targets: str,
+    commit: str | None,
+    seconds: float,
+    stages: Mapping[str, StageRun],
+    champion: Champion | None,
+    model_version: str | None,
+    model_link: str | None,
+) -> str:
+    """The parent run's description (``mlflow.note.content``): data in and out, the key metrics
+    beside the champion and the baselines, the promotion decision and its reason."""
+    ev = stages["evaluate"].metrics if "evaluate" in stages else {}
+    deploy = stages.get("deploy")
+    promote_metric = deploy.params.get("deploy.promote_metric") if deploy else None
+    # The UI shows a description's first lines until "Show more": the decision and its numbers first.
+    lines: list[str] = []
+    if deploy is not None:
+        decision = deploy.tags.get("lmforge.decision", "?")
+        alias = deploy.params.get("deploy.alias", "champion")
+        model = f"[{model_version}]({model_link})" if model_version and model_link else f"`{model_version}`"
+        new, old = deploy.metrics.get("deploy/new_value"), deploy.metrics.get("deploy/champion_value")
+        numbers = ""
+        if promote_metric:
+            numbers = f": `{promote_metric}` {_num(new)}"
+            if old is not None and champion is not None:
+                numbers += f" against {_num(old)} for champion v{champion.version}"
+        if decision == "promoted":
+            verdict = f"**Promoted** {model} to `@{alias}`"
+        else:
+            stays = f" (`@{alias}` stays on v{champion.version})" if champion is not None else ""
+            verdict = f"**Kept** {model} as challenger{stays}"
+        lines += [f"{verdict}{numbers}.", "",
+                  f"> {deploy.tags.get('lmforge.decision_reason', '(no reason recorded)')}", ""]
+    lines += [f"Pipeline run `{run_name}`: config `{config}`, stages: {targets}, {seconds / 60:.1f} min"
+              + (f", git `{commit[:10]}`" if commit else "") + ".", ""]
+
+    if ev:
+        names = headline(ev, promote_metric)
+        champ_head = f"champion v{champion.version}" if champion else "champion"
+        lines += ["### Key metrics", "", f"| metric | this run | {champ_head} | baselines (same data) |",
+                  "|---|---:|---:|---|"]
+        for name in names:
+            mark = " (promotion)" if name == promote_metric else ""
+            theirs = None
+            if champion is not None:
+                theirs = (deploy.metrics.get("deploy/champion_value") if name == promote_metric and deploy
+                          else champion.metrics.get(name))
+            baselines = ", ".join(f"{_num(ev[b])} {label}" for b, label in BASELINES.get(name, []) if b in ev)
+            lines.append(f"| `{name}`{mark} | {_num(ev[name])} | {_num(theirs)} | {baselines or '-'} |")
+        lines.append("")
+        if champion is None:
+            lines += ["No version held the alias before this run: there is no champion to compare with.", ""]
+        elif not champion.same_set:
+            lines += ["The champion's numbers other than the promotion metric were measured on its own "
+                      "evaluation set, not this run's.", ""]
+
+    data_rows = []
+    ing, cl = stages.get("ingest"), stages.get("clean")
+    if ing:
+        m = ing.metrics
+        data_rows.append(f"| ingested | {_count(m.get('ingest/documents'))} documents | {_size(m.get('ingest/bytes'), 'B')} |")
+    if cl:
+        m = cl.metrics
+        dropped = sorted(((k.removeprefix("clean/dropped/"), v) for k, v in m.items()
+                          if k.startswith("clean/dropped/") and v), key=lambda kv: -kv[1])
+        dups = m.get("dedup/exact_dups", 0) + m.get("dedup/near_dups", 0)
+        reasons = ", ".join(f"{r} {_count(v)}" for r, v in dropped) or "none"
+        data_rows += [
+            f"| dropped by the filters | {_count(m.get('clean/docs_filtered', 0))} documents | {reasons} |",
+            f"| dropped as duplicates | {_count(dups)} documents | exact {_count(m.get('dedup/exact_dups', 0))}, "
+            f"near {_count(m.get('dedup/near_dups', 0))} |",
+            f"| kept | {_count(m.get('clean/docs_out'))} documents | {_size(m.get('clean/bytes_out'), 'B')}; "
+            f"train {_count(m.get('clean/train_docs'))}, validation {_count(m.get('clean/val_docs'))} |",
+        ]
+    if "tokenize" in stages:
+        m = stages["tokenize"].metrics
+        data_rows.append(f"| tokens | {_size(m.get('tokenize/train_tokens'))} train | "
+                         f"{_size(m.get('tokenize/val_tokens'))} validation |")
+    if "finetune_data" in stages:
+        m = stages["finetune_data"].metrics
+        data_rows.append(f"| fine-tuning examples | {_count(m.get('finetune_data/train'))} train | "
+                         f"validation {_count(m.get('finetune_data/val'))}, test {_count(m.get('finetune_data/test'))} |")
+    if data_rows:
+        lines += ["### Data", "", "| | count | detail |", "|---|---:|---|", *data_rows, ""]
+
+    lines += ["### Stages", "", "| stage | | seconds |", "|---|---|---:|"]
+    for name, st in stages.items():
+        state = "cached" if st.tags.get("lmforge.cached") == "true" else "ran"
+        lines.append(f"| {name} | {state} | {_num(st.seconds, 1) if st.seconds is not None else '-'} |")
+    if "clean" in stages or "evaluate" in stages:
+        lines += ["", "Pictures, in each stage's child run (Artifacts): clean has length_hist.png and "
+                  "dropped_by_reason.png; evaluate has loss_curves.png, and confusion.png (classifiers) or "
+                  "the generations table (generative models)."]
+    return "\n".join(lines) + "\n"
+
+
+# ---- lmforge report --------------------------------------------------------------------------------
+
+STATUS = {"FINISHED": "ok", "FAILED": "failed", "RUNNING": "running", "KILLED": "killed", "SCHEDULED": "scheduled"}
+
+
+def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str:
+    """One row per pipeline run, newest first: name, trigger, data kept, the promotion metric (new and
+    champion), other headline metrics while they fit in ``width`` columns, decision, the version
+    registered, duration, status.
+    ``runs``: dicts with name, start (ms), end (ms or None), status, metrics, tags."""
+    if not runs:
+        return "no pipeline runs yet"
+    promote = next((r["tags"].get("lmforge.promote_metric") for r in runs if r["tags"].get("lmforge.promote_metric")), None)
+    present: list[str] = []
+    for r in runs:
+        present += [m for m in headline(r["metrics"], promote) if m not in present]
+
+    def short(metric: str) -> str:
+        return metric.removeprefix("eval/")
+
+    base = ["run", "trigger", "docs"]  # the run's name carries its start time (config-YYYYmmdd-HHMMSS)
+    rows = []
+    for r in runs:
+        m, tags = r["metrics"], r["tags"]
+        seconds = m.get(DURATION)
+        if seconds is None and r.get("end"):
+            seconds = (r["end"] - r["start"]) / 1000
+        version = tags.get("lmforge.model_version", "")
+        decision = tags.get("lmforge.decision")
+        row = {
+            "run": r["name"],
+            "trigger": tags.get("lmforge.trigger", "-"),
+            "docs": _count(m.get("clean/docs_out")),
+            **{short(k): _num(m.get(k)) for k in present},
+            "champion": _num(m.get("deploy/champion_value")),
+            "decision": decision or "-",
+            "version": f"v{version.rsplit('/', 1)[-1]}" if version else "-",
+            "min": f"{seconds / 60:.1f}" if seconds is not None else "-",
+            "status": STATUS.get(r["status"], r["status"].lower()),
+        }
+        rows.append(row)
+    # Metric columns while they fit: the promotion metric and its champion value always.
+    tail = ["decision", "version", "min", "status"]
+    columns = base + [short(m) for m in present[:1]] + ["champion"]
+    for metric in present[1:]:
+        if max(map(len, _render(rows, [*columns, short(metric), *tail]).splitlines())) <= width:
+            columns.append(short(metric))
+    return _render(rows, columns + tail)
+
+
+def _render(rows: list[dict[str, str]], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
+    left = {"run", "trigger", "decision", "status"}
+
+    def line(cells: Mapping[str, str]) -> str:
+        return "  ".join(cells[c].ljust(widths[c]) if c in left else cells[c].rjust(widths[c]) for c in columns).rstrip()
+
+    return "\n".join([line({c: c for c in columns}), *(line(r) for r in rows)])
