@@ -442,7 +442,7 @@ def _extend(
     )
     offset = sum(t.num_rows for t in pool[:3])
     pool_rows = np.concatenate((row_in_pool[earlier_rows], offset + np.arange(num_passed_new)))[src]
-    table = pa.concat_tables(pool)
+    table = pa.concat_tables(pool).combine_chunks()  # one copy: a take from many chunks copies them each time
     passed_docs = np.flatnonzero(passed)
     part_of_passed = np.searchsorted(group_start, passed_docs, side="right") - 1
     passed_start = np.searchsorted(part_of_passed, np.arange(len(group_rows) + 1))
@@ -756,7 +756,6 @@ def _plot_lengths(path: Path, hist_in: np.ndarray, hist_out: np.ndarray) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import NullLocator
 
     # One step outline per histogram, not a bar per bin, and no minor ticks on the log axis: the
