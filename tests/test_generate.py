@@ -17,7 +17,16 @@ from lm.generate import (
     prefill,
     sample_next,
 )
-from lm.model import Decoder, Encoder, KVCache, ModelArgs, llama_config_dict, save_model, to_llama_state_dict
+from lm.model import (
+    Decoder,
+    Encoder,
+    KVCache,
+    ModelArgs,
+    _plain_layers,
+    llama_config_dict,
+    save_model,
+    to_llama_state_dict,
+)
 from lm.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,6 +101,36 @@ def test_cached_logits_equal_full_forward_logits(n_kv_head):
         m(seqs[:1, :10], cache=one)
         chunk = m(seqs[:1, 10:25], cache=one)[0]
         torch.testing.assert_close(chunk, full[:1, 10:25], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_lean_decode_path_equals_the_modules_and_follows_weight_updates(dtype):
+    """Decoding without autograd reads the weights directly (lm.model._decode_layers): the same logits
+    as the layers' modules, to the last bit; an in-place weight update (an optimizer step) is seen."""
+    torch.manual_seed(3)
+    m = Decoder(tiny(n_kv_head=2)).eval().to(dtype)
+    prompts = [[5, 6, 7, 8, 9], [1, 2], [3, 4, 5]]
+
+    def run(lean: bool) -> list[torch.Tensor]:
+        m.__dict__["_lean_decode"] = lean
+        cache, logits = prefill(m, prompts, max_len=32)
+        out, tokens = [logits], logits.argmax(-1)
+        for _ in range(6):
+            out.append(decode_step(m, cache, tokens))
+            tokens = out[-1].argmax(-1)
+        return out
+
+    modules, lean = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(modules, lean, strict=True))
+    with torch.no_grad():
+        m.layers[0].self_attn.k_proj.weight.mul_(0.5)
+        m.layers[1].mlp.up_proj.weight.add_(0.01)
+    modules, lean = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(modules, lean, strict=True))
+    del m.__dict__["_lean_decode"]
+    assert _plain_layers(m)
+    m.layers[0].mlp.register_forward_hook(lambda *_: None)  # a hooked (or peft-wrapped) layer: modules only
+    assert not _plain_layers(m)
 
 
 def test_the_training_forward_ignores_the_cache_code_and_the_encoder_refuses_a_cache():
