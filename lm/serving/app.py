@@ -190,12 +190,41 @@ class _ClientGone(Exception):
 
 
 class _EventStream(StreamingResponse):
-    """Server-sent events; ``on_close`` runs however the stream ends (finished, client gone, error)."""
+    """Server-sent events until ``deadline``; ``on_close`` runs however the stream ends (finished, client
+    gone, error, timeout).
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]):
+    The deadline covers waiting for the client as well as for tokens: a send waits while the client's
+    socket is full, so a client reading too slowly for its stream to leave by the deadline gets
+    ``timeout_tail`` in place of the rest (its generation and its place are freed at once), and the
+    connection is dropped if it does not read up to there within ``TAIL_GRACE_S``. (A timeout around
+    the generator alone fired while it was suspended in a send: the stream was cut mid-chunk, without
+    its error event or [DONE], and uvicorn logged "ASGI callable returned without completing response".)
+    """
+
+    TAIL_GRACE_S = 10.0
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None], deadline: float,
+                 timeout_tail: str):
         super().__init__(content, media_type="text/event-stream",
                          headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
-        self.on_close = on_close
+        self.on_close, self.deadline, self.timeout_tail = on_close, deadline, timeout_tail
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        tail = b""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                async for chunk in self.body_iterator:
+                    await send({"type": "http.response.body", "body": chunk.encode(), "more_body": True})
+        except TimeoutError:
+            tail = self.timeout_tail.encode()
+        finally:
+            self.on_close()  # the engine and the place are done with it, though the client may still read
+        try:
+            async with asyncio.timeout(self.TAIL_GRACE_S):
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except TimeoutError:
+            return  # the client has stopped reading: uvicorn closes the connection
 
     async def __call__(self, scope, receive, send):
         try:
@@ -327,7 +356,8 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
                     served.engine.cancel(job)
                     place()
 
-                return _EventStream(reply.stream(events, deadline, first_token, limits.timeout_s), on_close)
+                return _EventStream(reply.stream(events, first_token), on_close, deadline,
+                                    reply.timeout_tail(limits.timeout_s))
             watcher = asyncio.create_task(_watch_disconnect(request, events))
             try:
                 end = await _until_finished(events, deadline, first_token, limits.timeout_s)
@@ -533,30 +563,32 @@ class _Reply:
             out["usage"] = None
         return out
 
-    async def stream(self, events: _Events, deadline: float, first_token: Callable[[], None],
-                     timeout_s: float) -> AsyncIterator[str]:
+    async def stream(self, events: _Events, first_token: Callable[[], None]) -> AsyncIterator[str]:
+        """The stream's events (its deadline is :class:`_EventStream`'s)."""
         if self.chat:
             yield _sse(self.chunk(None, role=True))
         end, first = None, True
-        try:
-            async with asyncio.timeout_at(deadline):
-                while end is None:
-                    event = await events.get()
-                    if first:
-                        first_token()
-                        first = False
-                    if isinstance(event, Failed):
-                        yield _sse(error_body(500, event.message, code="engine_error"))
-                        break
-                    if event.text:
-                        yield _sse(self.chunk(event.text))
-                    if isinstance(event, Finished):
-                        end = event
-                        yield _sse(self.chunk(None, end.finish_reason))
-        except TimeoutError:
-            yield _sse(error_body(408, f"the request took longer than this server's limit of {timeout_s:g} s",
-                                  code="request_timeout"))
+        while end is None:
+            event = await events.get()
+            if first:
+                first_token()
+                first = False
+            if isinstance(event, Failed):
+                yield _sse(error_body(500, event.message, code="engine_error"))
+                break
+            if event.text:
+                yield _sse(self.chunk(event.text))
+            if isinstance(event, Finished):
+                end = event
+                yield _sse(self.chunk(None, end.finish_reason))
         if end is not None and self.include_usage:
             yield _sse({"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                         "created": self.created, "model": self.model, "choices": [], "usage": self.usage(end)})
         yield _sse("[DONE]")
+
+    @staticmethod
+    def timeout_tail(timeout_s: float) -> str:
+        """How a stream past its deadline ends."""
+        error = error_body(408, f"the request took longer than this server's limit of {timeout_s:g} s",
+                           code="request_timeout")
+        return _sse(error) + _sse("[DONE]")
