@@ -12,9 +12,11 @@ import sys
 import textwrap
 import time
 
+import httpx
+import openai
 import psutil
 import pytest
-from serve_fixtures import export_model, make_workdir
+from serve_fixtures import client, export_model, make_workdir, serving
 from train_fixtures import ROOT, child_env
 
 from lm.generate import SamplingParams, load_for_generation
@@ -138,3 +140,21 @@ def test_the_engine_process_ends_when_the_server_process_is_killed(model):
         child.wait(timeout=30)  # raises TimeoutExpired if it lingers
     finally:
         server.kill()
+
+
+def test_the_server_starts_a_new_engine_when_its_engine_process_is_killed(model):
+    with serving(model) as s:
+        api = client(s)
+        before = api.completions.create(model="chat", prompt="def", max_tokens=8, temperature=0).choices[0].text
+        [engine_pid] = [p.pid for p in psutil.Process().children() if p.pid == s.slot.current.engine._proc.pid]
+        stream = api.completions.create(model="chat", prompt="def", max_tokens=900, temperature=0, stream=True)
+        next(iter(stream))
+        os.kill(engine_pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine"):  # the running stream ends with an error event
+            list(stream)
+        deadline = time.monotonic() + 120
+        while s.slot.current.engine._proc.pid == engine_pid or httpx.get(f"{s.url}/health").status_code != 200:
+            assert time.monotonic() < deadline, "no new engine within 120 s"
+            time.sleep(0.2)
+        after = api.completions.create(model="chat", prompt="def", max_tokens=8, temperature=0).choices[0].text
+        assert after == before

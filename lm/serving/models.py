@@ -82,10 +82,12 @@ class ServedModel:
 def load_folder(
     folder: Path, *, name: str, version: str | None, source: str, max_batch_size: int,
     on_step: Callable[[str | None, int, bool], None] | None = None, in_process: bool = False,
+    on_died: Callable[[], None] | None = None,
 ) -> ServedModel:
     """A served model from an lmforge export folder (a decoder, sft, or classifier) or a decoder's
     folder (lmforge's or Hugging Face's), its engine started: a decoder's in a process of its own
-    (``lm.serving.process``) unless ``in_process``; a classifier's in a thread of this process."""
+    (``lm.serving.process``) unless ``in_process``; a classifier's in a thread of this process.
+    ``on_died()``: the engine's process died without being asked to stop."""
     import json
 
     from lm.generate import load_for_generation
@@ -119,7 +121,7 @@ def load_folder(
 
         from lm.serving.process import EngineProcess
 
-        engine = EngineProcess(folder, max_batch_size=max_batch_size, on_step=step(True),
+        engine = EngineProcess(folder, max_batch_size=max_batch_size, on_step=step(True), on_died=on_died,
                                name=f"lmforge-engine-{version or 'local'}")
         info = engine.start()  # the model is loaded in the engine's process only
         served = _decoder(name, version, source, engine, info.seq_len, Tokenizer.from_str(info.tokenizer_json),
@@ -146,6 +148,7 @@ def _decoder(name: str, version: str | None, source: str, engine: Any, seq_len: 
 def load_served(
     source: str, *, tracking_uri: str | None, name: str | None = None, max_batch_size: int = 32,
     on_step: Callable[[str | None, int, bool], None] | None = None, in_process: bool = False,
+    on_died: Callable[[], None] | None = None,
 ) -> ServedModel:
     """Load what ``--model`` names: a folder, or a registered model (downloaded to a temporary folder,
     which is removed once the model is in memory)."""
@@ -158,7 +161,7 @@ def load_served(
             raise LmforgeError(f"--model {source}: no such folder (give an export folder or models:/NAME@ALIAS)")
         # As vLLM names a folder it serves: by the path it was given.
         return load_folder(folder, name=name or source, version=None, source=source,
-                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process)
+                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process, on_died=on_died)
     uri = tracking_uri or "sqlite:///mlflow.db"
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
     try:
@@ -168,7 +171,7 @@ def load_served(
             # The registry's message names the tracking URI: without its password on a terminal.
             raise ConfigError(display_uri(str(e).replace(f"model.init_from={source!r}", f"--model {source}"))) from None
         return load_folder(folder, name=name or registered[0], version=version, source=source,
-                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process)
+                           max_batch_size=max_batch_size, on_step=on_step, in_process=in_process, on_died=on_died)
     finally:
         # Weights and tokenizer are in memory now (a file mapped by safetensors stays readable on Linux).
         shutil.rmtree(work, ignore_errors=True)

@@ -68,7 +68,8 @@ class EngineProcess:
     ``on_step(rows)`` is called in this process after each of the child's decode steps."""
 
     def __init__(self, folder: str | Path, *, max_batch_size: int = 32, seed: int | None = None,
-                 on_step: Callable[[int], None] | None = None, name: str = "lmforge-engine"):
+                 on_step: Callable[[int], None] | None = None, on_died: Callable[[], None] | None = None,
+                 name: str = "lmforge-engine"):
         import multiprocessing as mp
 
         import torch
@@ -85,6 +86,7 @@ class EngineProcess:
         )
         self.name = name
         self.on_step = on_step
+        self.on_died = on_died  # called (from this object's reader thread) if the child dies unasked
         self._lock = threading.Lock()  # the command pipe and the request tables
         self._jobs: dict[int, TextRequest] = {}
         self._started: set[int] = set()  # requests that heard from the engine (they are in its batch)
@@ -192,16 +194,20 @@ class EngineProcess:
                 elif kind == "exited":
                     break
         except (EOFError, OSError):
-            if not self._closing:
-                log.error("the engine process of %s stopped (exit code %s)", self.name, self._proc.exitcode)
+            pass
         finally:
             with self._lock:
-                self._closing = True
+                died, self._closing = not self._closing, True
                 left, self._jobs = list(self._jobs.values()), {}
                 self._started.clear()
             for request in left:
                 request.fail("the engine stopped")
             self._exited = True
+        if died:
+            self._proc.join(timeout=10)
+            log.error("the engine process of %s stopped (exit code %s)", self.name, self._proc.exitcode)
+            if self.on_died is not None:
+                self.on_died()
 
     def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
         for rid, event in events:

@@ -57,6 +57,7 @@ class Server:
 
     def __init__(self, opts: ServeOptions):
         self.opts = opts
+        self._stopping = False
         self.uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         # What the command line got wrong is said before torch and the web stack are imported (seconds).
         registered = registered_name(opts.model)
@@ -101,8 +102,34 @@ class Server:
         return load_served(
             self.opts.model, tracking_uri=self.uri, name=self.opts.served_model_name,
             max_batch_size=self.opts.max_batch_size, in_process=self.opts.engine_in_process,
-            on_step=lambda version, rows, generated: self.metrics.step(version or "local", rows, generated),
+            on_died=self._engine_died, on_step=lambda version, rows, generated: self.metrics.step(version or "local", rows, generated),
         )
+
+    def _engine_died(self) -> None:
+        """An engine process died (killed, out of memory): load the model again beside the server,
+        and swap it in; its requests already ended with an error, /health says 503 meanwhile."""
+        threading.Thread(target=self._restart_engine, name="lmforge-engine-restart", daemon=True).start()
+
+    def _restart_engine(self) -> None:
+        import time
+
+        delay = 1.0
+        while not self._stopping:
+            try:
+                new = self._load()
+            except Exception as e:  # noqa: BLE001 - e.g. the registry is unreachable: try again
+                log.warning("lmforge serve: reloading the model after its engine died failed (%s); again in %g s",
+                            e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            if self._stopping:
+                new.engine.close()
+                return
+            self.slot.swap(new)
+            log.warning("lmforge serve: the engine process died; %s version %s is served again by a new one",
+                        new.name, new.version or "local")
+            return
 
     def _swapped(self, old: ServedModel | None, new: ServedModel) -> None:
         before = None if old is None else (old.name, old.version_label, old.source)
@@ -120,6 +147,7 @@ class Server:
         try:
             self.uvicorn.run(sockets=[self.sock])
         finally:
+            self._stopping = True
             if self.follower is not None:
                 self.follower.stop()
             self.slot.close()
