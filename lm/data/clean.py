@@ -442,13 +442,17 @@ def _extend(
     )
     offset = sum(t.num_rows for t in pool[:3])
     pool_rows = np.concatenate((row_in_pool[earlier_rows], offset + np.arange(num_passed_new)))[src]
-    table = pa.concat_tables(pool).combine_chunks()  # one copy: a take from many chunks copies them each time
+    table = pa.concat_tables(pool)
     passed_docs = np.flatnonzero(passed)
     part_of_passed = np.searchsorted(group_start, passed_docs, side="right") - 1
     passed_start = np.searchsorted(part_of_passed, np.arange(len(group_rows) + 1))
 
     def part_rows(part: int) -> pa.Table:
-        return table.take(pa.array(pool_rows[passed_start[part] : passed_start[part + 1]]))
+        """Slices of the pool, a run of consecutive rows at a time (no copy: what is written is
+        copied once, when it is filtered)."""
+        rows = pool_rows[passed_start[part] : passed_start[part + 1]]
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+        return pa.concat_tables([table.slice(int(run[0]), run.size) for run in runs]) if runs else table.slice(0, 0)
 
     def sample_texts(positions: list[int]) -> dict[int, dict]:
         out = {p: samples[p] for p in positions if p in samples}
@@ -463,7 +467,8 @@ def _extend(
 
     result = _reduce(cfg, records, np.diff(passed_start), Texts(part_rows, sample_texts), out_dir=out_dir,
                      start=start, reuse=(len(old_docs), len(new_docs)))
-    result.tags["lmforge.extends"] = str(earlier.folder)
+    if len(old_docs):
+        result.tags["lmforge.extends"] = str(earlier.folder)
     return result
 
 

@@ -454,7 +454,7 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
         },
         artifacts=[PROVENANCE],
         outputs={"documents": DOCUMENTS, "provenance": PROVENANCE, "index": INDEX, "digests": DIGESTS},
-        tags={} if earlier is None else {"lmforge.extends": str(earlier.folder)},
+        tags={"lmforge.extends": str(earlier.folder)} if files_reused else {},
         datasets=[
             {
                 "name": "documents",
