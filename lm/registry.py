@@ -13,8 +13,9 @@ champion: the alias moves only if its holder is still the version the decision c
 re-read under a file lock next to a local sqlite store (:func:`promotion_lock`); if another run
 moved it meanwhile, the decision is made again against the new holder. A remote store
 (``http://``, a database server) has no file to lock: there the holder is re-read just before the
-move, and again after it, and the alias goes back to a version that took it in between unless this
-one beats it (best effort: a window of a few requests remains, see :func:`_decide_and_move`).
+move and again a moment after it, and a deploy that then finds another version holding the alias
+compares again, taking it back only if it is better, so the better one ends as champion (best
+effort: see :func:`_decide_and_move`).
 
 Only ``MlflowClient`` calls, with the tracking URI and run id passed in: no global "active run",
 which Prefect's task threads would share. Registry stages are deprecated in MLflow 3; aliases
