@@ -7,8 +7,8 @@ filters, writes its surviving documents to a part file and returns small arrays 
 its verdict, dedup hashes, MinHash signature, split hash). The driver then finds exact and near
 duplicates over the whole corpus, BEFORE the split, so no near copy of a validation document is
 trained on, and streams the part files into ``train.parquet`` and ``val.parquet``. Memory holds
-one part's text per worker plus ~(bands * 8 + 60) bytes per document; signatures go to a file
-that is memory-mapped for verification.
+one part's text per worker plus ~(bands * 8 + 150) bytes and the id of each document; signatures
+go to a file that is memory-mapped for verification.
 
 Which copy of a duplicate survives does not depend on the order documents are processed in: the
 first in corpus order (data.sources in order, each one's files as ingest lists them, sorted). The
@@ -21,7 +21,8 @@ what it decided for every document (filter verdict, counts, dedup and split hash
 the duplicates it dropped (one comes back when the copy kept instead of it is removed), so only new
 or changed documents (matched by id and :func:`lm.data.ingest.document_digest`) go through the
 filters and MinHash; the duplicate search and the split run over old and new together. The outputs are those a full clean of the
-same documents writes: the same documents kept, the same split, the same bytes.
+same documents writes: the same documents kept, the same split, the same bytes. (An extended clean
+holds the earlier cleaned text in memory, as Arrow data: the whole corpus once.)
 
 ``plan_parts`` / ``clean_part`` / ``finish_clean`` are the map and reduce steps that ``clean``
 composes; its ``map_parts`` argument says where the map step runs.
