@@ -7,6 +7,12 @@ own module-scoped fixtures from them (``workdir`` from :func:`make_workdir`, ``c
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +21,7 @@ import httpx
 import openai
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from train_fixtures import ROOT, make_token_dir
+from train_fixtures import ROOT, child_env, make_token_dir
 
 from lm.serving.protocol import Limits
 from lm.serving.server import ServeOptions, Server
@@ -135,3 +141,54 @@ def register(uri: str, name: str, folder: Path, work: Path) -> str:
     except mlflow.exceptions.MlflowException:
         pass
     return str(client_.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
+
+
+# ---- real server processes ------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"the server did not answer at {url}:\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group (the server and what it started), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@contextmanager
+def mlflow_server(store: Path, port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """A real ``mlflow server`` on 127.0.0.1:port over a sqlite store; stopped at the end."""
+    mlflow = Path(sys.executable).parent / "mlflow"
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+             "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            cwd=store, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", proc, log, timeout=240)
+        yield proc
+    finally:
+        stop_process(proc)

@@ -5,9 +5,7 @@ that goes away while the server follows an alias and comes back with the alias m
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import struct
 import subprocess
@@ -22,7 +20,17 @@ import httpx
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serve_fixtures import KEY, export_model, make_workdir, register, serving
+from serve_fixtures import (
+    KEY,
+    export_model,
+    free_port,
+    make_workdir,
+    mlflow_server,
+    register,
+    serving,
+    stop_process,
+    wait_until_up,
+)
 from train_fixtures import ROOT, child_env
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,36 +51,6 @@ def chat_model(workdir) -> Path:
 # ---- real processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"the server did not answer at {url}:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the server and what it started), SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-
-
 @contextmanager
 def lmforge_serve(model: Path, log: Path, *args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """``lmforge serve --model MODEL ARGS`` in a process of its own -> (the process, its URL)."""
@@ -88,7 +66,7 @@ def lmforge_serve(model: Path, log: Path, *args: str) -> Iterator[tuple[subproce
         wait_until_up(url, proc, log)
         yield proc, url
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def rss_mb(pid: int) -> float:
@@ -279,24 +257,6 @@ def test_a_reader_too_slow_for_its_stream_is_cut_at_the_timeout_with_an_error_ev
 # ---- the registry goes away ----------------------------------------------------------------------------
 
 
-@contextmanager
-def mlflow_server(store: Path, port: int, log: Path) -> Iterator[subprocess.Popen]:
-    """A real ``mlflow server`` on 127.0.0.1:port over a sqlite store; stopped at the end."""
-    mlflow = Path(sys.executable).parent / "mlflow"
-    with log.open("a") as out:
-        proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-             "--default-artifact-root", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "1"],
-            cwd=store, env=child_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}", proc, log, timeout=240)
-        yield proc
-    finally:
-        stop(proc)
-
-
 @pytest.mark.slow  # ~70 s here: an mlflow server started twice (~30 s each on a busy 2-core box)
 def test_a_registry_that_goes_away_is_said_once_and_followed_again_when_back(workdir, chat_model, tmp_path,
                                                                            monkeypatch, caplog):
@@ -318,7 +278,7 @@ def test_a_registry_that_goes_away_is_said_once_and_followed_again_when_back(wor
     with mlflow_server(store, port, log) as registry, \
             serving("models:/tiny@champion", tracking_uri=uri, poll_seconds=0.2, api_key=KEY) as s:
         assert httpx.get(f"{s.url}/v1/models", headers=HEADERS).json()["data"][0]["version"] == v1
-        stop(registry)
+        stop_process(registry)
         polls_before = s.follower.failed_polls
         time.sleep(3)  # ~15 polls against a closed port
         assert s.follower.failed_polls - polls_before >= 5, "the server did not keep asking"
@@ -336,8 +296,8 @@ def test_a_registry_that_goes_away_is_said_once_and_followed_again_when_back(wor
                 time.sleep(0.2)
             r = httpx.post(f"{s.url}/v1/completions", json={"prompt": "def", "max_tokens": 3}, headers=HEADERS)
             assert r.status_code == 200 and r.json()["model"] == f"tiny/{v2}"
-    messages = [rec.getMessage() for rec in caplog.records]
+            messages = [rec.getMessage() for rec in caplog.records]  # before the registry stops again
     assert len([m for m in messages if "the registry answers again" in m]) == 1
     assert len([m for m in messages if "cannot read" in m]) == 1
-    assert not [m for m in messages if password in m]
+    assert not [m for m in messages if password in m] and "lmforge:***@" in said[0].getMessage()
     assert password not in caplog.text
