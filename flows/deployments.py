@@ -161,9 +161,12 @@ def local_server(workdir: str, host: str, port: int, startup_s: float = 180.0) -
                 raise LmforgeError(f"the Prefect server on {host}:{port} did not start; see {home / 'server.log'}")
             time.sleep(1)
         print(f"lmforge: started a Prefect server on http://{host}:{port} (SQLite in {home}; log server.log)")
-    os.environ["PREFECT_API_URL"] = api
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    os.environ["PREFECT_API_URL"] = api  # for the flow runs' processes; the settings, for this one
     try:
-        yield api
+        with temporary_settings({PREFECT_API_URL: api}):
+            yield api
     finally:
         if proc is not None:
             proc.terminate()
