@@ -112,9 +112,11 @@ def summary_markdown(
     champion: Champion | None,
     model_version: str | None,
     model_link: str | None,
+    figures: Sequence[tuple[str, str]] = (),
 ) -> str:
     """The parent run's description (``mlflow.note.content``): data in and out, the key metrics
-    beside the champion and the baselines, the promotion decision and its reason."""
+    beside the champion and the baselines, the promotion decision and its reason; ``figures``: (caption,
+    image URL) shown at its end."""
     ev = stages["evaluate"].metrics if "evaluate" in stages else {}
     deploy = stages.get("deploy")
     promote_metric = deploy.params.get("deploy.promote_metric") if deploy else None
@@ -193,10 +195,10 @@ def summary_markdown(
     for name, st in stages.items():
         state = "cached" if st.tags.get("lmforge.cached") == "true" else "ran"
         lines.append(f"| {name} | {state} | {_num(st.seconds, 1) if st.seconds is not None else '-'} |")
-    if "clean" in stages or "evaluate" in stages:
-        lines += ["", "Pictures, in each stage's child run (Artifacts): clean has length_hist.png and "
-                  "dropped_by_reason.png; evaluate has loss_curves.png, and confusion.png (classifiers) or "
-                  "the generations table (generative models)."]
+    if figures:
+        lines += ["", "### Pictures", "", "Each is an artifact of the stage that drew it (its child run, Artifacts tab); "
+                  "a generative model's answers are the evaluate stage's generations table.", ""]
+        lines += [f"![{caption}]({url})" for caption, url in figures]
     return "\n".join(lines) + "\n"
 
 

@@ -409,9 +409,26 @@ def summarize_pipeline_run(uri: str, parent_run_id: str) -> str:
         champion=champion,
         model_version=model_version,
         model_link=link,
+        figures=_figures(client, tree["children"]),
     )
     client.set_tag(parent_run_id, NOTE_TAG, note)
     return note
+
+
+# The stages' pictures, shown in the parent's description through the UI server's artifact endpoint
+# (a path relative to the UI's root: the description is rendered there).
+FIGURES = (("clean", "length_hist.png"), ("clean", "dropped_by_reason.png"), ("evaluate", "loss_curves.png"),
+           ("evaluate", "confusion.png"))
+
+
+def _figures(client, children: Mapping[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for stage, name in FIGURES:
+        if stage in children:
+            run_id = children[stage].info.run_id
+            if any(a.path == name for a in client.list_artifacts(run_id)):
+                out.append((f"{stage}: {name}", f"get-artifact?path={name}&run_uuid={run_id}"))
+    return out
 
 
 def _logged_model_of(client, version) -> str | None:

@@ -43,8 +43,12 @@ def test_the_parent_run_carries_the_key_metrics_its_model_version_and_its_datase
     tags = parent.data.tags
     assert tags["lmforge.model_version"] == deploy["outputs"]["model_uri"]
     assert tags["lmforge.decision"] == "promoted"
-    version = _client(out).get_model_version("lmforge-tiny", str(int(m["deploy/version"])))
-    assert [o.model_id for o in parent.outputs.model_outputs] == [version.model_id]
+    # The model deploy logged is the parent's output, linked to its registered version (the run page's
+    # "Registered models" box goes through it).
+    [output] = parent.outputs.model_outputs
+    model = _client(out).get_logged_model(output.model_id)
+    assert model.source_run_id == children["deploy"].info.run_id
+    assert json.loads(model.tags["mlflow.modelVersions"]) == [{"name": "lmforge-tiny", "version": "1"}]
 
     datasets = {(d.dataset.name, {t.key: t.value for t in d.tags}["mlflow.data.context"])
                 for d in parent.inputs.dataset_inputs}
@@ -71,6 +75,8 @@ def test_the_description_states_the_decision_the_metrics_beside_baselines_and_th
     clean = json.loads((Path(first["clean"]) / "stats.json").read_text())["metrics"]
     assert f"| kept | {int(clean['clean/docs_out']):,} documents" in note
     assert "| pretrain | ran |" in note
+    clean_run = run_tree(first["tracking_uri"], first["mlflow_run_id"])["children"]["clean"].info.run_id
+    assert f"![clean: dropped_by_reason.png](get-artifact?path=dropped_by_reason.png&run_uuid={clean_run})" in note
 
     # The rerun reuses every stage; its version already holds the alias, and the note says so.
     again = run_tree(second["tracking_uri"], second["mlflow_run_id"])["parent"].data.tags["mlflow.note.content"]
