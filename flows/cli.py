@@ -313,7 +313,11 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
             return schedule_command(args, cfg)
         t0 = time.monotonic()
         flow_ = pipeline if table is STAGES else build_pipeline(table)
-        out = flow_(config=cfg, targets=targets)
+        from flows.ephemeral import temporary_server
+
+        server_log = Path(cfg.workdir).expanduser() / ".prefect" / "temporary-server.log"
+        with temporary_server(server_log, float(EPHEMERAL_STARTUP_SECONDS)):
+            out = flow_(config=cfg, targets=targets)
     except LmforgeError as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""The pipeline process killed (kill -9) while it trains: its training process goes with it, and
-the rerun resumes from the checkpoints, ends the killed run's MLflow runs, and says it took over."""
+"""The pipeline process killed (kill -9) while it trains: its training process and its temporary
+Prefect server go with it, and the rerun resumes from the checkpoints, ends the killed run's MLflow
+runs, and says it took over."""
 
 from __future__ import annotations
 
@@ -30,16 +31,18 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
             if trainer is None and "lmforge: pretrain decoder" in line:
                 children = psutil.Process(first.pid).children(recursive=True)
                 trainer = [p for p in children if "lm.train" in " ".join(p.cmdline())]
-                # Prefect's temporary server outlives a pipeline killed with -9 (its own process,
-                # a known gap): stop it when the test ends, so the suite leaves nothing running.
+                # The run's temporary Prefect server (flows/ephemeral.py).
                 orphans = [p for p in children if "prefect.server" in " ".join(p.cmdline())]
             if "saved checkpoint" in line and "step-00000020.ckpt" in line:
                 first.send_signal(signal.SIGKILL)
                 break
         first.wait(timeout=60)
+        assert orphans, "no temporary Prefect server was seen among the run's processes"
+        gone, alive = psutil.wait_procs(orphans, timeout=15)
+        assert not alive, f"the temporary Prefect server outlived the killed run: {[p.cmdline() for p in alive]}"
         _check_the_rerun_takes_over(tmp_path, uri, args, first, trainer)
     finally:
-        for p in orphans:
+        for p in orphans:  # only if the assertion above failed: the suite leaves nothing running
             if p.is_running():
                 p.kill()
 

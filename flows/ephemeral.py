@@ -1,0 +1,90 @@
+"""The temporary Prefect server of a run started without one, tied to the run's life.
+
+Without ``PREFECT_API_URL`` Prefect starts a temporary API server in a child process and stops it at
+exit; a run killed with ``kill -9`` (or by the kernel's out-of-memory killer) never reaches that exit,
+and the server then runs on with nobody to stop it. :func:`temporary_server` starts the same server
+(Prefect's own app, as Prefect's temporary server runs it) itself, asking Linux to kill it when its
+parent dies (``PR_SET_PDEATHSIG``), and points this process's Prefect settings at it. Elsewhere (or
+with a server configured) it does nothing and Prefect behaves as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from lm.errors import LmforgeError
+
+
+def _die_with_parent() -> None:  # runs in the child, between fork and exec
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
+    """Within the block, Prefect talks to a temporary server that cannot outlive this process; yields
+    its API URL (None when a server is configured, or off Linux: Prefect's own behaviour then)."""
+    import httpx
+    import prefect
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+             "--log-level", "error", "--lifespan", "on"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+        )
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if server.poll() is not None:
+                raise LmforgeError(f"the temporary Prefect server stopped at start (exit code {server.returncode}); "
+                                   f"see {log_path}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LmforgeError(f"the temporary Prefect server did not answer within {startup_s:g} s (a busy "
+                                   f"machine? see {log_path}); or start one: make ui, then "
+                                   "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+            time.sleep(0.2)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
