@@ -166,14 +166,24 @@ def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 def stop_process(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the server and what it started), SIGKILL if it lingers."""
+    """SIGTERM to the process (as ``kill PID`` or systemd's KillMode=mixed send it), then to what it
+    started and left behind (its process group), SIGKILL to what lingers."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + 10
+        try:
+            os.killpg(proc.pid, sig)
+            while time.monotonic() < deadline:
+                os.killpg(proc.pid, 0)
+                time.sleep(0.05)
+        except ProcessLookupError:
+            break
+    proc.wait(timeout=10)
 
 
 @contextmanager
