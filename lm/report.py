@@ -208,21 +208,21 @@ STATUS = {"FINISHED": "ok", "FAILED": "failed", "RUNNING": "running", "KILLED": 
 
 
 def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str:
-    """One row per pipeline run, newest first: name, trigger, data kept, the promotion metric (new and
-    champion), other headline metrics while they fit in ``width`` columns, decision, the version
-    registered, duration, status.
-    ``runs``: dicts with name, start (ms), end (ms or None), status, metrics, tags."""
+    """One row per pipeline run, newest first: name, trigger, documents kept, the run's promotion metric
+    with its value and the champion's, other headline metrics while they fit in ``width`` columns,
+    decision, the version registered, minutes, status. Runs of different tasks can share an
+    experiment: each row names the metric it was promoted by.
+    ``runs``: dicts with name, start and end (ms; end None while running), status, metrics, tags."""
     if not runs:
         return "no pipeline runs yet"
-    promote = next((r["tags"].get("lmforge.promote_metric") for r in runs if r["tags"].get("lmforge.promote_metric")), None)
-    present: list[str] = []
+    others: list[str] = []  # headline metrics beyond each run's own promotion metric
     for r in runs:
-        present += [m for m in headline(r["metrics"], promote) if m not in present]
+        own = r["tags"].get("lmforge.promote_metric")
+        others += [m for m in headline(r["metrics"], None) if m != own and m not in others]
 
     def short(metric: str) -> str:
         return metric.removeprefix("eval/")
 
-    base = ["run", "trigger", "docs"]  # the run's name carries its start time (config-YYYYmmdd-HHMMSS)
     rows = []
     for r in runs:
         m, tags = r["metrics"], r["tags"]
@@ -230,23 +230,23 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str
         if seconds is None and r.get("end"):
             seconds = (r["end"] - r["start"]) / 1000
         version = tags.get("lmforge.model_version", "")
-        decision = tags.get("lmforge.decision")
-        row = {
-            "run": r["name"],
+        own = tags.get("lmforge.promote_metric")
+        rows.append({
+            "run": r["name"],  # it carries its start time (config-YYYYmmdd-HHMMSS)
             "trigger": tags.get("lmforge.trigger", "-"),
             "docs": _count(m.get("clean/docs_out")),
-            **{short(k): _num(m.get(k)) for k in present},
+            "metric": short(own) if own else "-",  # the one it was promoted by
+            "value": _num(m.get(own)) if own else "-",
             "champion": _num(m.get("deploy/champion_value")),
-            "decision": decision or "-",
-            "version": f"v{version.rsplit('/', 1)[-1]}" if version else "-",
+            **{short(k): _num(m.get(k)) for k in others},
+            "decision": tags.get("lmforge.decision", "-"),
+            "ver": f"v{version.rsplit('/', 1)[-1]}" if version else "-",  # the registered version
             "min": f"{seconds / 60:.1f}" if seconds is not None else "-",
             "status": STATUS.get(r["status"], r["status"].lower()),
-        }
-        rows.append(row)
-    # Metric columns while they fit: the promotion metric and its champion value always.
-    tail = ["decision", "version", "min", "status"]
-    columns = base + [short(m) for m in present[:1]] + ["champion"]
-    for metric in present[1:]:
+        })
+    columns = ["run", "trigger", "docs", "metric", "value", "champion"]
+    tail = ["decision", "ver", "min", "status"]
+    for metric in others:  # while they fit
         if max(map(len, _render(rows, [*columns, short(metric), *tail]).splitlines())) <= width:
             columns.append(short(metric))
     return _render(rows, columns + tail)
@@ -254,7 +254,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str
 
 def _render(rows: list[dict[str, str]], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in columns}
-    left = {"run", "trigger", "decision", "status"}
+    left = {"run", "trigger", "metric", "decision", "status"}
 
     def line(cells: Mapping[str, str]) -> str:
         return "  ".join(cells[c].ljust(widths[c]) if c in left else cells[c].rjust(widths[c]) for c in columns).rstrip()

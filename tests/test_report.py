@@ -116,7 +116,8 @@ def test_lmforge_report_prints_a_row_per_pipeline_run_with_its_numbers(tiny_run,
     assert main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     header = lines[1].split()
-    assert header[:4] == ["run", "trigger", "docs", "accuracy"] and header[-4:] == ["decision", "version", "min", "status"]
+    assert header[:6] == ["run", "trigger", "docs", "metric", "value", "champion"]
+    assert header[-4:] == ["decision", "ver", "min", "status"]
     assert max(map(len, lines[1:])) <= 100
     rows = {}
     for out in (first, second):
@@ -125,13 +126,13 @@ def test_lmforge_report_prints_a_row_per_pipeline_run_with_its_numbers(tiny_run,
     evaluated = json.loads((Path(first["evaluate"]) / "metrics.json").read_text())
     docs = json.loads((Path(first["clean"]) / "stats.json").read_text())["metrics"]["clean/docs_out"]
     for name, row in rows.items():
-        assert row["accuracy"] == f"{evaluated['eval/accuracy']:.4f}", name
+        assert (row["metric"], row["value"]) == ("accuracy", f"{evaluated['eval/accuracy']:.4f}"), name
         assert row["docs"] == f"{int(docs):,}" and row["status"] == "ok", name
     older, newer = sorted(rows)  # names carry their start time
     assert lines.index(next(x for x in lines if x.startswith(newer))) < lines.index(next(x for x in lines if x.startswith(older)))
     assert rows[older]["decision"] == "promoted" and rows[older]["champion"] == "-"
-    assert rows[older]["version"] == rows[newer]["version"] == "v1"
-    assert rows[newer]["champion"] == rows[newer]["accuracy"]  # it was compared with itself: it holds the alias
+    assert rows[older]["ver"] == rows[newer]["ver"] == "v1"
+    assert rows[newer]["champion"] == rows[newer]["value"]  # it was compared with itself: it holds the alias
 
     assert main(["report", "--config", "tiny", f"tracking.uri={first['tracking_uri']}", "--last", "1"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 3  # the title, the header, one run
@@ -160,8 +161,25 @@ def test_the_comparison_table_fits_100_columns_and_shows_what_is_missing():
     assert max(map(len, lines)) <= 100 and len(lines) == 3
     head, ok, failed = (line.split() for line in lines)
     ok = dict(zip(head, ok, strict=True))
-    assert ok["trigger"] == "new-data" and ok["docs"] == "12,345" and ok["accuracy"] == "0.8234"
+    assert ok["trigger"] == "new-data" and ok["docs"] == "12,345"
+    assert (ok["metric"], ok["value"]) == ("accuracy", "0.8234")
     assert ok["champion"] == "0.8012" and ok["min"] == "12.5" and ok["status"] == "ok"
-    assert ok["decision"] == "promoted" and ok["version"] == "v12"
+    assert ok["decision"] == "promoted" and ok["ver"] == "v12"
     assert failed[1:3] == ["-", "-"] and failed[-1] == "failed" and failed[-2] == "10.0"  # from start/end
     assert comparison_table([]) == "no pipeline runs yet"
+
+
+def test_runs_of_two_tasks_in_one_experiment_each_name_their_promotion_metric():
+    def run(name, metric, value, champion, extra):
+        return {"name": name, "start": 0, "end": 60_000, "status": "FINISHED",
+                "metrics": {metric: value, "deploy/champion_value": champion, **extra},
+                "tags": {"lmforge.promote_metric": metric}}
+
+    lines = comparison_table([run("sft", "eval/chrf", 31.5, 30.25, {"eval/exact_match": 0.25}),
+                              run("cls", "eval/accuracy", 0.8, 0.75, {})]).splitlines()
+    head = lines[0].split()
+    sft, cls = (dict(zip(head, line.split(), strict=True)) for line in lines[1:])
+    assert (sft["metric"], sft["value"], sft["champion"]) == ("chrf", "31.5000", "30.2500")
+    assert (cls["metric"], cls["value"], cls["champion"]) == ("accuracy", "0.8000", "0.7500")
+    assert "exact_match" in head and (sft["exact_match"], cls["exact_match"]) == ("0.2500", "-")  # short names: room
+
