@@ -190,9 +190,18 @@ def _execute(stage: Stage, ctx: StageContext) -> StageResult:
         result = stage.run(replace(ctx, out_dir=tmp))
         _check_outputs(stage, tmp, result)
         result.save(tmp)
+        if stage.cached and (out_dir / MANIFEST).is_file():
+            # Another run with the same key finished first (two runs at once): its folder is as good
+            # as ours and that run may be reading it now, so it stays and ours goes.
+            return StageResult.load(out_dir)
         if out_dir.exists():  # an earlier incomplete attempt, or a stage that always reruns
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            # Moved aside before it is removed: the folder's name is missing only between two renames.
+            old = out_dir.parent / temporary_name(out_dir.name)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
     except LmforgeError as e:
         # Bad input: keep what the stage wrote (dropped samples, stats) where a person can read it,
         # under a name no later run trusts as a finished output.

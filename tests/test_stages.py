@@ -114,3 +114,31 @@ def test_a_toy_table_runs_through_prefect_into_mlflow_from_the_cli(prefect_harne
     assert sorted(r.data.tags["lmforge.cached"] for r in runs) == ["false", "false", "true"]
     assert len(list((tmp_path / "w" / "double_it").iterdir())) == 2  # one folder per distinct input
     assert Path(folders["count"]).is_dir()
+
+
+def test_a_run_that_finishes_second_keeps_the_folder_the_first_published(tmp_path):
+    """Two runs computing the same stage at once: the later one finds the folder finished, leaves it
+    (the first run may be reading it) and returns its result; a stage that always reruns replaces it."""
+    from dataclasses import replace
+
+    from lm.config import Config
+    from lm.stage import execute
+
+    out = tmp_path / "count" / "key"
+
+    def first_publishes_meanwhile(ctx: StageContext) -> StageResult:
+        out.mkdir(parents=True)
+        (out / "count.json").write_text('{"n": "first"}')
+        StageResult(metrics={"toy/count": 1.0}).save(out)
+        return _count(ctx)
+
+    stage = replace(TOYS[0], run=first_publishes_meanwhile)
+    result = execute(stage, StageContext(Config(), {}, out))
+    assert json.loads((out / "count.json").read_text()) == {"n": "first"}
+    assert result.metrics == {"toy/count": 1.0}
+    assert [p.name for p in out.parent.iterdir()] == ["key"]  # nothing of the second run left behind
+
+    always = replace(TOYS[0], cached=False)
+    execute(always, StageContext(Config(), {}, out))
+    assert json.loads((out / "count.json").read_text()) == {"n": Config().evaluate.max_batches}
+    assert [p.name for p in out.parent.iterdir()] == ["key"]
