@@ -37,12 +37,16 @@ class TextTokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
+MIN_TEMPERATURE = 1e-4
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is continued."""
 
     max_new_tokens: int = 64
-    # 0 = greedy (argmax); otherwise logits are divided by it before sampling.
+    # 0 = greedy (argmax); otherwise logits are divided by it before sampling. Below MIN_TEMPERATURE the
+    # distribution is its argmax to float precision (and dividing would overflow): greedy too.
     temperature: float = 1.0
     # Sample among the k most likely tokens only; 0 or None = all.
     top_k: int | None = None
@@ -142,6 +146,7 @@ def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
     """CTRL (Keskar et al. 2019): logits (B, V) of the tokens ``seen`` (B, V) bool divided by
     ``penalty`` (B, 1) where positive, multiplied where negative: both make the token less likely."""
+    penalty = penalty.clamp(1e-6, 1e6)  # beyond these a logit overflows float32 (inf - inf is nan)
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 
@@ -157,7 +162,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     probs = ordered.softmax(-1)
     before = probs.cumsum(-1) - probs  # probability of the more likely tokens
     p = torch.where(top_p < 1, top_p, float("inf"))  # top_p = 1: float rounding must not cut the tail
-    ordered = ordered.masked_fill(before >= p[:, None], -float("inf"))
+    drop = before >= p[:, None]
+    drop[:, 0] = False  # a top_p too small for float32 (it rounds to 0) keeps the likeliest token too
+    ordered = ordered.masked_fill(drop, -float("inf"))
     return torch.full_like(logits, -float("inf")).scatter(-1, order, ordered)
 
 
@@ -178,10 +185,10 @@ def sample_next(
     penalties = [p.repetition_penalty for p in params]
     if seen is not None and any(x != 1.0 for x in penalties):
         logits = apply_repetition_penalty(logits, seen, column(penalties)[:, None])
-    greedy = [p.temperature == 0 for p in params]
+    greedy = [p.temperature < MIN_TEMPERATURE for p in params]
     if all(greedy):
         return logits.argmax(-1)
-    logits = logits / column([p.temperature or 1.0 for p in params])[:, None]
+    logits = logits / column([1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)])[:, None]
     if any(p.top_k or p.top_p < 1 for p in params):
         logits = filter_top_k_top_p(
             logits, column([p.top_k or 0 for p in params]), column([float(p.top_p) for p in params])

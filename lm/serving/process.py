@@ -275,6 +275,10 @@ def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int
     send(("ready", info))
     try:
         while True:
+            if not commands.poll(0.5):
+                if engine.exited:  # the engine thread failed (a bug): end, and the server starts another
+                    break
+                continue
             try:
                 message = commands.recv()
             except EOFError:  # the server's process is gone: finish what is running, then go
