@@ -138,7 +138,8 @@ def summary_markdown(
             stays = f" (`@{alias}` stays on v{champion.version})" if champion is not None else ""
             verdict = f"**Kept** {model} as challenger{stays}"
         lines += [f"{verdict}{numbers}.", "",
-                  f"> {deploy.tags.get('lmforge.decision_reason', '(no reason recorded)')}", ""]
+                  # \@: the UI's markdown would turn "@champion" into a link to a GitHub user
+                  "> " + deploy.tags.get("lmforge.decision_reason", "(no reason recorded)").replace("@", "\\@"), ""]
     lines += [f"Pipeline run `{run_name}`: config `{config}`, stages: {targets}, {seconds / 60:.1f} min"
               + (f", git `{commit[:10]}`" if commit else "") + ".", ""]
 

@@ -67,7 +67,7 @@ def test_the_description_states_the_decision_the_metrics_beside_baselines_and_th
     first_line = note.splitlines()[0]  # what the UI shows before "Show more"
     assert first_line.startswith("**Promoted** [models:/lmforge-tiny/1](#/models/lmforge-tiny/versions/1) to `@champion`")
     assert f"`eval/accuracy` {evaluated['eval/accuracy']:.4f}" in first_line
-    assert "promoted: no version held @champion" in note  # the decision's reason, as deploy gave it
+    assert "> promoted: no version held \\@champion" in note  # the decision's reason, as deploy gave it
     row = next(line for line in note.splitlines() if line.startswith("| `eval/accuracy` (promotion)"))
     assert f"{evaluated['eval/accuracy']:.4f}" in row
     assert f"{evaluated['eval/baseline_accuracy']:.4f} majority class" in row
@@ -80,7 +80,7 @@ def test_the_description_states_the_decision_the_metrics_beside_baselines_and_th
 
     # The rerun reuses every stage; its version already holds the alias, and the note says so.
     again = run_tree(second["tracking_uri"], second["mlflow_run_id"])["parent"].data.tags["mlflow.note.content"]
-    assert "| pretrain | cached |" in again and "already holds @champion" in again
+    assert "| pretrain | cached |" in again and "already holds \\@champion" in again
     assert "champion v1" in again
 
 
