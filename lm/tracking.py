@@ -17,13 +17,14 @@ import os
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from lm.config import Config
+from lm.config import Config, display_uri
 from lm.errors import TrackingError
 from lm.fileio import process_alive
 from lm.stage import StageResult
@@ -80,13 +81,25 @@ def _client(uri: str):
 def check_tracking_uri(uri: str) -> None:
     """Fail fast, before any work, when the tracking store cannot be used."""
     if uri.startswith(("http://", "https://")):
-        probe = uri.rstrip("/") + "/health"
+        # user:password@ in the URI (MLflow's basic auth) is a header for urllib, not part of the host.
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port:
+            netloc += f":{parts.port}"
+        probe = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health")
+        if parts.username is not None:
+            import base64
+
+            user = urllib.parse.unquote(parts.username)
+            password = urllib.parse.unquote(parts.password or "")
+            probe.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
         try:
             with urllib.request.urlopen(probe, timeout=5) as r:  # noqa: S310 (user's own server)
                 r.read(64)
         except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
             raise TrackingError(
-                f"MLflow tracking server {uri} is unreachable ({getattr(e, 'reason', e)}). "
+                f"MLflow tracking server {display_uri(uri)} is unreachable ({getattr(e, 'reason', e)}). "
                 "Start it (`mlflow server`), fix tracking.uri / MLFLOW_TRACKING_URI, "
                 "or leave both unset to use the local sqlite:///mlflow.db."
             ) from None
@@ -106,12 +119,12 @@ def check_tracking_uri(uri: str) -> None:
             raise TrackingError(f"tracking.uri {uri}: {db} is not an SQLite database; point tracking.uri elsewhere")
     elif uri.startswith("file:") or "://" not in uri:
         raise TrackingError(
-            f"tracking.uri {uri!r}: MLflow 3 no longer accepts plain file stores; use "
+            f"tracking.uri {display_uri(uri)!r}: MLflow 3 no longer accepts plain file stores; use "
             "sqlite:///path/to/mlflow.db or http://host:5000"
         )
     elif uri.split("://")[0].split("+")[0] not in ("postgresql", "mysql", "mssql", "databricks"):
         raise TrackingError(
-            f"tracking.uri {uri!r}: unknown scheme; use sqlite:///path/to/mlflow.db, http(s)://host:5000 "
+            f"tracking.uri {display_uri(uri)!r}: unknown scheme; use sqlite:///path/to/mlflow.db, http(s)://host:5000 "
             "or a database URI (postgresql://...)"
         )
 

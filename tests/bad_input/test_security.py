@@ -132,10 +132,6 @@ def test_serve_refuses_a_model_name_or_folder_that_climbs_out(tmp_path):
 
 
 @pytest.mark.slow  # ~60 s: a real mlflow server, then the data stages through the session's Prefect server
-@pytest.mark.xfail(strict=True, reason=(
-    "lm/tracking.py check_tracking_uri: urllib cannot open http://user:password@host (it reads 'user:password@host' "
-    "as the host name: 'Name or service not known'), so the run fails before any stage, and its TrackingError "
-    "prints the URI with the password (not display_uri), which reaches the Prefect logs"))
 def test_a_password_in_the_tracking_uri_is_not_recorded(prefect_harness, tmp_path, monkeypatch, caplog):
     """MLFLOW_TRACKING_URI=http://user:PASSWORD@127.0.0.1:PORT (basic auth against a real mlflow
     server): the password is in none of the store's files (runs, params, tags, artifacts), the work
@@ -168,6 +164,6 @@ def test_a_password_in_the_tracking_uri_is_not_recorded(prefect_harness, tmp_pat
                 for log in prefect.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
     assert len(logs) > 10 and not [log.message for log in logs if password in log.message]
     assert not [r for r in flow_runs if password in str(r.parameters)]
-    assert caplog.records and password not in caplog.text
+    assert password not in caplog.text  # what this process logged itself (Prefect's records are above)
     assert state.is_completed() and runs, "nothing was recorded: the test would prove nothing"
 
