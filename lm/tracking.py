@@ -138,8 +138,12 @@ def experiment_id(uri: str, name: str) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            # Beside the database, not in whatever folder the process started in (MLflow's ./mlruns).
+            location = (Path(uri[len("sqlite:///"):]).expanduser().resolve().parent / "mlartifacts").as_uri()
         try:
-            return client.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
+            return client.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created by a concurrent process meanwhile
             exp = client.get_experiment_by_name(name)
     if EXPERIMENT_KIND[0] not in exp.tags:
