@@ -61,9 +61,10 @@ def _encodable(text: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 
-# The engine samples in float32 and a bad value there stops it for every request, so the sampling
-# settings are kept where float32 stays finite: logits / 1e-300 is inf, top_p = 1e-300 rounds to 0
-# and masks every token, and a seed outside torch.Generator's 64 bits raised in the engine thread.
+# The engine samples in float32: the settings are kept where it means what the client asked
+# (logits / 1e-300 is inf, top_p = 1e-300 rounds to 0, a penalty of 1e300 is inf; these once stopped
+# the engine for every request, lm.generate now guards them too), and a seed within the 64 bits of
+# torch.Generator.manual_seed (beyond them it raised in the engine).
 MIN_TEMPERATURE = 1e-6  # above 0 (greedy)
 MIN_TOP_P = 1e-6
 REPETITION_PENALTY = (0.01, 100.0)
