@@ -16,7 +16,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from serve_fixtures import client, export_model, make_workdir, serving
+from serve_fixtures import client, export_model, free_port, make_workdir, serving, wait_until_up
 from train_fixtures import ROOT, child_env
 
 from lm.generate import SamplingParams, load_for_generation
@@ -158,3 +158,28 @@ def test_the_server_starts_a_new_engine_when_its_engine_process_is_killed(model)
             time.sleep(0.2)
         after = api.completions.create(model="chat", prompt="def", max_tokens=8, temperature=0).choices[0].text
         assert after == before
+
+
+def test_a_service_stop_sigterm_to_every_process_ends_the_server_and_its_engine_quietly(model, tmp_path):
+    """systemd stops a service with SIGTERM to every process in it (KillMode=control-group): the
+    engine leaves ending to the server, which finishes and closes it; no traceback, nothing left."""
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--model", str(model), "--port",
+                                   str(port)], cwd=ROOT, env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}", server, log)
+        family = [server.pid, *(p.pid for p in psutil.Process(server.pid).children(recursive=True))]
+        os.killpg(server.pid, signal.SIGTERM)
+        # uvicorn shuts down gracefully, then ends by the signal it caught (systemd counts that as clean).
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM), log.read_text()[-3000:]
+        assert "Application shutdown complete" in log.read_text()
+        _, alive = psutil.wait_procs([psutil.Process(pid) for pid in family[1:] if psutil.pid_exists(pid)], timeout=15)
+        assert not alive, [p.cmdline() for p in alive]
+        text = log.read_text()
+        assert "Traceback" not in text and "BrokenPipeError" not in text and "engine process" not in text, text[-3000:]
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)

@@ -17,6 +17,7 @@ process goes away (its command pipe closes).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -232,12 +233,14 @@ def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int
     import torch
 
     torch.set_num_threads(threads)
-    # Ctrl-C reaches the whole process group: the server's process decides when this one ends.
+    # Ctrl-C reaches the whole process group, and systemd's stop sends SIGTERM to every process of
+    # the service: the server's process decides when this one ends (it closes it, or goes away).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
-        with send_lock:
+        with send_lock, contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
             events.send(message)
 
     try:
@@ -248,6 +251,9 @@ def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int
         eos_ids = stop_ids(gm)
         info = DecoderInfo(gm.model.args.seq_len, eos_ids, gm.tokenizer.to_str(), gm.chat_template,
                            dict(gm.special_tokens), dict(getattr(gm.model, "meta", {}) or {}))
+    except LmforgeError as e:  # said for a person already
+        send(("failed", str(e)))
+        return
     except Exception as e:  # noqa: BLE001 - the server's process words it
         send(("failed", f"{folder}: {type(e).__name__}: {e}"))
         return

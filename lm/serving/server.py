@@ -114,7 +114,7 @@ class Server:
         import time
 
         delay = 1.0
-        while not self._stopping:
+        while not self._stopping and not self.uvicorn.should_exit:
             try:
                 new = self._load()
             except Exception as e:  # noqa: BLE001 - e.g. the registry is unreachable: try again
@@ -123,7 +123,7 @@ class Server:
                 time.sleep(delay)
                 delay = min(delay * 2, 60.0)
                 continue
-            if self._stopping:
+            if self._stopping or self.uvicorn.should_exit:
                 new.engine.close()
                 return
             self.slot.swap(new)
