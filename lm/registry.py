@@ -497,7 +497,12 @@ def _model_version(spec: str, uri: str, missing_ok: bool = False):
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in e.message
         if missing_ok and missing:
             return client, None
-        raise ConfigError(f"model.init_from={spec!r} is not in the registry at {uri}: {e.message}") from None
+        from lm.config import display_uri
+
+        if missing:
+            raise ConfigError(f"model.init_from={spec!r} is not in the registry at {display_uri(uri)}: {e.message}") from None
+        raise ConfigError(f"model.init_from={spec!r}: the registry at {display_uri(uri)} did not answer ({e.message}); "
+                          "is the tracking server up?") from None
 
 
 def resolve_registered(spec: str, uri: str, missing_ok: bool = False) -> dict[str, str] | None:
