@@ -389,3 +389,21 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(registry, caplo
         reply = client(s).completions.create(model="tiny", prompt="def", max_tokens=3)
         assert reply.model == f"tiny/{registry['v1']}"
         assert metric(s, "lmforge_model_load_failures_total")[("lmforge_model_load_failures_total",)] == 1
+
+
+def test_a_stream_that_fell_behind_catches_up_in_longer_chunks_with_the_same_text():
+    import asyncio
+
+    from lm.serving.app import _Events, _Mailbox
+    from lm.serving.engine import Delta, Failed, Finished
+
+    async def read() -> list:
+        events = _Events(_Mailbox(asyncio.get_running_loop()))
+        for e in [Delta("a", 1), Delta("b", 2), Delta("c", 3), Failed("x"), Delta("d", 4), Delta("e", 5),
+                  Finished("f", "abcdef", "stop", 3, 6)]:
+            events.queue.put_nowait(e)
+        return [await events.get() for _ in range(3)]
+
+    merged, failed, end = asyncio.run(read())
+    assert merged == Delta("abc", 3) and failed == Failed("x")  # an error is never merged away
+    assert end == Finished("def", "abcdef", "stop", 3, 6)

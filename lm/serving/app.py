@@ -13,6 +13,7 @@ the queue behind the running batch is never longer than that).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import re
@@ -28,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lm.errors import LmforgeError
-from lm.serving.engine import Classified, EngineClosed, Event, Failed, Finished
+from lm.serving.engine import Classified, Delta, EngineClosed, Event, Failed, Finished
 from lm.serving.metrics import ServingMetrics
 from lm.serving.models import ModelSlot, ServedModel
 from lm.serving.protocol import (
@@ -168,12 +169,29 @@ class _Events:
     def __init__(self, mailbox: _Mailbox) -> None:
         self.mailbox = mailbox
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._held: Event | None = None
 
     def emit(self, event: Event) -> None:
         self.mailbox.post(self.queue, event)
 
     async def get(self) -> Event:
-        return await self.queue.get()
+        """The next event; new text that has already arrived behind it comes with it. A stream that
+        keeps up gets a chunk per token; one that fell behind (many streams, a slow client) catches
+        up in fewer, longer chunks instead of paying a write per token."""
+        event, self._held = self._held or await self.queue.get(), None
+        if not isinstance(event, Delta):
+            return event
+        text, tokens = event.text, event.completion_tokens
+        while not self.queue.empty():
+            nxt = self.queue.get_nowait()
+            if isinstance(nxt, Delta):
+                text, tokens = text + nxt.text, nxt.completion_tokens
+            elif isinstance(nxt, Finished):
+                return dataclasses.replace(nxt, text=text + nxt.text)
+            else:
+                self._held = nxt
+                break
+        return event if tokens == event.completion_tokens else Delta(text, tokens)
 
 
 async def _watch_disconnect(request: Request, events: _Events) -> None:
