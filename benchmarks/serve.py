@@ -5,14 +5,16 @@
 
 The server runs as its own process (``lmforge serve``, as a user starts it); this process is the
 clients: streaming completions (greedy, ``--new-tokens`` each, prompts cut from standard-library
-source lines) at each concurrency of ``--concurrency`` for the matching count of ``--requests``,
-then ``transformers``' ``LlamaForCausalLM.generate`` on the same weights in this process once the
-server has stopped: one prompt at a time, and batches of 8 left-padded prompts; beside it lmforge's
-engine in this process without HTTP, one request at a time. These alternate for ``--rounds`` rounds
-and each keeps its best (the server's figures are whole runs: the comparison leans against it). Requests/s and
-generated tokens/s are over each level's wall time; latency is a request's whole time, time to
-first token the arrival of its first text chunk. Server memory (RSS of the server's process and of
-its engine's) is read after a warm-up at the highest concurrency and again after every request.
+source lines) at each concurrency of ``--concurrency`` for the matching count of ``--requests``.
+Beside them, in this process, ``transformers``' ``LlamaForCausalLM.generate`` on the same weights
+(one prompt at a time, and batches of 8 left-padded prompts) and lmforge's engine without HTTP, one
+request at a time. Everything runs in ``--rounds`` rounds (each level's requests split over them,
+the in-process contenders between two levels, the server idle meanwhile) and each figure of speed
+keeps its best round: on a shared machine a neighbour's burst only ever slows a round down, and
+alternating lets no contender have the quiet minutes to itself. Latency percentiles and errors are
+over every request; time to first token is the arrival of a request's first text chunk. Server
+memory (RSS of the server's process and of its engine's) is read after a warm-up at the highest
+concurrency and again after the last round.
 
 The last line holds the figures as key=value pairs: ``ratio_vs_transformers`` (one stream through
 HTTP over transformers one prompt at a time, in process), ``batching_gain`` (total tokens/s at
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,20 +114,28 @@ async def one_request(client, url: str, prompt: str, new_tokens: int) -> tuple[f
 
 async def load(url: str, texts: list[str], concurrency: int, new_tokens: int) -> dict[str, float]:
     """``len(texts)`` requests, ``concurrency`` at a time -> throughput, latency and error figures."""
+    results: list = []
+    t0 = time.perf_counter()
+    await collect(url, texts, concurrency, new_tokens, results)
+    return summarize(results, time.perf_counter() - t0)
+
+
+async def collect(url: str, texts: list[str], concurrency: int, new_tokens: int, into: list) -> None:
+    """``len(texts)`` requests, ``concurrency`` at a time; each one's (latency, first token, tokens) or None."""
     import httpx
 
-    results: list[tuple[float, float, int] | None] = []
     todo = iter(texts)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
         async def worker() -> None:
             for text in todo:
-                results.append(await one_request(client, url, text, new_tokens))
+                into.append(await one_request(client, url, text, new_tokens))
 
-        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - t0
+
+
+def summarize(results: list[tuple[float, float, int] | None], wall: float) -> dict[str, float]:
     ok = [r for r in results if r is not None]
     return {
         "requests": len(results),
@@ -162,11 +173,12 @@ def start_server(folder: Path, port: int, threads: int, log: Path) -> subprocess
     sys.exit("the server did not answer /health within 180 s")
 
 
-def transformers_figures(
-    folder: Path, texts: list[str], new_tokens: int, singles: int, batch: int, rounds: int
-) -> dict[str, float]:
-    """tokens/s of LlamaForCausalLM.generate (greedy, KV cache) on the same weights and prompts, and
-    of lmforge's engine in this process (what the server's HTTP and the clients add is the rest)."""
+def in_process_contenders(
+    folder: Path, texts: list[str], new_tokens: int, singles: int, batch: int
+) -> tuple[dict[str, Callable[[], int]], Callable[[], None]]:
+    """What runs in this process, each a call -> tokens generated: LlamaForCausalLM.generate (greedy,
+    KV cache) on the same weights and prompts, one at a time and in batches, and lmforge's engine
+    without HTTP (what the server's HTTP and the clients add is the rest); and how to stop them."""
     import torch
     import transformers
 
@@ -216,18 +228,14 @@ def transformers_figures(
         "engine_tok_s_single": lambda: engine_run(ids[:singles]),
         f"hf_tok_s_batched{batch}": lambda: sum(run(rows) for rows in batches),
     }
-    # As benchmarks/generate.py: the contenders alternate and each keeps its best round (on a shared
-    # machine a neighbour's burst only ever slows a round down).
-    figures = dict.fromkeys(contenders, 0.0)
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            t0 = time.perf_counter()
-            figures[name] = max(figures[name], fn() / (time.perf_counter() - t0))
-    engine.close()
-    # A daemon thread still inside torch when the interpreter exits aborts it ("terminate called
-    # without an active exception", exit 134, after the figures were printed): wait for it.
-    engine.join(timeout=30)
-    return figures
+
+    def stop() -> None:
+        engine.close()
+        # A daemon thread still inside torch when the interpreter exits aborts it ("terminate called
+        # without an active exception", exit 134, after the figures were printed): wait for it.
+        engine.join(timeout=30)
+
+    return contenders, stop
 
 
 def main() -> None:
@@ -253,34 +261,57 @@ def main() -> None:
         port = free_port()
         server = start_server(folder, port, a.threads, Path(tmp) / "server.log")
         url = f"http://127.0.0.1:{port}"
+
         def rss() -> int:
             """The server's memory: its process and the engine's (lm.serving.process)."""
             main = psutil.Process(server.pid)
             return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])
 
+        contenders, stop = in_process_contenders(folder, prompts(2 * a.hf_prompts), a.new_tokens, a.hf_prompts, 8)
+        best = dict.fromkeys(contenders, 0.0)
+        results: dict[int, list] = {c: [] for c in levels}
+        best_level: dict[int, dict[str, float]] = {}
         try:
             asyncio.run(load(url, prompts(2 * max(levels)), max(levels), a.new_tokens))  # warm-up at the peak
             rss_before = rss()
-            figures: dict[str, float] = {}
-            errors = 0
-            for c, n in zip(levels, counts, strict=True):
-                f = asyncio.run(load(url, prompts(n), c, a.new_tokens))
-                errors += f["errors"]
-                print(f"concurrency {c:>3}: {n} requests, {f['rps']:.1f} req/s, {f['tok_s']:.0f} tokens/s, "
-                      f"latency p50 {f['p50_ms']:.0f} ms p99 {f['p99_ms']:.0f} ms, first token p50 "
-                      f"{f['ttft_p50_ms']:.0f} ms p99 {f['ttft_p99_ms']:.0f} ms, {f['mean_tokens']:.1f} tokens/request, "
-                      f"{f['errors']} errors", flush=True)
-                figures.update({f"{k}_c{c}": round(v, 1) for k, v in f.items() if k not in ("requests", "errors")})
+            # Rounds: each level's requests are split over them, and between two levels the contenders
+            # in this process run once (the server idles meanwhile). Each keeps its best round: on a
+            # shared machine a neighbour's burst only ever slows a round down, whichever it hits.
+            for r in range(a.rounds):
+                for c, n in zip(levels, counts, strict=True):
+                    texts = prompts(n)[r * n // a.rounds : (r + 1) * n // a.rounds]
+                    raw: list = []
+                    t0 = time.perf_counter()
+                    asyncio.run(collect(url, texts, c, a.new_tokens, raw))
+                    f = summarize(raw, time.perf_counter() - t0)
+                    results[c] += raw
+                    if f["tok_s"] > best_level.get(c, {}).get("tok_s", 0.0):
+                        best_level[c] = f
+                    for name, fn in contenders.items():
+                        t0 = time.perf_counter()
+                        best[name] = max(best[name], fn() / (time.perf_counter() - t0))
             rss_after = rss()
         finally:
+            stop()
             server.terminate()
             server.wait(timeout=60)
-        print(f"server RSS {rss_before / 2**20:.0f} MiB after warm-up, {rss_after / 2**20:.0f} MiB after "
-              f"{sum(counts)} requests", flush=True)
-        hf = transformers_figures(folder, prompts(2 * a.hf_prompts), a.new_tokens, a.hf_prompts, 8, a.rounds)
-        print(f"transformers generate: {hf['hf_tok_s_single']:.0f} tokens/s one prompt at a time, "
-              f"{hf['hf_tok_s_batched8']:.0f} tokens/s in batches of 8 (left-padded); lmforge's engine in "
-              f"process, no HTTP: {hf['engine_tok_s_single']:.0f} tokens/s one at a time", flush=True)
+    figures: dict[str, float] = {}
+    errors = 0
+    for c, n in zip(levels, counts, strict=True):
+        whole = summarize(results[c], 1.0)  # latency and errors over every round; throughput: the best round
+        f = {**whole, "rps": best_level[c]["rps"], "tok_s": best_level[c]["tok_s"]}
+        errors += int(whole["errors"])
+        print(f"concurrency {c:>3}: {n} requests, {f['rps']:.1f} req/s, {f['tok_s']:.0f} tokens/s (best of "
+              f"{a.rounds} rounds), latency p50 {f['p50_ms']:.0f} ms p99 {f['p99_ms']:.0f} ms, first token p50 "
+              f"{f['ttft_p50_ms']:.0f} ms p99 {f['ttft_p99_ms']:.0f} ms, {f['mean_tokens']:.1f} tokens/request, "
+              f"{int(whole['errors'])} errors", flush=True)
+        figures.update({f"{k}_c{c}": round(v, 1) for k, v in f.items() if k not in ("requests", "errors")})
+    hf = best
+    print(f"server RSS {rss_before / 2**20:.0f} MiB after warm-up, {rss_after / 2**20:.0f} MiB after "
+          f"{sum(counts)} requests", flush=True)
+    print(f"transformers generate: {hf['hf_tok_s_single']:.0f} tokens/s one prompt at a time, "
+          f"{hf['hf_tok_s_batched8']:.0f} tokens/s in batches of 8 (left-padded); lmforge's engine in "
+          f"process, no HTTP: {hf['engine_tok_s_single']:.0f} tokens/s one at a time", flush=True)
     out = {
         "ratio_vs_transformers": round(figures["tok_s_c1"] / hf["hf_tok_s_single"], 3),
         "engine_ratio_vs_transformers": round(hf["engine_tok_s_single"] / hf["hf_tok_s_single"], 3),
