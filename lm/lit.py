@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import Logger
@@ -64,6 +65,7 @@ class OptimisedModule(pl.LightningModule):
             train.min_lr_ratio,
         )
         self.grad_clip, self.check_every = train.grad_clip, max(1, check_every)
+        self.seed = train.seed  # dropout's seed per micro-batch (on_train_batch_start)
         self.last_val_step = -1  # global step of the latest validation
         self.last_val: dict[str, float] = {}  # the latest validation's metrics (rank-reduced)
         self._nonfinite: torch.Tensor | None = None  # device flag: a loss was NaN/inf since the last check
@@ -163,19 +165,16 @@ class OptimisedModule(pl.LightningModule):
                 {"train/grad_norm": norm, "train/lr": optimizer.param_groups[0]["lr"]}, self.global_step + 1
             )
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Lightning does not store RNG state; dropout and sampling draw from torch's global generator.
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        checkpoint["lmforge_rng"] = rng
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get("lmforge_rng")
-        if rng:
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Dropout (LoRA's too) draws from torch's global generator. It is seeded here from the
+        # micro-batch's place in training (seed, rank, optimizer step, micro-batch of the step), not
+        # restored from a checkpoint: Lightning draws from that generator itself between a restore and
+        # the next step (every DataLoader iterator takes a base seed from it, and a resumed run starts
+        # its iterator after the restore), and a checkpoint holds rank 0's state only. Each rank gets
+        # its own masks.
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        key = [self.seed, self.global_rank, self.global_step, micro]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 class LanguageModelModule(OptimisedModule):
