@@ -174,7 +174,11 @@ class OptimisedModule(pl.LightningModule):
         # its own masks.
         micro = batch_idx % self.trainer.accumulate_grad_batches
         key = [self.seed, self.global_rank, self.global_step, micro]
-        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
+        seed = int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+        # Not torch.manual_seed: it visits every backend (120 us a call here, against 1 us).
+        torch.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)  # this rank's device
 
 
 class LanguageModelModule(OptimisedModule):
