@@ -49,6 +49,7 @@ CONFIG_CASES = [
     Case("wrong type", ["pretrain.lr=fast"], "key 'pretrain.lr'"),
     Case("zero batch", ["pretrain.batch_size=0"], "key 'pretrain.batch_size'"),
     Case("negative sequence length", ["model.seq_len=-1"], "key 'model.seq_len'"),
+    Case("seed beyond what seed_everything takes", ["pretrain.seed=-1"], "key 'pretrain.seed'"),
     Case(
         "heads not dividing the width",
         ["model.n_head=3"],
