@@ -247,6 +247,42 @@ class LossHistory(Logger):
         pass
 
 
+class TrackedMetrics(Logger):
+    """The training scalars to the stage's MLflow run (rank 0), through a queue that never makes
+    training wait for the tracking server (``lm.tracking.MetricSender``): what it does not take is
+    sent again when it is back; :meth:`close` says what it never took and where that is kept."""
+
+    def __init__(self, uri: str, run_id: str, out_dir: Path) -> None:
+        from lm.tracking import UNSENT_METRICS, MetricSender
+
+        super().__init__()
+        self.run_id = run_id
+        self.sender = MetricSender(uri, run_id, Path(out_dir) / UNSENT_METRICS)
+
+    @property
+    def name(self) -> str:
+        return "mlflow"
+
+    @property
+    def version(self) -> str:
+        return self.run_id
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.sender.add({k: v for k, v in metrics.items() if not isinstance(v, str)}, step or 0)
+
+    @rank_zero_only
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.sender.add_text(text, artifact_file)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass  # the stage's run has its config as params already
+
+    def close(self) -> str | None:
+        """Wait a little for the server to take what is queued; one line on what it did not, or None."""
+        return self.sender.close()
+
+
 class ProgressBar(TQDMProgressBar):
     """tqdm, redrawn every ``log_every`` steps (cheap per step, readable in a log stream), showing the
     training scalars the module recorded and the latest validation."""
@@ -398,6 +434,5 @@ class SampleWriter(pl.Callback):
             return
         self._last_step = step
         text = self.write(trainer, pl_module.net)
-        logger = trainer.logger
-        if logger is not None and hasattr(logger, "run_id") and logger.run_id:
-            logger.experiment.log_text(logger.run_id, text, f"samples/step_{step:08d}.txt")
+        if isinstance(trainer.logger, TrackedMetrics):
+            trainer.logger.log_text(text, f"samples/step_{step:08d}.txt")

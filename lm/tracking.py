@@ -26,7 +26,7 @@ from typing import Any
 
 from lm.config import Config, display_uri
 from lm.errors import TrackingError
-from lm.fileio import process_alive
+from lm.fileio import atomic_write, process_alive
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -35,10 +35,17 @@ log = logging.getLogger(__name__)
 CACHED_ARTIFACT_MAX_BYTES = 5_000_000
 
 def _user_errors(fn):
-    """MLflow's and the database driver's exceptions reach the user as one TrackingError line."""
+    """MLflow's and the database driver's exceptions reach the user as one TrackingError line. A
+    server that did not answer (after MLflow's own retries: MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    MLFLOW_HTTP_REQUEST_TIMEOUT) is named; later calls to it in this process ask its /health first
+    (5 s) instead of spending those retries again (a failed stage's run, then the pipeline's, end)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        uri = _uri_of(args)
+        if uri in _UNREACHABLE:
+            check_tracking_uri(uri)  # raises at once while it is still away
+            _UNREACHABLE.discard(uri)
         try:
             return fn(*args, **kwargs)
         except TrackingError:
@@ -49,10 +56,49 @@ def _user_errors(fn):
 
             if not isinstance(e, MlflowException | SQLAlchemyError | OSError):
                 raise
-            message = getattr(e, "message", None) or str(e)
-            raise TrackingError(f"MLflow tracking failed in {fn.__name__}: {message.splitlines()[0][:500]}") from e
+            if uri and _unreachable(e):
+                _UNREACHABLE.add(uri)
+                raise TrackingError(
+                    f"MLflow tracking server {display_uri(uri)} did not answer in {fn.__name__.lstrip('_')} "
+                    f"({_first_line(e)}), after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, "
+                    "MLFLOW_HTTP_REQUEST_TIMEOUT)"
+                ) from e
+            raise TrackingError(f"MLflow tracking failed in {fn.__name__.lstrip('_')}: {_first_line(e)}") from e
 
     return wrapper
+
+
+_UNREACHABLE: set[str] = set()  # tracking servers that did not answer this process
+
+
+def _uri_of(args: tuple) -> str | None:
+    first = args[0] if args else None
+    if isinstance(first, Config):
+        return first.tracking_uri()
+    return first if isinstance(first, str) and "://" in first else None
+
+
+def _unreachable(e: BaseException) -> bool:
+    """Whether MLflow gave up on a server that did not answer (refused, timed out), as opposed to one
+    that answered with an error."""
+    import requests
+
+    seen = e
+    while seen is not None:
+        if isinstance(seen, requests.exceptions.ConnectionError | requests.exceptions.Timeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _first_line(e: BaseException) -> str:
+    """An MLflow error in a few words: 'connection refused' rather than urllib3's whole retry story."""
+    text = getattr(e, "message", None) or str(e)
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("too many 5", "server errors")):
+        if needle in text:
+            return short
+    return text.splitlines()[0][:500] if text else type(e).__name__
 
 
 _READY: set[str] = set()  # sqlite stores this process has seen created
@@ -258,7 +304,6 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
         _client(uri).log_batch(run_id, metrics=items[i : i + 500])
 
 
-@_user_errors
 def log_stage_result(
     uri: str,
     run_id: str,
@@ -269,11 +314,34 @@ def log_stage_result(
     cached: bool,
     log_result_metrics: bool = True,
 ) -> None:
-    """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs."""
+    """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs; and
+    the training metrics its run could not send then (:data:`UNSENT_METRICS`), to their own run."""
+    try:
+        _log_stage_result(uri, run_id, out_dir, result, config_params, cached=cached,
+                          log_result_metrics=log_result_metrics)
+    except TrackingError as e:
+        raise TrackingError(
+            f"{e}. The stage's output {out_dir} is complete and kept: run the same command again once the "
+            "server answers, and it is logged from there"
+        ) from None
+
+
+@_user_errors
+def _log_stage_result(
+    uri: str,
+    run_id: str,
+    out_dir: Path,
+    result: StageResult,
+    config_params: Mapping[str, Any],
+    *,
+    cached: bool,
+    log_result_metrics: bool,
+) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
 
+    send_unsent_metrics(uri, Path(out_dir) / UNSENT_METRICS)
     client = _client(uri)
     client.set_tag(run_id, "lmforge.cached", str(cached).lower())
     client.set_tag(run_id, "lmforge.output", str(out_dir))
@@ -313,9 +381,168 @@ def log_stage_result(
         client.log_inputs(run_id, datasets=inputs)
 
 
-@_user_errors
+# ---- a training run's metrics, sent from a thread: the server may be away for a while -------------
+
+UNSENT_METRICS = "unsent_metrics.jsonl"  # in the stage's folder: points the server never took
+FLUSH_SECONDS = 10.0  # how long a finished training waits for the server to take what is left
+
+
+# How the training process's MLflow client retries (set by its entry point, lm.train, unless the user
+# set them): one quick failure per try instead of MLflow's default backoff (7 retries, up to 2 minutes
+# a sleep, about 4 minutes a call). MetricSender tries again every RETRY_SECONDS for as long as
+# training lasts, and a call stuck in a long backoff would hold the points back long after the
+# server returned, and hold up the end of training.
+SENDER_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+class MetricSender:
+    """Sends a training run's metrics (and sample texts) to its MLflow run from a background thread,
+    so that training never waits for the tracking server. Points the server does not take stay
+    queued, in order, and are offered again every ``RETRY_SECONDS`` until it takes them; at
+    :meth:`close` what is still unsent is appended to ``unsent_path`` (:data:`UNSENT_METRICS`),
+    which :func:`log_stage_result` sends later. A point keeps its timestamp, so one sent twice is
+    stored once."""
+
+    RETRY_SECONDS = 2.0
+    BATCH = 1000  # the REST API's metrics-per-log_batch limit
+
+    def __init__(self, uri: str, run_id: str, unsent_path: Path) -> None:
+        import collections
+        import threading
+
+        self.uri, self.run_id, self.unsent_path = uri, run_id, Path(unsent_path)
+        self._points: collections.deque[tuple[str, float, int, int]] = collections.deque()
+        self._texts: collections.deque[tuple[str, str]] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.error: str | None = None  # the latest failure, while the server does not take points
+        self.sent = 0
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(dt.datetime.now().timestamp() * 1000)
+        self._put(self._points, [(k, float(v), now, int(step)) for k, v in metrics.items()])
+
+    def add_text(self, text: str, artifact_file: str) -> None:
+        self._put(self._texts, [(text, artifact_file)])
+
+    def _put(self, queue, items: list) -> None:
+        import threading
+
+        with self._cond:
+            if self._closed:
+                return
+            queue.extend(items)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _send_loop(self) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        client = _client(self.uri)
+        while True:
+            with self._cond:
+                while not (self._points or self._texts or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return  # close() took what was left
+                points = [self._points[i] for i in range(min(self.BATCH, len(self._points)))]
+                text = None if points else self._texts[0]
+            try:
+                if points:
+                    client.log_batch(self.run_id, metrics=[Metric(*p) for p in points])
+                else:
+                    client.log_text(self.run_id, *text)
+            except Exception as e:  # the server is away (or refused): keep them, try again
+                self.error = _first_line(e)
+                time.sleep(self.RETRY_SECONDS)
+                continue
+            with self._cond:
+                if self._closed:
+                    return
+                for _ in points:
+                    self._points.popleft()
+                if text is not None:
+                    self._texts.popleft()
+                self.sent += len(points)
+                self.error = None
+                self._cond.notify_all()
+
+    def close(self, timeout: float = FLUSH_SECONDS) -> str | None:
+        """Wait up to ``timeout`` seconds for the server to take what is queued; append what it did not
+        to ``unsent_path``. Returns one line saying what was not sent and where it is, or None."""
+        import json
+        import time
+
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._points or self._texts) and self._thread is not None and time.monotonic() < deadline:
+                self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+            self._closed = True
+            points, texts = list(self._points), len(self._texts)
+            self._points.clear()
+            self._texts.clear()
+            self._cond.notify_all()
+        if not points and not texts:
+            return None
+        if points:
+            old = self.unsent_path.read_text(encoding="utf-8") if self.unsent_path.is_file() else ""
+            rows = (json.dumps({"run_id": self.run_id, "key": k, "value": v, "timestamp": t, "step": s})
+                    for k, v, t, s in points)
+            atomic_write(self.unsent_path, old + "".join(r + "\n" for r in rows))
+        steps = sorted({p[3] for p in points})
+        what = [f"{len(points)} metric points (steps {steps[0]}-{steps[-1]}) are kept in {self.unsent_path} "
+                "and sent when the stage's results are logged"] if points else []
+        if texts:
+            what.append(f"{texts} sample texts were not logged (samples.txt holds them)")
+        return (f"MLflow tracking server {display_uri(self.uri)} did not take the last metrics within "
+                f"{timeout:.0f} s ({self.error or 'no answer'}): " + "; ".join(what))
+
+
+def send_unsent_metrics(uri: str, path: Path) -> int:
+    """Send the points a training run could not (``MetricSender.close`` wrote them to ``path``) to
+    the runs they belong to, then remove the file. Returns how many were sent."""
+    import json
+
+    from mlflow.entities import Metric
+
+    if not path.is_file():
+        return 0
+    by_run: dict[str, list] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            p = json.loads(line)
+            by_run.setdefault(p["run_id"], []).append(Metric(p["key"], p["value"], p["timestamp"], p["step"]))
+    client = _client(uri)
+    for run_id, points in by_run.items():
+        for i in range(0, len(points), MetricSender.BATCH):
+            client.log_batch(run_id, metrics=points[i : i + MetricSender.BATCH])
+    path.unlink(missing_ok=True)
+    n = sum(map(len, by_run.values()))
+    log.info("sent %d metric points that training could not send (%s)", n, path)
+    return n
+
+
 def end_run(uri: str, run_id: str, ok: bool) -> None:
+    if not ok and uri in _UNREACHABLE:
+        # Ending a failed run (in a finally) must not hide why it failed behind "unreachable" again;
+        # the next pipeline run marks it FAILED (end_abandoned_runs).
+        log.warning("MLflow run %s is left RUNNING: the tracking server %s did not answer", run_id, display_uri(uri))
+        return
+    _end_run(uri, run_id, ok)
+
+
+@_user_errors
+def _end_run(uri: str, run_id: str, ok: bool) -> None:
     _client(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+SYSTEM_METRICS_FINISH_SECONDS = 15.0
 
 
 @contextlib.contextmanager
@@ -328,7 +555,16 @@ def system_metrics(uri: str, run_id: str, interval: float = 5.0) -> Iterator[Non
     try:
         yield
     finally:
-        monitor.finish()
+        # finish() waits for the monitor's thread, which may be inside a call to a tracking server that
+        # is away (MLflow's retries: minutes); the stage does not wait that long for samples.
+        import threading
+
+        done = threading.Thread(target=monitor.finish, name="system-metrics-finish", daemon=True)
+        done.start()
+        done.join(SYSTEM_METRICS_FINISH_SECONDS)
+        if done.is_alive():
+            log.warning("system metrics: the tracking server %s did not answer within %.0f s; the last "
+                        "samples are not logged", display_uri(uri), SYSTEM_METRICS_FINISH_SECONDS)
 
 
 @_user_errors

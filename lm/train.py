@@ -284,11 +284,14 @@ def fit_and_save(
     )
     throughput = ThroughputMonitor(tokens_per_batch, flops_per_token(net.args), window=cfg.trainer.log_every)
     loggers: list = []
+    tracked = None
     if run_id:  # first: trainer.logger is the MLflow run (SampleWriter logs its texts there)
-        from lightning.pytorch.loggers import MLFlowLogger
+        from lm.lit import TrackedMetrics
 
-        # An explicit URI always: MLFlowLogger's fallback file:./mlruns is refused by MLflow 3 (mlflow#23637).
-        loggers.append(MLFlowLogger(tracking_uri=tracking_uri or cfg.tracking_uri(), run_id=run_id, log_model=False))
+        # Not Lightning's MLFlowLogger: its calls block training while the server is away, and the
+        # last failed one ends it. An explicit URI always (MLflow 3 refuses file:./mlruns, mlflow#23637).
+        tracked = TrackedMetrics(tracking_uri or cfg.tracking_uri(), run_id, out_dir)
+        loggers.append(tracked)
     loggers.append(LossHistory(out_dir / LOSS_HISTORY))
     trainer = _trainer(
         cfg.trainer,
@@ -318,14 +321,19 @@ def fit_and_save(
             flush=True,
         )
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(
-            module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-        )
-        if module.last_val_step != trainer.global_step:  # metrics report the weights that are saved
-            trainer.validate(module, datamodule=datamodule, verbose=False)
-    elapsed = time.perf_counter() - t0
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            trainer.fit(
+                module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
+            )
+            if module.last_val_step != trainer.global_step:  # metrics report the weights that are saved
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+        elapsed = time.perf_counter() - t0
+    finally:
+        unsent = tracked.close() if tracked is not None else None
+        if unsent and trainer.is_global_zero:
+            print(f"lmforge: warning: {unsent}", flush=True)
     if print_weight_digest and not _is_fsdp(trainer):
         print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
     tokens_per_s = throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan")
@@ -541,6 +549,10 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--init", default=None, help="the base_model stage's folder (continued pretraining)")
     a = parser.parse_args(argv)
     _die_with_parent()
+    from lm.tracking import SENDER_HTTP_SETTINGS
+
+    for name, value in SENDER_HTTP_SETTINGS.items():  # this process's only MLflow caller is its MetricSender
+        os.environ.setdefault(name, value)
     _quiet_lightning_tips()
     try:
         cfg = load_config(a.config, a.override)
