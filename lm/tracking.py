@@ -257,7 +257,8 @@ def end_abandoned_runs(client, experiment: str, by_run_id: str) -> list[str]:
         pid = int(run.data.tags.get("lmforge.pid", "0") or 0)
         if run.info.run_id == by_run_id or process_alive(pid):
             continue
-        client.set_tag(run.info.run_id, "lmforge.abandoned", f"process {pid} on {host} was killed; noticed by run {by_run_id}")
+        client.set_tag(run.info.run_id, "lmforge.abandoned", f"process {pid} on {host} ended without ending it "
+                       f"(killed, or the tracking server was away); noticed by run {by_run_id}")
         client.set_terminated(run.info.run_id, "FAILED")
         ended.append(run.info.run_id)
         if "mlflow.parentRunId" not in run.data.tags:
