@@ -29,6 +29,18 @@ def _die_with_parent() -> None:  # runs in the child, between fork and exec
     ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _drain() -> None:
+    """Send the run's last logs and events while the server is still there: left for the exit, they
+    would find it gone (and, the settings restored, Prefect would start a temporary server of its
+    own just to fail sending them: a minute and "Error logging to API" after the run's summary)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=30)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +92,10 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
                                    "export PREFECT_API_URL=http://127.0.0.1:4200/api")
             time.sleep(0.2)
         with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+            try:
+                yield url
+            finally:
+                _drain()
     finally:
         server.terminate()
         try:

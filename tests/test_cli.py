@@ -158,3 +158,23 @@ def test_a_failed_training_process_is_explained_by_its_error_not_its_progress_ba
     )
     assert failure_reason(["lmforge: step 20 train/loss 4.1", bar]) == "lmforge: step 20 train/loss 4.1"
     assert _exit_reason(-9).startswith("killed by SIGKILL") and _exit_reason(1) == "exit code 1"
+
+
+def test_a_run_ends_when_its_work_does_and_leaves_no_prefect_server(tmp_path):
+    """The run's temporary Prefect server (flows/ephemeral.py) gets the run's last logs before it
+    stops: they once went out at exit, found it gone, and Prefect started a server of its own to
+    fail sending them (a minute after the summary, then "Error logging to API")."""
+    import time
+
+    import psutil
+
+    t0 = time.monotonic()
+    proc = lmforge("ingest", "--config", "tiny", f"workdir={tmp_path / 'w'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, timeout=300,
+                   PREFECT_HOME=str(tmp_path / "prefect-home"))
+    took = time.monotonic() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "pipeline finished" in out and "Error logging to API" not in out and "temporary server" not in out, out[-3000:]
+    assert took < 120, f"{took:.0f} s for the data stages of the tiny config"
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
