@@ -9,7 +9,7 @@ source lines) at each concurrency of ``--concurrency`` for the matching count of
 Beside them, in this process, ``transformers``' ``LlamaForCausalLM.generate`` on the same weights
 (one prompt at a time, and batches of 8 left-padded prompts) and lmforge's engine without HTTP, one
 request at a time. Everything runs in ``--rounds`` rounds (each level's requests split over them,
-the in-process contenders between two levels, the server idle meanwhile) and each figure of speed
+the in-process contenders after the first level, the server idle meanwhile) and each figure of speed
 keeps its best round: on a shared machine a neighbour's burst only ever slows a round down, and
 alternating lets no contender have the quiet minutes to itself. Latency percentiles and errors are
 over every request; time to first token is the arrival of a request's first text chunk. Server
@@ -287,7 +287,9 @@ def main() -> None:
                     results[c] += raw
                     if f["tok_s"] > best_level.get(c, {}).get("tok_s", 0.0):
                         best_level[c] = f
-                    for name, fn in contenders.items():
+                    if c != levels[0]:
+                        continue
+                    for name, fn in contenders.items():  # as many rounds as each server level gets
                         t0 = time.perf_counter()
                         best[name] = max(best[name], fn() / (time.perf_counter() - t0))
             rss_after = rss()
