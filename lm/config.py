@@ -138,7 +138,7 @@ class DataConfig(Section):
     max_invalid_utf8_fraction: float = Field(0.5, ge=0, le=1)
     max_docs: int | None = Field(None, ge=1)  # cap on ingested documents (quick runs); None = all
     val_fraction: float = Field(0.05, ge=0, lt=1)
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: int = 0
     workers: int | None = Field(None, ge=1)  # processes for cleaning/tokenizing; None = all cores
     dask_address: str | None = None  # tcp://host:8786 to run the data stage on a Dask cluster
     stdlib_tests: bool = True  # include the stdlib's own test suites (about 19 of its 31 MB)
