@@ -212,16 +212,18 @@ class EngineProcess:
 
     def _deliver(self, events: Sequence[tuple[int, Event]]) -> None:
         for rid, event in events:
+            # Under the lock, emit included (a queue put): a cancel that returned is never followed
+            # by an event, even one the child sent before it read the cancel.
             with self._lock:
                 request = self._jobs.get(rid)
-                if request is None:  # cancelled: no event follows
+                if request is None:  # cancelled
                     continue
                 if isinstance(event, Finished | Failed):
                     del self._jobs[rid]
                     self._started.discard(rid)
                 else:
                     self._started.add(rid)
-            request.emit(event)
+                request.emit(event)
 
 
 # ---- the child ------------------------------------------------------------------------------------
