@@ -91,11 +91,27 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
                                    f"machine? see {log_path}); or start one: make ui, then "
                                    "export PREFECT_API_URL=http://127.0.0.1:4200/api")
             time.sleep(0.2)
-        with temporary_settings({PREFECT_API_URL: url}):
-            try:
-                yield url
-            finally:
-                _drain()
+        # The settings context is a context variable, which threads started in the run (a stage
+        # streaming its training's output, Prefect's own workers) do not inherit: they read Prefect's
+        # global settings, made from the environment when prefect was imported. Without this they
+        # found no server, and Prefect started one of its own that nothing ties to this process.
+        from prefect.context import refresh_global_settings_context
+
+        before = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        refresh_global_settings_context()
+        try:
+            with temporary_settings({PREFECT_API_URL: url}):
+                try:
+                    yield url
+                finally:
+                    _drain()
+        finally:
+            if before is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = before
+            refresh_global_settings_context()
     finally:
         server.terminate()
         try:
