@@ -305,6 +305,24 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int =
         _client(uri).log_batch(run_id, metrics=items[i : i + 500])
 
 
+def _output_kept(fn):
+    """A stage's logging that failed says its finished output is kept, and how it gets logged."""
+
+    @functools.wraps(fn)
+    def wrapper(uri: str, run_id: str, out_dir: Path, *args, **kwargs):
+        try:
+            return fn(uri, run_id, out_dir, *args, **kwargs)
+        except TrackingError as e:
+            raise TrackingError(
+                f"{e}. The stage's output {out_dir} is complete and kept: run the same command again once the "
+                "server answers, and it is logged from there"
+            ) from None
+
+    return wrapper
+
+
+@_output_kept
+@_user_errors
 def log_stage_result(
     uri: str,
     run_id: str,
@@ -317,27 +335,6 @@ def log_stage_result(
 ) -> None:
     """Log what a stage produced to its child run: metrics, params, artifacts, dataset inputs; and
     the training metrics its run could not send then (:data:`UNSENT_METRICS`), to their own run."""
-    try:
-        _log_stage_result(uri, run_id, out_dir, result, config_params, cached=cached,
-                          log_result_metrics=log_result_metrics)
-    except TrackingError as e:
-        raise TrackingError(
-            f"{e}. The stage's output {out_dir} is complete and kept: run the same command again once the "
-            "server answers, and it is logged from there"
-        ) from None
-
-
-@_user_errors
-def _log_stage_result(
-    uri: str,
-    run_id: str,
-    out_dir: Path,
-    result: StageResult,
-    config_params: Mapping[str, Any],
-    *,
-    cached: bool,
-    log_result_metrics: bool,
-) -> None:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag
