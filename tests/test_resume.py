@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from train_fixtures import (
-    ROOT,
-    child_env,
     finetune_args,
+    kill_at_checkpoint,
     make_finetune_dir,
     make_token_dir,
     pretrain_args,
     run_training,
     tiny_config_yaml,
 )
-
-
-def kill_at_checkpoint(args: list[str], step: int) -> None:
-    """Start ``python <args>`` and SIGKILL it as soon as it reports the checkpoint of ``step``."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env=child_env(),
-    )
-    for line in proc.stdout:
-        if "saved checkpoint" in line and f"step-{step:08d}.ckpt" in line:
-            proc.send_signal(signal.SIGKILL)
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
 
 
 def final_metrics(out: Path) -> dict:

@@ -322,8 +322,8 @@ def test_lora_on_a_missing_layer_is_a_config_error():
 
 @pytest.mark.slow  # ~40 s: four training processes
 def test_lora_finetuning_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, sft_dirs):
-    from test_resume import final_metrics, kill_at_checkpoint
-    from train_fixtures import finetune_args, pretrain_args, run_training
+    from test_resume import final_metrics
+    from train_fixtures import finetune_args, kill_at_checkpoint, pretrain_args, run_training
 
     cfg = tiny_config_yaml(
         tmp_path / "cfg.yaml",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -163,3 +164,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_at_checkpoint(args: list[str], step: int, env: dict[str, str] | None = None) -> list:
+    """Start ``python <args>`` and SIGKILL it as soon as it reports the checkpoint of ``step``;
+    returns the training processes it had started (DDP's other ranks), as psutil processes."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            cwd=ROOT, env=env or child_env())
+    ranks = []
+    try:
+        for line in proc.stdout:
+            if "saved checkpoint" in line and f"step-{step:08d}.ckpt" in line:
+                # Saving is collective: every rank is up by now.
+                ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                         if "lm.train" in " ".join(p.cmdline())]
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:  # it ended before the checkpoint line: the assertion below says so
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before step {step}"
+    return ranks

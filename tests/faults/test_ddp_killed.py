@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from train_fixtures import (
     ROOT,
     child_env,
+    kill_at_checkpoint,
     make_token_dir,
     pretrain_args,
     tiny_config_yaml,
@@ -34,32 +34,7 @@ def _env() -> dict[str, str]:
 def _kill_after_checkpoint(args: list[str], step: int) -> None:
     """Start ``python <args>`` (rank 0, which launches rank 1), SIGKILL it as soon as it reports the
     checkpoint of ``step``, and check that rank 1 ends with it."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=ROOT,
-        env=_env(),
-    )
-    ranks: list[psutil.Process] = []
-    try:
-        for line in proc.stdout:
-            if "saved checkpoint" in line and f"step-{step:08d}.ckpt" in line:
-                # Saving is collective: rank 1 is up by now.
-                ranks = [
-                    p
-                    for p in psutil.Process(proc.pid).children(recursive=True)
-                    if "lm.train" in " ".join(p.cmdline())
-                ]
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:  # it ended before the checkpoint line: the assertions below say so
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended (exit {proc.returncode}) before step {step}"
+    ranks = kill_at_checkpoint(args, step, env=_env())
     assert len(ranks) == 1, [p.cmdline() for p in ranks]
     ended = _ended_within(ranks[0], seconds=1.0)
     if not ended:  # only when the assertion below fails: the suite leaves nothing running
