@@ -123,6 +123,9 @@ class KVCache:
         self.keys, self.values = keys, values  # (L, B, K, S, D)
         self.lengths = list(lengths)  # on the host: shapes and fast paths need no device sync
         self._step: _CacheStep | None = None
+        # Whether the model's layers are all plain ones (lm.model._plain_layers), decided at the
+        # cache's first forward: walking the modules on every decode step cost ~2% of a step.
+        self.plain_layers: bool | None = None
 
     @classmethod
     def empty(
@@ -332,8 +335,8 @@ class Block(nn.Module):
 
 
 def _plain_layers(net: nn.Module) -> bool:
-    """Every layer is the plain one, unhooked (looked at each time: peft may wrap layers between two
-    generations). ``net._lean_decode = False`` sends decoding through the modules (tests)."""
+    """Every layer is the plain one, unhooked (looked at once per KV cache: peft may wrap layers
+    between two generations). ``net._lean_decode = False`` sends decoding through the modules (tests)."""
     plain = (nn.Linear, nn.Dropout, RMSNorm, Attention, MLP, Block)
     return net.__dict__.get("_lean_decode", True) and all(
         type(m) in plain and not (m._forward_hooks or m._forward_pre_hooks)
@@ -452,7 +455,9 @@ class _Transformer(nn.Module):
         cos, sin, causal, mask = cache.begin(idx.shape[1], attention_mask, self.rope_cos, self.rope_sin)
         cos, sin = cos.to(dtype), sin.to(dtype)
         x = self.embed_tokens(idx)  # (B, T, C)
-        if not torch.is_grad_enabled() and _plain_layers(self):
+        if cache.plain_layers is None:
+            cache.plain_layers = _plain_layers(self)
+        if not torch.is_grad_enabled() and cache.plain_layers:
             x = _decode_layers(self, x, cos, sin, causal, mask, cache)
         else:
             for i, layer in enumerate(self.layers):
