@@ -790,7 +790,7 @@ def _plot_dropped(path: Path, dropped: dict[str, int], kept: int) -> None:
     items = sorted(((r, int(n)) for r, n in dropped.items() if n), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(7, 0.9 + 0.35 * max(len(items), 1)))
     if items:
-        names, counts = zip(*items)
+        names, counts = zip(*items, strict=True)
         bars = ax.barh(names, counts, color="tab:red", alpha=0.7)
         ax.bar_label(bars, labels=[f"{c:,}" for c in counts], padding=3, fontsize=8)
         ax.set_xlim(0, max(counts) * 1.15)
