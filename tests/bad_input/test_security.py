@@ -112,7 +112,8 @@ def test_a_request_cannot_name_its_way_out_of_the_served_model(server):
 
 def test_serve_refuses_a_model_name_or_folder_that_climbs_out(tmp_path):
     """A registered name or alias with '/' or '..' is refused before MLflow is asked (no store is even
-    opened); a folder that is not a model (``../../etc`` from the repository: /etc) is one line."""
+    opened); a folder outside the repository reached by climbing out of it (``../..``), that is not
+    a model, is one line."""
     from lm.serving.models import registered_name
 
     for spec in ("models:/../etc@champion", "models:/a/../b@champion", "models:/tiny@../x", "models:/tiny/../3",
@@ -120,7 +121,12 @@ def test_serve_refuses_a_model_name_or_folder_that_climbs_out(tmp_path):
         with pytest.raises(ConfigError, match="a registered model is models:/NAME@ALIAS"):
             registered_name(spec)
     store = tmp_path / "mlflow.db"
-    for spec in ("models:/../../etc@champion", "../../etc"):
+    outside = tmp_path / "etc"  # exists wherever the checkout is (CI's ../../etc did not)
+    outside.mkdir()
+    (outside / "passwd").write_text("root:x:0:0\n")
+    climb = os.path.relpath(outside, ROOT)
+    assert climb.startswith("..")
+    for spec in ("models:/../../etc@champion", climb):
         run = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--model", spec, "--port", "0",
                               "--tracking-uri", f"sqlite:///{store}"], cwd=ROOT, env=child_env(),
                              capture_output=True, text=True, timeout=180)
