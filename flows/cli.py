@@ -187,6 +187,8 @@ def _serve_args(sp: argparse.ArgumentParser) -> None:
                     "(default %(default)s)")
     sp.add_argument("--timeout-s", type=float, default=300.0, help="per request, arrival to last token; past it "
                     "408 (default %(default)s)")
+    sp.add_argument("--keep-alive-s", type=int, default=75, help="how long an idle connection is kept open; keep it "
+                    "longer than clients' and proxies' own idle timeouts (default %(default)s)")
     sp.add_argument("--poll-seconds", type=float, default=30.0, help="how often to look where the alias points "
                     "(default %(default)s)")
     sp.add_argument("--tracking-uri", help="MLflow registry (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
@@ -205,7 +207,8 @@ def serve_command(args: argparse.Namespace) -> int:
     from lm.serving.protocol import Limits
     from lm.serving.server import ServeOptions, serve
 
-    for name in ("max_concurrent", "max_prompt_tokens", "max_new_tokens", "max_body_bytes", "max_batch_size"):
+    for name in ("max_concurrent", "max_prompt_tokens", "max_new_tokens", "max_body_bytes", "max_batch_size",
+                 "keep_alive_s"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise LmforgeError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -216,7 +219,8 @@ def serve_command(args: argparse.Namespace) -> int:
                     timeout_s=args.timeout_s, api_key=args.api_key or None)
     serve(ServeOptions(model=args.model, host=args.host, port=args.port, limits=limits, poll_seconds=args.poll_seconds,
                        tracking_uri=args.tracking_uri, served_model_name=args.served_model_name,
-                       max_batch_size=args.max_batch_size, engine_in_process=args.engine_in_process))
+                       max_batch_size=args.max_batch_size, engine_in_process=args.engine_in_process,
+                       keep_alive_s=args.keep_alive_s))
     return 0
 
 
