@@ -101,6 +101,13 @@ def read_until_step(proc: subprocess.Popen, step: int) -> int:
     return seen
 
 
+def run_for(proc: subprocess.Popen, seconds: float) -> None:
+    """Let a stopped (SIGSTOP) process run for ``seconds``, then stop it again."""
+    proc.send_signal(signal.SIGCONT)
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGSTOP)
+
+
 def kill_server(proc: subprocess.Popen) -> None:
     """The server goes away at once (kill -9 of it and its workers): no goodbye to its clients."""
     os.killpg(proc.pid, signal.SIGKILL)
@@ -122,18 +129,20 @@ def test_training_outlives_the_tracking_server_and_no_metric_is_lost(tmp_path, t
 
         # 1. Training goes on while nobody takes its metrics: 40 more steps with the server away.
         assert read_until_step(proc, first + 40) >= first + 40, stage.stderr.read_text()[-3000:]
-        # 2. The server back on the same port (training held meanwhile, so that it is still running):
-        # what it could not send reaches the run while it trains on.
+        # 2. The server back on the same port: what it could not send reaches the run while it trains
+        # on. Training is held while the server starts and then let run in short slices, so that the
+        # sender's retry timer (wall time) comes round long before training could end: at step 3
+        # there must still be steps to log (on a fast machine it once ran to its end meanwhile).
         proc.send_signal(signal.SIGSTOP)
         server = stack.enter_context(mlflow_server(store, port, log))
-        proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while max(stage.logged_steps()) < first + 40:
             assert proc.poll() is None and time.monotonic() < deadline, "the points kept were not sent"
-            time.sleep(0.5)
+            run_for(proc, 0.1)
+            time.sleep(0.4)
         # 3. The server away again until training has ended: one line says what was not sent, and
         # the stage's folder keeps it.
-        proc.send_signal(signal.SIGSTOP)
+        assert proc.poll() is None, "training ended before the server went away again"
         kill_server(server)
         proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
