@@ -48,26 +48,24 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
-    """Within the block, Prefect talks to a temporary server that cannot outlive this process; yields
-    its API URL (None when a server is configured, or off Linux: Prefect's own behaviour then)."""
+def _held(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock on ``lock_path`` for the block (flock: let go by the kernel if this process dies)."""
+    import fcntl
+
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _start_and_wait(log_path: Path, port: int, url: str, env: dict[str, str], startup_s: float) -> subprocess.Popen:
+    """Prefect's server app under uvicorn on 127.0.0.1:``port``, once it answers ``/health``; a server
+    that stops, or stays silent for ``startup_s``, is stopped and said in one line."""
     import httpx
     import prefect
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
-    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
-        yield None
-        return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {
-        **os.environ,
-        **get_current_settings().to_environment_variables(exclude_unset=True),
-        "PREFECT_UI_ENABLED": "0",
-        "PREFECT__SERVER_EPHEMERAL": "1",
-        "PREFECT__SERVER_FINAL": "1",
-    }
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
@@ -83,7 +81,7 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
                                    f"see {log_path}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
+                    return server
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
@@ -91,6 +89,47 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
                                    f"machine? see {log_path}); or start one: make ui, then "
                                    "export PREFECT_API_URL=http://127.0.0.1:4200/api")
             time.sleep(0.2)
+    except BaseException:
+        _stop(server)
+        raise
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@contextlib.contextmanager
+def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
+    """Within the block, Prefect talks to a temporary server that cannot outlive this process; yields
+    its API URL (None when a server is configured, or off Linux: Prefect's own behaviour then)."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if PREFECT_API_URL.value() or not sys.platform.startswith("linux"):
+        yield None
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    # Servers of runs started at once share Prefect's database (PREFECT_HOME/prefect.db): one at a
+    # time creates or migrates it; the others wait until it answers (two migrating a new database at
+    # once failed one of them: "no such table: block").
+    home = Path(get_current_settings().home).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    with _held(home / ".lmforge-server-start.lock"):
+        server = _start_and_wait(log_path, port, url, env, startup_s)
+    try:
         # The settings context is a context variable, which threads started in the run (a stage
         # streaming its training's output, Prefect's own workers) do not inherit: they read Prefect's
         # global settings, made from the environment when prefect was imported. Without this they
@@ -113,9 +152,4 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
                 os.environ["PREFECT_API_URL"] = before
             refresh_global_settings_context()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)
