@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 
 from lm import tracking
 from lm.config import Config, display_uri
-from lm.retrain import config_digest, data_digest, source_digests
+from lm.retrain import config_digest, data_digest, digest_cache, source_digests
 from lm.stage import Stage
 from lm.stages import STAGES, preflight, stages_for
 from lm.workspace import stage_dirs
@@ -58,7 +58,7 @@ def review_tags(config: Config, trigger: Trigger) -> dict[str, str]:
     tags = {
         "lmforge.trigger": trigger,
         "lmforge.config_hash": config_digest(config),
-        "lmforge.data_digest": data_digest(source_digests(config.data), config.data),
+        "lmforge.data_digest": data_digest(source_digests(config.data, digest_cache(config)), config.data),
     }
     page = url_for("flow-run", obj_id=str(flow_run.id)) if flow_run.id else None
     if page:

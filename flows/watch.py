@@ -84,7 +84,7 @@ def ingest_folder(uri: str, parent) -> Path | None:
 def should_retrain(cfg: Config) -> tuple[bool, str]:
     """Whether the sources hold enough new data for a retrain of ``cfg``, and why (one line)."""
     from lm.data.ingest import PROVENANCE
-    from lm.retrain import data_digest, new_data, read_provenance, source_digests
+    from lm.retrain import data_digest, digest_cache, new_data, read_provenance, source_digests
 
     uri, experiment = cfg.tracking_uri(), cfg.tracking.experiment
     runs = pipeline_runs(uri, experiment, cfg.name)
@@ -92,7 +92,7 @@ def should_retrain(cfg: Config) -> tuple[bool, str]:
     if finished is None:
         return False, (f"no finished pipeline run of config {cfg.name!r} in {experiment!r} yet: start the first "
                        "by hand (lmforge trigger retrain) or let the schedule do it")
-    files = source_digests(cfg.data)
+    files = source_digests(cfg.data, digest_cache(cfg))
     digest = data_digest(files, cfg.data)
     since = runs[: runs.index(finished) + 1]  # the last finished run and every run started after it
     for run in since:

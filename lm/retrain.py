@@ -12,13 +12,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lm.config import Config, DataConfig, RetrainConfig
 from lm.data import sources
-from lm.fileio import file_sha256
+from lm.fileio import atomic_write, file_sha256
 
 MB = 2**20
 
@@ -42,18 +43,52 @@ class SourceFileDigest:
     sha256: str
 
 
-def source_digests(data: DataConfig) -> dict[str, SourceFileDigest]:
+DIGEST_CACHE = "source_digests.json"
+SETTLED_NS = 2 * 10**9  # a file modified this recently may change again within its timestamps' tick
+
+
+def source_digests(data: DataConfig, cache: Path | None = None) -> dict[str, SourceFileDigest]:
     """Every file of ``data.sources`` (paths as ingest records them) -> size and content sha256.
-    A Hugging Face dataset (``hf:``) has no files here: it is left out (its name is in the config)."""
+    A Hugging Face dataset (``hf:``) has no files here: it is left out (its name is in the config).
+
+    ``cache``: a JSON file of the digests computed before, by path with the file's size, inode,
+    modification and change times (as git's index keeps them). A file whose four are unchanged is
+    not read again, so a new-data check every minute does not read a large corpus every minute; a
+    file written in place (a new change time, whatever its modification time says) is. A file
+    changed less than 2 s before it was read is not cached: it could change again within the
+    same timestamp. The cache is rewritten atomically; a lost or unreadable one costs a rehash."""
+    known: dict = {}
+    if cache is not None:
+        try:
+            known = json.loads(Path(cache).read_text())
+        except (OSError, ValueError):
+            known = {}
+    now = time.time_ns()
     out: dict[str, SourceFileDigest] = {}
+    keep: dict[str, list] = {}
     for spec in data.sources:
         if spec.startswith(sources.HF_PREFIX):
             continue
         for path in _source_files(spec, data):
             key = str(path)
-            if key not in out:
-                out[key] = SourceFileDigest(path.stat().st_size, file_sha256(path))
+            if key in out:
+                continue
+            st = path.stat()
+            stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+            entry = known.get(key)
+            sha = entry[4] if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp else file_sha256(path)
+            out[key] = SourceFileDigest(st.st_size, sha)
+            if now - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS:
+                keep[key] = [*stamp, sha]
+    if cache is not None and keep != known:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cache, json.dumps(keep))
     return out
+
+
+def digest_cache(cfg: Config) -> Path:
+    """Where a config's source digests are cached: beside its stages' folders."""
+    return Path(cfg.workdir).expanduser().resolve() / DIGEST_CACHE
 
 
 def data_digest(files: Mapping[str, SourceFileDigest], data: DataConfig) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from lm.config import load_config
@@ -95,3 +97,37 @@ def test_trigger_without_a_reachable_server_is_one_line(tmp_path):
                               env={**env, "PYTHONPATH": str(root), **({"PREFECT_API_URL": api} if api else {})})
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_source_digests_are_cached_by_stat_and_a_file_written_in_place_is_read_again(tmp_path, monkeypatch):
+    import os
+
+    from lm import retrain
+    from lm.retrain import source_digests
+
+    corpus, cache = tmp_path / "corpus", tmp_path / "w" / retrain.DIGEST_CACHE
+    corpus.mkdir()
+    for name in "abc":
+        (corpus / f"{name}.txt").write_text(f"{name} " * 1000)
+        os.utime(corpus / f"{name}.txt", ns=(10**18, 10**18))  # settled long ago (ctime stays now)
+    cfg = load_config("tiny", [f"data.sources=[{corpus}]"])
+    hashed: list[str] = []
+    real = retrain.file_sha256
+    monkeypatch.setattr(retrain, "file_sha256", lambda path: hashed.append(os.path.basename(path)) or real(path))
+
+    first = source_digests(cfg.data, cache)
+    assert sorted(hashed) == ["a.txt", "b.txt", "c.txt"] and not cache.exists()  # changed just now: not cached
+    time.sleep(2.1)
+    hashed.clear()
+    assert source_digests(cfg.data, cache) == first and len(hashed) == 3 and cache.is_file()
+    hashed.clear()
+    assert source_digests(cfg.data, cache) == first and hashed == []  # nothing read again
+    # b rewritten in place with the same size, its modification time put back: its change time tells.
+    (corpus / "b.txt").write_text("B " * 1000)
+    os.utime(corpus / "b.txt", ns=(10**18, 10**18))
+    hashed.clear()
+    after = source_digests(cfg.data, cache)
+    assert hashed == ["b.txt"] and after[str(corpus / "b.txt")].sha256 != first[str(corpus / "b.txt")].sha256
+    cache.write_text("{not json")  # a damaged cache costs a rehash, not an error
+    hashed.clear()
+    assert source_digests(cfg.data, cache) == after and len(hashed) == 3
