@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lm.errors import LmforgeError
+from lm.fileio import exclusive_lock
 
 
 def _die_with_parent() -> None:  # runs in the child, between fork and exec
@@ -45,19 +46,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _held(lock_path: Path) -> Iterator[None]:
-    """An exclusive lock on ``lock_path`` for the block (flock: let go by the kernel if this process dies)."""
-    import fcntl
-
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _start_and_wait(log_path: Path, port: int, url: str, env: dict[str, str], startup_s: float) -> subprocess.Popen:
@@ -127,7 +115,7 @@ def temporary_server(log_path: Path, startup_s: float) -> Iterator[str | None]:
     # once failed one of them: "no such table: block").
     home = Path(get_current_settings().home).expanduser()
     home.mkdir(parents=True, exist_ok=True)
-    with _held(home / ".lmforge-server-start.lock"):
+    with exclusive_lock(home / ".lmforge-server-start.lock"):
         server = _start_and_wait(log_path, port, url, env, startup_s)
     try:
         # The settings context is a context variable, which threads started in the run (a stage

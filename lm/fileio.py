@@ -1,4 +1,4 @@
-"""Files that readers can trust: atomic writes and content digests, one implementation each.
+"""Files that readers can trust: atomic writes, content digests and locks, one implementation each.
 
 A file is written under a temporary name in its own directory, flushed to disk and renamed over
 the final name, so a reader sees the old content or the new one, never a torn file (a process
@@ -8,13 +8,15 @@ killed mid-write, a full disk). Every writer of weights, checkpoints, manifests 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import shutil
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # Temporary names say which process made them (pid@host), so that what a killed process left behind
@@ -95,3 +97,12 @@ def file_sha256(path: str | os.PathLike) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the block: one process at a time,
+    the others wait. The kernel lets it go if its process dies."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file lets the lock go

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from lm.config import DeployConfig, display_uri
 from lm.errors import ConfigError, DataError, RegistryError, TrackingError
+from lm.fileio import exclusive_lock
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -256,19 +257,13 @@ def promotion_lock(uri: str, name: str) -> Iterator[bool]:
     """Held while an alias of ``name`` is compared and moved: an exclusive ``flock`` on a file next
     to a local sqlite store (released by the OS if the process dies). Yields False where there is
     no such file (a remote store): the caller re-checks after moving instead."""
-    import fcntl
-
     if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
         yield False
         return
     db = Path(uri.removeprefix("sqlite:///").split("?")[0])
     lock = db.with_name(f"{db.name}.promote-{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock")
-    with open(lock, "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(lock):
+        yield True
 
 
 def _version_of(holder) -> str | None:

@@ -9,6 +9,7 @@ removed are not new data. Plain data: nothing here knows of Prefect or MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -59,9 +60,9 @@ def source_digests(data: DataConfig, cache: Path | None = None) -> dict[str, Sou
     same timestamp. The cache is rewritten atomically; a lost or unreadable one costs a rehash."""
     known: dict = {}
     if cache is not None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             known = json.loads(Path(cache).read_text())
-        except (OSError, ValueError):
+        if not isinstance(known, dict):
             known = {}
     now = time.time_ns()
     out: dict[str, SourceFileDigest] = {}
@@ -76,7 +77,7 @@ def source_digests(data: DataConfig, cache: Path | None = None) -> dict[str, Sou
             st = path.stat()
             stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
             entry = known.get(key)
-            sha = entry[4] if isinstance(entry, list) and len(entry) == 5 and entry[:4] == stamp else file_sha256(path)
+            sha = entry[4] if isinstance(entry, list) and entry[:4] == stamp and len(entry) == 5 else file_sha256(path)
             out[key] = SourceFileDigest(st.st_size, sha)
             if now - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS:
                 keep[key] = [*stamp, sha]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import functools
 import logging
 import math
@@ -26,7 +25,7 @@ from typing import Any
 
 from lm.config import Config, display_uri
 from lm.errors import TrackingError
-from lm.fileio import atomic_write, process_alive
+from lm.fileio import atomic_write, exclusive_lock, process_alive
 from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
@@ -113,13 +112,9 @@ def _client(uri: str):
     # once collide ("duplicate column name": two pipeline runs started together on a new store).
     # One process at a time, under a lock file beside the database.
     db = Path(uri[len("sqlite:///") :])
-    with open(db.with_name(db.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            client = MlflowClient(tracking_uri=uri)
-            client.search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with exclusive_lock(db.with_name(db.name + ".lock")):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
     _READY.add(uri)
     return client
 

@@ -131,3 +131,6 @@ def test_source_digests_are_cached_by_stat_and_a_file_written_in_place_is_read_a
     cache.write_text("{not json")  # a damaged cache costs a rehash, not an error
     hashed.clear()
     assert source_digests(cfg.data, cache) == after and len(hashed) == 3
+    cache.write_text("[1, 2]")  # so does JSON that is not a cache
+    hashed.clear()
+    assert source_digests(cfg.data, cache) == after and len(hashed) == 3
