@@ -6,7 +6,7 @@ stage's result depends on, all read off its row of the stage table:
 - the contents of the files its config names (sources, a tokenizer.json, an init checkpoint): each
   file's path, size and modification time;
 - its code: the lm modules named in its row and every lm module they import, and its own
-  function, compared by syntax tree (an edited comment or reformatting changes nothing);
+  function, compared by tokens (an edited comment or a rewrapped line changes nothing);
 - the keys of the stages it reads.
 
 Same inputs, same folder: that is what makes reruns skip finished stages, lets a killed training
@@ -20,14 +20,18 @@ which files to read (:func:`lineage`). The folder is only read, never changed.
 
 from __future__ import annotations
 
-import ast
+import dis
 import functools
 import hashlib
 import inspect
+import io
 import json
 import sys
 import sysconfig
-from collections.abc import Iterable, Sequence
+import textwrap
+import tokenize
+import types
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,36 +129,66 @@ def _module_file(name: str) -> Path | None:
     return None
 
 
-def _lm_imports(tree: ast.AST, module: str, is_package: bool) -> set[str]:
-    """Names of the lm modules a module's code imports, at top level or inside functions."""
+# Code is read as tokens and bytecode, never as `ast` objects: building those is not thread-safe on
+# CPython 3.11 (gh-106905: the AST constructor's recursion counter is shared by all threads, so a
+# parse in Prefect's event-loop thread can make ours fail with "AST constructor recursion depth
+# mismatch"). Neither `tokenize` nor `compile` to bytecode builds them.
+_LAYOUT = frozenset({tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER})
+
+
+def source_digest(text: str) -> str:
+    """Hash of Python source as its tokens: comments, blank lines and line breaks inside brackets
+    change nothing; a change of indentation (a block's extent) or of any other token does."""
+    h = hashlib.sha256()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        if tok.type in (tokenize.COMMENT, tokenize.NL):
+            continue
+        h.update(f"{tok.type}\0{'' if tok.type in _LAYOUT else tok.string}\n".encode())
+    return h.hexdigest()
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    yield code
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield from _code_objects(const)
+
+
+def _lm_imports(code: types.CodeType, module: str, is_package: bool) -> set[str]:
+    """Names of the lm modules a module's code imports, at top level or inside functions: read off
+    its bytecode, where every import statement is ``LOAD_CONST level; LOAD_CONST fromlist;
+    IMPORT_NAME module``."""
     found = set()
     package = module if is_package else module.rpartition(".")[0]
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "lm")
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+    for obj in _code_objects(code):
+        ops = list(dis.get_instructions(obj))
+        for i, op in enumerate(ops):
+            if op.opname != "IMPORT_NAME":
+                continue
+            level = ops[i - 2].argval if i >= 2 and ops[i - 2].opname == "LOAD_CONST" else 0
+            names = ops[i - 1].argval if i >= 1 and ops[i - 1].opname == "LOAD_CONST" else None
+            base = op.argval
+            if level:  # relative import
+                parent = package.rsplit(".", level - 1)[0] if level > 1 else package
                 base = f"{parent}.{base}" if base else parent
             if base.split(".")[0] != "lm":
                 continue
             found.add(base)
-            for alias in node.names:  # `from lm import tokenizer`: a submodule, not a name
-                if _module_file(f"{base}.{alias.name}") is not None:
-                    found.add(f"{base}.{alias.name}")
+            for name in names or ():  # `from lm import tokenizer`: a submodule, not a name
+                if name != "*" and _module_file(f"{base}.{name}") is not None:
+                    found.add(f"{base}.{name}")
     return found
 
 
 @functools.cache
-def _module_tree(name: str) -> tuple[str, tuple[str, ...]]:
-    """(digest of the module's syntax tree, the lm modules it imports)."""
+def _module_code(name: str) -> tuple[str, tuple[str, ...]]:
+    """(digest of the module's source tokens, the lm modules it imports)."""
     path = _module_file(name)
     if path is None:
         return "", ()
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    digest = hashlib.sha256(ast.dump(tree).encode()).hexdigest()
-    return digest, tuple(sorted(_lm_imports(tree, name, path.name == "__init__.py")))
+    text = path.read_text(encoding="utf-8")
+    code = compile(text, str(path), "exec", dont_inherit=True)
+    return source_digest(text), tuple(sorted(_lm_imports(code, name, path.name == "__init__.py")))
 
 
 def module_closure(roots: Iterable[str]) -> list[str]:
@@ -171,16 +205,16 @@ def module_closure(roots: Iterable[str]) -> list[str]:
         if name in seen or name in NEUTRAL_MODULES:
             continue
         seen.add(name)
-        todo.extend(_module_tree(name)[1])
+        todo.extend(_module_code(name)[1])
     return sorted(seen)
 
 
 def code_digest(stage: Stage) -> str:
     """Hash of the stage's code: its modules' closure (:func:`module_closure`) and its own function."""
-    parts = [(name, _module_tree(name)[0]) for name in module_closure(stage.code)]
+    parts = [(name, _module_code(name)[0]) for name in module_closure(stage.code)]
     try:
-        own = ast.dump(ast.parse(inspect.getsource(stage.run).strip()))
-    except (OSError, TypeError, SyntaxError):  # no source (a builtin, a lambda mid-expression): its name
+        own = source_digest(textwrap.dedent(inspect.getsource(stage.run)))
+    except (OSError, TypeError, SyntaxError, tokenize.TokenError):  # no source (a builtin): its name
         own = f"{stage.run.__module__}.{stage.run.__qualname__}"
     return _hash(parts, own)
 

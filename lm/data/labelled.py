@@ -9,13 +9,10 @@ signature, which an instruction-tuning task (signature -> first docstring line) 
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lm.config import Config, FinetuneConfig
-from lm.data.sources import stdlib_files, stdlib_root
+from lm.data.pydefs import stdlib_definitions
 from lm.errors import DataError
 from lm.stage import StageResult
 
@@ -31,53 +28,6 @@ SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.par
 LABELS = "labels.json"
 MIN_DOCSTRING_CHARS = 40  # shorter ones ("Return self.") say nothing about their package
 SCHEMA = pa.schema([("text", pa.string()), ("label", pa.int64())])
-
-
-@dataclass
-class Definition:
-    package: str  # top-level package or module: email, asyncio, json ...
-    module: str  # dotted module path: email.mime.text
-    name: str  # qualified name inside the module: MIMEText.__init__
-    signature: str  # "def __init__(self, _text, _subtype='plain', _charset=None)"
-    docstring: str
-
-
-def _signature(node: ast.AST) -> str:
-    if isinstance(node, ast.ClassDef):
-        bases = ", ".join(ast.unparse(b) for b in node.bases)
-        return f"class {node.name}({bases})" if bases else f"class {node.name}"
-    prefix = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
-    return f"{prefix} {node.name}({ast.unparse(node.args)})"
-
-
-def stdlib_definitions(packages: set[str] | None = None) -> Iterator[Definition]:
-    """Documented functions and classes of the stdlib (no tests, no private top-level modules),
-    in sorted file order and source order inside a file; optionally only some packages."""
-    root = stdlib_root()
-    for path in stdlib_files(include_tests=False):
-        rel = path.relative_to(root)
-        package = rel.parts[0].removesuffix(".py")
-        if package.startswith("_") or package in ("test", "site-packages"):
-            continue
-        if packages is not None and package not in packages:
-            continue
-        try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except (SyntaxError, ValueError):  # lib2to3 test data and the like
-            continue
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-
-        yield from _definitions(tree, package, module, "")
-
-
-def _definitions(node: ast.AST, package: str, module: str, prefix: str) -> Iterator[Definition]:
-    for child in ast.iter_child_nodes(node):
-        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            name = f"{prefix}{child.name}"
-            doc = ast.get_docstring(child)
-            if doc:
-                yield Definition(package, module, name, _signature(child), doc)
-            yield from _definitions(child, package, module, f"{name}.")
 
 
 def unit_hash(text: str) -> float:
