@@ -104,13 +104,14 @@ def evaluate(
     cfg: Config, pretrain_dir: Path, finetune_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
 ) -> StageResult:
     from lm.finetune import method
+    from lm.shards import TokenIndex
 
     metrics = language_model_metrics(Path(pretrain_dir), Path(tokens_dir), cfg.evaluate.max_batches)
     metrics.update(
         method(cfg.finetune.task).evaluate(
             Path(finetune_dir),
             Path(ft_data_dir),
-            Path(tokens_dir),
+            Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer,
             base_dir=Path(pretrain_dir),
             out_dir=out_dir,
             settings=cfg.evaluate,
@@ -176,8 +177,14 @@ def evaluation_set_digest(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> s
 
 def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, *, out_dir: Path) -> dict[str, float]:
     """The evaluate stage's metrics for an exported model (a registered version, say) on this run's
-    held-out data, with this run's ``evaluate`` settings. Raises :class:`DataError` when the
-    numbers would not mean the same: another fine-tuning method, tokenizer or label set."""
+    held-out data, with this run's ``evaluate`` settings.
+
+    The model reads the held-out text with its own tokenizer. When that is not this run's (a
+    retrain from scratch trains a new one), only the metrics measured on text or labels are
+    returned: per-token numbers (loss, bits per byte of the validation windows, response loss)
+    of two vocabularies do not compare. Raises :class:`DataError` when ``deploy.promote_metric``
+    would not mean the same: another fine-tuning method or label set, or a per-token metric
+    under another tokenizer."""
     from lm.data.labelled import LABELS
     from lm.errors import DataError
     from lm.export import LM_DIR
@@ -190,16 +197,22 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
     meta = read_model_json(export_dir)
     if meta.get("task") != cfg.finetune.task:
         raise DataError(f"it was tuned with finetune.task={meta.get('task')}, this run with {cfg.finetune.task}")
-    # The held-out text is encoded with this run's tokenizer: a model that reads other ids cannot be scored on it.
-    ours = tokens_dir / TokenIndex.load(tokens_dir).tokenizer
-    if (export_dir / TOKENIZER).read_bytes() != ours.read_bytes():
-        raise DataError("its tokenizer differs from this run's")
     if (ft_data_dir / LABELS).is_file() and meta.get("labels") != json.loads((ft_data_dir / LABELS).read_text()):
         raise DataError("its label set differs from this run's")
-    metrics = language_model_metrics(export_dir / LM_DIR, tokens_dir, cfg.evaluate.max_batches)
-    metrics.update(
-        method(cfg.finetune.task).evaluate(
-            export_dir, ft_data_dir, tokens_dir, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=cfg.evaluate
+    tuned = method(cfg.finetune.task)
+    own = export_dir / TOKENIZER
+    same_tokenizer = own.read_bytes() == (tokens_dir / TokenIndex.load(tokens_dir).tokenizer).read_bytes()
+    per_token = set(LM_METRICS[cfg.model.kind]) | set(tuned.TOKEN_METRICS)
+    if not same_tokenizer and cfg.deploy.promote_metric in per_token:
+        raise DataError(
+            f"its tokenizer differs from this run's, and deploy.promote_metric={cfg.deploy.promote_metric} is "
+            f"measured per token, so the two numbers do not compare; choose a metric measured on text or labels "
+            f"({', '.join(sorted(set(tuned.METRICS) - per_token))}) to let the pipeline decide"
         )
+    # The validation windows are this run's token ids: only a model that reads those ids is scored on them.
+    metrics = language_model_metrics(export_dir / LM_DIR, tokens_dir, cfg.evaluate.max_batches) if same_tokenizer else {}
+    scores = tuned.evaluate(
+        export_dir, ft_data_dir, own, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=cfg.evaluate
     )
+    metrics.update({k: v for k, v in scores.items() if same_tokenizer or k not in tuned.TOKEN_METRICS})
     return metrics

@@ -140,7 +140,7 @@ def classified(token_dir, tmp_path_factory):
     save_model(net, root / "model", extra={"task": "classify", **index.special_ids(), "labels": list(TOPICS)})
     out = root / "evaluate"
     out.mkdir()
-    metrics = classify.evaluate(root / "model", data, token_dir, out_dir=out)
+    metrics = classify.evaluate(root / "model", data, token_dir / "tokenizer.json", out_dir=out)
     return metrics, test, out
 
 
@@ -156,7 +156,7 @@ def test_a_classifier_is_scored_beside_the_majority_class_and_tfidf(classified, 
     # Each label has its own words: TF-IDF + logistic regression separates them.
     assert metrics["eval/tfidf_accuracy"] > 0.95 > metrics["eval/baseline_accuracy"], metrics
     assert metrics["eval/tfidf_macro_f1"] > metrics["eval/baseline_macro_f1"], metrics
-    again = classify.evaluate(out.parent / "model", out.parent / "data", token_dir, out_dir=tmp_path)
+    again = classify.evaluate(out.parent / "model", out.parent / "data", token_dir / "tokenizer.json", out_dir=tmp_path)
     assert again == metrics  # deterministic, baselines included
 
 

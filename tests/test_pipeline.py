@@ -277,7 +277,8 @@ def test_a_champion_measured_on_other_data_is_rescored_on_the_new_evaluation_set
                    eval_set=new_set, rescore=_not_rescored)
     assert third.metrics["deploy/promoted"] == 1.0 and third.params["champion_scored"] == "rescored"
 
-    # A champion whose tokenizer is not this run's cannot be scored on it: the alias stays, and the tag says why.
+    # A run that trained another tokenizer (a retrain from scratch): the champion reads the test
+    # split with its own, so accuracy, measured on labels, is re-scored (a tie: kept) ...
     odd_tokens = tmp_path / "tokens"
     odd_tokens.mkdir()
     shutil.copy(tokens / "index.json", odd_tokens / "index.json")
@@ -288,12 +289,27 @@ def test_a_champion_measured_on_other_data_is_rescored_on_the_new_evaluation_set
 
     fourth = deploy(deploy_cfg, uri, run_id, export, "rescore-4", {**metrics, "eval/accuracy": 1.0},
                     eval_set="a-set-of-another-tokenizer", rescore=rescore_other_tokenizer)
-    v4 = fourth.outputs["model_uri"].split("/")[-1]
-    tags = client.get_model_version(name, v4).tags
-    assert fourth.metrics["deploy/promoted"] == 0.0 and tags["lmforge.champion_scored"] == "unavailable"
+    tags = client.get_model_version(name, fourth.outputs["model_uri"].split("/")[-1]).tags
+    assert tags["lmforge.champion_scored"] == "rescored", tags["lmforge.decision_reason"]
+    assert float(tags["lmforge.champion_value"]) == pytest.approx(on_new_set) and tags["lmforge.decision"] == "kept"
+    scores = rescore(cfg, export, other, odd_tokens, out_dir=tmp_path)
+    assert scores["eval/accuracy"] == pytest.approx(on_new_set) and "eval/loss" not in scores and "eval/bpb" not in scores
+
+    # ... but a number measured per token (bits per byte of the validation windows) is not: the alias
+    # stays, and the tag says why.
+    on_bpb_cfg = on_bpb.deploy.model_copy(update={"model_name": name, "promote_mode": "min"})
+
+    def rescore_bpb_other_tokenizer(model_dir: Path, scratch: Path) -> dict[str, float]:
+        return rescore(on_bpb, model_dir, other, odd_tokens, out_dir=scratch)
+
+    fifth = deploy(on_bpb_cfg, uri, run_id, export, "rescore-5", {**metrics, "eval/bpb": 0.1},
+                   eval_set="a-set-of-another-tokenizer", rescore=rescore_bpb_other_tokenizer)
+    v5 = fifth.outputs["model_uri"].split("/")[-1]
+    tags = client.get_model_version(name, v5).tags
+    assert fifth.metrics["deploy/promoted"] == 0.0 and tags["lmforge.champion_scored"] == "unavailable"
     assert "could not be re-scored" in tags["lmforge.decision_reason"]
-    assert "tokenizer differs" in tags["lmforge.decision_reason"]
-    assert str(client.get_model_version_by_alias(name, "challenger").version) == v4
+    assert "tokenizer differs" in tags["lmforge.decision_reason"] and "per token" in tags["lmforge.decision_reason"]
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == v5
 
 
 def test_mlflow_models_serve_answers_with_the_champion_classifier(tiny_run, tmp_path):

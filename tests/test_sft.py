@@ -397,7 +397,7 @@ def test_sft_trains_evaluates_exports_and_answers(tmp_path, sft_dirs, packing):
     assert metrics["steps"] == 20 and metrics["val/loss"] < 6
     (tmp_path / "eval").mkdir()
     t0 = time.perf_counter()
-    ev = sft.evaluate(tmp_path / "ft", data, tokens, base_dir=tmp_path / "pre", out_dir=tmp_path / "eval",
+    ev = sft.evaluate(tmp_path / "ft", data, tokens / "tokenizer.json", base_dir=tmp_path / "pre", out_dir=tmp_path / "eval",
                       settings=cfg.evaluate.model_copy(update={"generate_prompts": 4, "max_new_tokens": 8}))
     assert time.perf_counter() - t0 < 30
     assert ev["eval/response_loss"] < ev["eval/base_response_loss"]  # tuning taught the responses

@@ -7,9 +7,11 @@ A method module provides everything that differs between methods, and nothing el
   backbone, its LightningModule (a subclass of ``lm.lit.OptimisedModule``) and its DataModule;
   training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
 - ``METRICS``: the ``eval/`` metrics its ``evaluate`` reports, each with the direction that is better;
-- ``evaluate(model_dir, data_dir, tokens_dir, *, base_dir, out_dir, settings) -> dict``: those
-  metrics on its test split (``base_dir``: the pretrained model before tuning; ``settings``: the
-  ``evaluate`` config section);
+  ``TOKEN_METRICS``: those of its metrics measured per token, which only compare between models
+  that share a tokenizer (the others are measured on text or labels);
+- ``evaluate(model_dir, data_dir, tokenizer_path, *, base_dir, out_dir, settings) -> dict``: those
+  metrics on its test split, the model reading text with the tokenizer at ``tokenizer_path``
+  (``base_dir``: the pretrained model before tuning; ``settings``: the ``evaluate`` config section);
 - ``export(model_dir, data_dir, *, out_dir) -> list[str]``: files the export folder needs beyond
   the weights and the tokenizer;
 - ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;

@@ -31,6 +31,7 @@ from lm.stage import StageResult
 from lm.tokenizer import load_tokenizer
 
 METRICS = {"eval/accuracy": "max", "eval/macro_f1": "max"}
+TOKEN_METRICS: frozenset[str] = frozenset()  # labels are compared, not tokens
 
 
 def prepare_data(cfg: Config, *, out_dir: Path) -> StageResult:
@@ -242,7 +243,7 @@ def plot_confusion(confusion: pd.DataFrame, path: Path) -> None:
 def evaluate(
     model_dir: Path,
     data_dir: Path,
-    tokens_dir: Path,
+    tokenizer_path: Path,
     *,
     base_dir: Path | None = None,
     out_dir: Path,
@@ -250,7 +251,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy and macro-F1 on the test split, beside the majority-class and TF-IDF baselines;
     writes per-class scores, the confusion matrix (table and picture) and a sample of predictions."""
-    predictor = Predictor(model_dir, tokenizer_path=Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer)
+    predictor = Predictor(model_dir, tokenizer_path=tokenizer_path)
     labels = predictor.labels
     train = pd.read_parquet(Path(data_dir) / SPLIT_FILES["train"])
     test = pd.read_parquet(Path(data_dir) / SPLIT_FILES["test"])

@@ -43,6 +43,8 @@ from lm.model import count_params, load_model
 from lm.stage import StageResult
 
 METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max"}
+# Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
+TOKEN_METRICS = frozenset({"eval/response_loss", "eval/response_ppl", "eval/base_response_loss"})
 HF_DIR = "hf"
 DEFAULT_MAX_NEW_TOKENS = 64  # a prediction that does not say how long it may be
 
@@ -338,7 +340,7 @@ def response_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size:
 def evaluate(
     model_dir: Path,
     data_dir: Path,
-    tokens_dir: Path,
+    tokenizer_path: Path,
     *,
     base_dir: Path | None = None,
     out_dir: Path,
@@ -347,10 +349,8 @@ def evaluate(
     """Response loss of the tuned and the pretrained (``base_dir``) model on the test split;
     greedy answers to its first ``settings.generate_prompts`` prompts scored by chrF and exact
     match beside the nearest-neighbour responder; writes generations.csv."""
-    from lm.shards import TokenIndex
-
     settings = settings or EvaluateConfig()
-    predictor = Predictor(model_dir, tokenizer_path=Path(tokens_dir) / TokenIndex.load(tokens_dir).tokenizer)
+    predictor = Predictor(model_dir, tokenizer_path=tokenizer_path)
     model, fmt = predictor.model, predictor.fmt
     pad_id = int(model.meta["pad_id"])
     test = read_split(data_dir, "test")
