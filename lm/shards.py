@@ -91,13 +91,13 @@ class TokenShards:
     def __len__(self) -> int:
         return self.num_tokens
 
-    def window(self, start: int, length: int) -> np.ndarray:
-        """Tokens ``[start, start + length)`` of the split as int64 (length,), across shard files."""
+    def window(self, start: int, length: int, dtype: np.dtype | type = np.int64) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the split as ``dtype`` (length,), across shard files."""
         if start < 0 or length < 0 or start + length > self.num_tokens:
             raise IndexError(
                 f"window [{start}, {start + length}) outside the {self.num_tokens} tokens of {self.split}"
             )
-        out = np.empty(length, dtype=np.int64)
+        out = np.empty(length, dtype=dtype)
         f = int(np.searchsorted(self._starts, start, side="right")) - 1
         done = 0
         while done < length:

@@ -72,7 +72,11 @@ def _base_model_key(cfg: Config):
 def _tokenize(ctx: StageContext) -> StageResult:
     from lm.tokenizer import tokenize
 
-    return tokenize(ctx.cfg, ctx.inputs["clean"], out_dir=ctx.out_dir, base_dir=ctx.inputs["base_model"])
+    # A retrain that keeps the tokenizer (warm start from the champion) encodes only new documents: the
+    # rest is copied from the last tokenize of this pipeline made with that tokenizer (checked inside).
+    with _extending(ctx, "tokenize", varying=("tokenizer",)) as earlier:
+        return tokenize(ctx.cfg, ctx.inputs["clean"], out_dir=ctx.out_dir, base_dir=ctx.inputs["base_model"],
+                        previous=earlier)
 
 
 def _finetune_data(ctx: StageContext) -> StageResult:

@@ -13,10 +13,12 @@ what Hugging Face tools read with it: the special tokens and the chat template (
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +30,14 @@ from lm.config import Config, TokenizerConfig
 from lm.data.batching import char_bounded
 from lm.errors import DataError
 from lm.memory import trim_heap
-from lm.shards import INDEX, TokenIndex
+from lm.shards import INDEX, TokenIndex, TokenShards
 from lm.stage import StageResult
 
 TOKENIZER = "tokenizer.json"
 SPLITS = {"train": "train.parquet", "val": "val.parquet"}
+# Per split, per document: the digest of its text and its token count (what a retrain reuses).
+DOC_INDEX = "{split}_docs.npy"
+DOC_DTYPE = np.dtype([("digest", "<u8"), ("tokens", "<i8")])
 BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, little memory
 # ...and at most this many characters: an Encoding costs ~50 bytes per token on the Rust side, so a
 # batch of large files would otherwise cost memory in proportion to the corpus's largest files.
@@ -168,11 +173,80 @@ class ShardWriter:
         self._f.close()
 
 
-def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int) -> int:
-    """Encode every document of ``parquet`` into ``writer``; returns the number of documents."""
+def text_digest(text: str) -> int:
+    """64-bit digest of a document's text: what tells a retrain's tokenize a document it encoded before."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", errors="surrogatepass"), digest_size=8).digest(), "little")
+
+
+class EarlierTokens:
+    """The token shards of an earlier tokenize made with the same tokenizer: per split, where each of
+    its documents' tokens are, by the digest of the document's text (:data:`DOC_INDEX`)."""
+
+    COPY_TOKENS = 1 << 22  # tokens copied at once at most (memory)
+
+    def __init__(self, folder: Path, split: str, digests: np.ndarray, counts: np.ndarray):
+        self.shards = TokenShards(folder, split)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        self.where = {int(d): (int(s), int(n)) for d, s, n in zip(digests.tolist(), starts, counts, strict=True)}
+
+    @classmethod
+    def open(cls, folder: Path | None, tokenizer_json: Path, dtype: np.dtype) -> dict[str, EarlierTokens]:
+        """Per split, the earlier tokens in ``folder`` if they can be reused: the same tokenizer (file
+        bytes), the same token type, and a document index; else nothing."""
+        if folder is None:
+            return {}
+        try:
+            index = TokenIndex.load(folder)
+            if (folder / index.tokenizer).read_bytes() != tokenizer_json.read_bytes() or np.dtype(index.dtype) != dtype:
+                return {}
+            docs = {split: np.load(folder / DOC_INDEX.format(split=split)) for split in SPLITS}
+            return {split: cls(folder, split, d["digest"], d["tokens"]) for split, d in docs.items()}
+        except (OSError, ValueError, KeyError, DataError):  # an older layout, or removed meanwhile
+            return {}
+
+    def copy(self, runs: list[tuple[int, int]], writer: ShardWriter) -> None:
+        """Write the tokens at ``(start, count)`` ranges of the earlier split, consecutive ones at once."""
+        merged: list[list[int]] = []
+        for start, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] == start:
+                merged[-1][1] += count
+            else:
+                merged.append([start, count])
+        for start, count in merged:
+            for at in range(start, start + count, self.COPY_TOKENS):
+                writer.write(self.shards.window(at, min(self.COPY_TOKENS, start + count - at), self.shards.dtype))
+
+
+def _encode_documents(tok: Tokenizer, texts: list[str], eot: np.ndarray, piece_chars: int | None) -> list[np.ndarray]:
+    """Each text's tokens followed by the end-of-text token; long texts encoded in pieces."""
+    pieces = [(doc, text[a:b]) for doc, text in enumerate(texts) for a, b in encoding_pieces(text, piece_chars)]
+    ids: list[list[np.ndarray]] = [[] for _ in texts]
+    for group in char_bounded(pieces, BATCH_CHARS, size=lambda p: len(p[1])):
+        # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
+        encodings = tok.encode_batch_fast([p for _, p in group], add_special_tokens=False)
+        for enc, (doc, _) in zip(encodings, group, strict=True):
+            ids[doc].append(np.asarray(enc.ids, dtype=np.int64))
+        del encodings
+    return [np.concatenate([*parts, eot]) for parts in ids]
+
+
+@dataclass
+class SplitTokens:
+    """What :func:`encode_split` wrote: per document, the digest of its text and its token count."""
+
+    digests: np.ndarray  # uint64 (documents,)
+    counts: np.ndarray  # int64 (documents,), the end-of-text token included
+    reused: int  # documents whose tokens were copied from an earlier tokenize
+
+
+def encode_split(
+    tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int, earlier: EarlierTokens | None = None
+) -> SplitTokens:
+    """Encode every document of ``parquet`` into ``writer``, in order. A document ``earlier`` encoded
+    (same text, same tokenizer) is not encoded again: its tokens are copied, so the shards are
+    those a full encode writes, byte for byte."""
     from tqdm import tqdm
 
-    docs = 0
     bar = tqdm(
         total=pq.ParquetFile(parquet).metadata.num_rows,
         desc=f"tokenize {writer.split}",
@@ -183,26 +257,35 @@ def encode_split(tok: Tokenizer, parquet: Path, writer: ShardWriter, eot_id: int
     )
     eot = np.array([eot_id], dtype=np.int64)
     piece_chars = ENCODE_PIECE_CHARS if can_encode_in_pieces(tok) else None
+    digests: list[int] = []
+    counts: list[int] = []
+    reused = 0
     for texts in text_batches(parquet):
-        # (piece, whether it ends its document): the end-of-text token follows only a document's end.
-        pieces = [
-            (text[a:b], b == len(text)) for text in texts for a, b in encoding_pieces(text, piece_chars)
-        ]
-        for group in char_bounded(pieces, BATCH_CHARS, size=lambda p: len(p[0])):
-            # encode_batch_fast: Rust threads over every core, no offsets computed (not needed here).
-            encodings = tok.encode_batch_fast([p for p, _ in group], add_special_tokens=False)
-            parts = []
-            for enc, (_, ends) in zip(encodings, group, strict=True):
-                parts.append(np.asarray(enc.ids, dtype=np.int64))
-                if ends:
-                    parts.append(eot)
-            del encodings
-            writer.write(np.concatenate(parts))
+        batch = [text_digest(t) for t in texts]
+        found = [None if earlier is None else earlier.where.get(d) for d in batch]
+        fresh = iter(_encode_documents(tok, [t for t, f in zip(texts, found, strict=True) if f is None], eot, piece_chars))
+        runs: list[tuple[int, int]] = []  # earlier ranges not yet written, in order
+        for where in found:
+            if where is not None:
+                runs.append(where)
+                counts.append(where[1])
+                continue
+            if runs:
+                earlier.copy(runs, writer)
+                reused += len(runs)
+                runs = []
+            ids = next(fresh)
+            writer.write(ids)
+            counts.append(ids.size)
+        if runs:
+            earlier.copy(runs, writer)
+            reused += len(runs)
+        digests += batch
+        if None in found:  # something was encoded: give its memory back
             trim_heap()
-        docs += len(texts)
         bar.update(len(texts))
     bar.close()
-    return docs
+    return SplitTokens(np.array(digests, dtype=np.uint64), np.array(counts, dtype=np.int64), reused)
 
 
 def can_encode_in_pieces(tok: Tokenizer) -> bool:
@@ -251,10 +334,15 @@ def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:
     }
 
 
-def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | None = None) -> StageResult:
+def tokenize(
+    cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | None = None, previous: Path | None = None
+) -> StageResult:
     """Build the tokenizer and write token shards of the train and val splits of ``clean_dir``.
     ``base_dir``: the base_model stage's folder; a model brought from elsewhere (model.init_from)
-    brings its tokenizer, which is then used as it is (the tokenizer section does not apply)."""
+    brings its tokenizer, which is then used as it is (the tokenizer section does not apply).
+    ``previous``: an earlier tokenize's folder (only read); if it was made with the same tokenizer
+    (a retrain that warm-starts from the champion keeps the champion's), the documents it encoded
+    are copied from its shards and only new or changed ones are encoded."""
     from lm.base_model import read_source
 
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
@@ -283,12 +371,17 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
     tok.encode_special_tokens = True
 
     t1 = time.perf_counter()
-    splits, docs = {}, {}
+    earlier = EarlierTokens.open(None if previous is None else Path(previous), out_dir / TOKENIZER, dtype)
+    splits, written = {}, {}
     for split, name in SPLITS.items():
         writer = ShardWriter(out_dir, split, dtype, cfg.tokenizer.shard_tokens)
-        docs[split] = encode_split(tok, clean_dir / name, writer, ids["eot_id"])
+        written[split] = encode_split(tok, clean_dir / name, writer, ids["eot_id"], earlier.get(split))
         writer.close()
-        splits[split] = {"files": writer.files, "tokens": writer.tokens, "documents": docs[split]}
+        splits[split] = {"files": writer.files, "tokens": writer.tokens, "documents": len(written[split].counts)}
+    for split, w in written.items():
+        docs = np.empty(len(w.counts), dtype=DOC_DTYPE)
+        docs["digest"], docs["tokens"] = w.digests, w.counts
+        np.save(out_dir / DOC_INDEX.format(split=split), docs)
     encode_seconds = time.perf_counter() - t1
     if splits["train"]["tokens"] == 0:
         raise DataError(f"{clean_dir / SPLITS['train']} holds no documents: nothing to train on")
@@ -309,6 +402,10 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
             "tokenize/val_tokens": float(splits["val"]["tokens"]),
             "tokenize/train_seconds": train_seconds,
             "tokenize/tokens_per_s": total / max(encode_seconds, 1e-9),
+            "tokenize/seconds": time.perf_counter() - t0,
+            # Documents whose tokens were copied from an earlier tokenize with the same tokenizer.
+            "tokenize/docs_reused": float(sum(w.reused for w in written.values())),
+            "tokenize/docs_encoded": float(sum(len(w.counts) - w.reused for w in written.values())),
         },
         params={
             "dtype": index.dtype,
@@ -316,6 +413,8 @@ def tokenize(cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | No
             **({"tokenizer.vocab_size": vocab_size} if cfg.tokenizer.vocab_size is None else {}),
         },
         artifacts=[TOKENIZER, chat_config, INDEX],
-        outputs={"tokenizer": TOKENIZER, "tokenizer_config": chat_config, "index": INDEX},
+        outputs={"tokenizer": TOKENIZER, "tokenizer_config": chat_config, "index": INDEX,
+                 **{f"{split}_docs": DOC_INDEX.format(split=split) for split in SPLITS}},
+        tags={"lmforge.extends": str(previous)} if any(w.reused for w in written.values()) else {},
     )
 

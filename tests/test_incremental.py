@@ -68,9 +68,10 @@ def config(workdir: Path, corpus: Path, *overrides: str):
     )
 
 
-def run_data(cfg) -> dict[str, tuple[Path, StageResult]]:
-    """ingest and clean as the pipeline runs them: reused when their folder is complete."""
-    stages = [stage_by_name(STAGES, name) for name in ("ingest", "clean")]
+def run_data(cfg, names: tuple[str, ...] = ("ingest", "clean")) -> dict[str, tuple[Path, StageResult]]:
+    """These stages (ingest and clean by default) as the pipeline runs them: reused when their
+    folder is complete."""
+    stages = [stage_by_name(STAGES, name) for name in names]
     dirs = stage_dirs(cfg, stages)
     out = {}
     for stage in stages:
@@ -135,6 +136,47 @@ def test_a_retrain_reads_only_new_files_and_equals_a_full_rebuild_of_the_union(t
     assert not val1 & train2 and not train1 & val2
     unchanged = (train1 | val1) - {"doc010.txt", "doc020.txt", "doc005.txt"}
     assert unchanged <= train2 | val2
+
+
+def test_a_retrain_that_keeps_its_tokenizer_encodes_only_new_documents(tmp_path):
+    """A warm start keeps the champion's tokenizer; a byte tokenizer is the same in every run too.
+    The retrain's tokenize then copies the tokens of documents it encoded before and ends with the
+    shards a full encode writes; a run with another tokenizer encodes everything."""
+    from lm.shards import TokenIndex
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    stages = ("ingest", "clean", "base_model", "tokenize")
+    first = run_data(config(tmp_path / "runs", corpus, "tokenizer.kind=byte"), stages)
+    assert first["tokenize"][1].metrics["tokenize/docs_reused"] == 0
+    (corpus / "a_new_copy.txt").write_text(prose(5))  # the text of doc005, which it replaces
+    (corpus / "zz_new.txt").write_text(prose(1000))
+    (corpus / "doc010.txt").write_text(prose(2000))
+    (corpus / "doc020.txt").unlink()
+    second = run_data(config(tmp_path / "runs", corpus, "tokenizer.kind=byte"), stages)
+    folder, result = second["tokenize"]
+    kept = result.metrics["tokenize/docs_reused"] + result.metrics["tokenize/docs_encoded"]
+    assert kept == second["clean"][1].metrics["clean/docs_out"]
+    # Encoded: the kept documents whose text the first run did not keep (zz_new, the changed doc010
+    # and the near copy of its old text, which is no longer one); not a_new_copy, whose text it did.
+    def texts(run: dict) -> set[str]:
+        return {t for split in ("train", "val") for t in pq.read_table(run["clean"][0] / f"{split}.parquet").column("text").to_pylist()}
+
+    new_texts = texts(second) - texts(first)
+    assert len(new_texts) == 3 and result.metrics["tokenize/docs_encoded"] == 3
+    assert result.tags["lmforge.extends"] == str(first["tokenize"][0])
+
+    full = run_data(config(tmp_path / "full", corpus, "tokenizer.kind=byte"), stages)
+    assert full["tokenize"][1].metrics["tokenize/docs_reused"] == 0
+    index = TokenIndex.load(folder)
+    files = ["index.json", "tokenizer.json", "train_docs.npy", "val_docs.npy",
+             *index.splits["train"]["files"], *index.splits["val"]["files"]]
+    for name in files:
+        assert (folder / name).read_bytes() == (full["tokenize"][0] / name).read_bytes(), f"tokenize/{name} differs"
+
+    # Another tokenizer (BPE trained on this run's data): nothing of the earlier shards is reused.
+    bpe = run_data(config(tmp_path / "runs", corpus, "tokenizer.kind=bpe", "tokenizer.vocab_size=300"), stages)
+    assert bpe["tokenize"][1].metrics["tokenize/docs_reused"] == 0 and "lmforge.extends" not in bpe["tokenize"][1].tags
 
 
 def test_a_cleaning_config_change_rebuilds_everything(tmp_path):

@@ -362,3 +362,25 @@ def test_the_classifier_export_carries_its_decoder_as_a_hugging_face_folder(tiny
     with torch.no_grad():
         assert torch.allclose(hf(idx).logits, ours(idx)[0], atol=1e-4)
     assert "not instruction-tuned" in (export / "hf" / "README.md").read_text()
+
+
+def test_a_warm_start_from_the_champion_keeps_its_tokens_and_encodes_nothing_again(tiny_run):
+    """model.init_from=models:/NAME@champion brings the champion's tokenizer (registry -> base_model
+    -> tokenize, the bytes unchanged on the way), so tokenize copies the earlier run's tokens."""
+    from lm.stage import StageContext, StageResult, execute, is_complete, stage_by_name
+    from lm.workspace import stage_dirs
+
+    out = tiny_run["first"]
+    cfg = load_config("tiny", [f"workdir={tiny_run['cfg'].workdir}", f"tracking.uri={out['tracking_uri']}",
+                               "model.init_from=models:/lmforge-tiny@champion"])
+    stages = [stage_by_name(STAGES, name) for name in ("ingest", "clean", "base_model", "tokenize")]
+    dirs = stage_dirs(cfg, stages)
+    assert dirs["clean"] == Path(out["clean"]) and dirs["tokenize"] != Path(out["tokenize"])
+    for stage in stages:
+        if not is_complete(dirs[stage.name]):
+            execute(stage, StageContext(cfg, {name: dirs[name] for name in stage.inputs}, dirs[stage.name]))
+    result = StageResult.load(dirs["tokenize"])
+    assert result.metrics["tokenize/docs_encoded"] == 0 and result.metrics["tokenize/docs_reused"] > 0
+    assert result.tags["lmforge.extends"] == str(Path(out["tokenize"]))
+    for name in ("tokenizer.json", "train_00000.bin", "val_00000.bin"):
+        assert (dirs["tokenize"] / name).read_bytes() == (Path(out["tokenize"]) / name).read_bytes(), name

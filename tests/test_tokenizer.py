@@ -83,7 +83,8 @@ def test_bpe_learns_merges_and_respects_vocab_size(clean_dir, tmp_path):
     tok = load_tokenizer(tmp_path / "bpe")
     assert len(tok.encode("document says hello to the world").ids) < len("document says hello to the world")
     assert result.outputs == {
-        "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json", "index": "index.json"
+        "tokenizer": "tokenizer.json", "tokenizer_config": "tokenizer_config.json", "index": "index.json",
+        "train_docs": "train_docs.npy", "val_docs": "val_docs.npy",
     }
 
 

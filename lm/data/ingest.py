@@ -335,9 +335,10 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
         total_files += 1 if files is None else sum(1 for _ in files)
     writer = DocumentWriter(out_dir / DOCUMENTS, int(cfg.row_group_mb * 2**20))
     provenance = Provenance(out_dir / PROVENANCE)
-    # Doc ids must be unique, so a file listed by two sources is read once. One source never lists
-    # a file twice: the set is needed (and grows, 8 bytes a file) only with several.
-    seen: set[bytes] | None = set() if len(cfg.sources) > 1 else None
+    # Doc ids must be unique, so a file listed by two sources (by the same path, a link or a symlink:
+    # the same device and inode) is read once. One source never lists a file twice: the set is
+    # needed (and grows, a pair of ints a file) only with several.
+    seen: set[tuple[int, int]] | None = set() if len(cfg.sources) > 1 else None
     limit = cfg.max_docs
     bar = _progress(total_files, "ingest")
 
@@ -366,12 +367,11 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
             for sf in files:
                 if limit is not None and writer.documents >= limit:
                     break
-                if seen is not None:
-                    key = hashlib.blake2b(os.path.realpath(sf.path).encode(), digest_size=8).digest()
-                    if key in seen:
-                        continue
-                    seen.add(key)
                 stat = sf.path.stat()
+                if seen is not None:
+                    if (stat.st_dev, stat.st_ino) in seen:
+                        continue
+                    seen.add((stat.st_dev, stat.st_ino))
                 first = writer.documents
                 entry = None if earlier is None else earlier.reusable(spec, sf, stat)
                 if entry is not None:
