@@ -202,7 +202,9 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
     tuned = method(cfg.finetune.task)
     own = export_dir / TOKENIZER
     same_tokenizer = own.read_bytes() == (tokens_dir / TokenIndex.load(tokens_dir).tokenizer).read_bytes()
-    per_token = set(LM_METRICS[cfg.model.kind]) | set(tuned.TOKEN_METRICS)
+    # A method that does not say which of its numbers are per token is taken to mean all of them.
+    token_metrics = set(getattr(tuned, "TOKEN_METRICS", tuned.METRICS))
+    per_token = set(LM_METRICS[cfg.model.kind]) | token_metrics
     if not same_tokenizer and cfg.deploy.promote_metric in per_token:
         raise DataError(
             f"its tokenizer differs from this run's, and deploy.promote_metric={cfg.deploy.promote_metric} is "
@@ -214,5 +216,5 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
     scores = tuned.evaluate(
         export_dir, ft_data_dir, own, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=cfg.evaluate
     )
-    metrics.update({k: v for k, v in scores.items() if same_tokenizer or k not in tuned.TOKEN_METRICS})
+    metrics.update({k: v for k, v in scores.items() if same_tokenizer or k not in token_metrics})
     return metrics

@@ -24,6 +24,7 @@ from lm.stage import StageResult
 from lm.tokenizer import load_tokenizer
 
 METRICS = {"eval/mae": "min"}
+TOKEN_METRICS: frozenset[str] = frozenset()  # measured on the targets, not on tokens
 STDLIB = Path(json.__file__).parent.parent
 
 
@@ -95,11 +96,9 @@ def build(cfg, backbone, data_dir: Path, tokens_dir: Path) -> Recipe:
     )
 
 
-def evaluate(model_dir: Path, data_dir: Path, tokens_dir: Path, *, base_dir=None, out_dir: Path, settings=None) -> dict[str, float]:
+def evaluate(model_dir: Path, data_dir: Path, tokenizer_path: Path, *, base_dir=None, out_dir: Path, settings=None) -> dict[str, float]:
     test = pd.read_parquet(data_dir / "test.parquet")
-    predicted = (
-        Predictor(model_dir, Path(tokens_dir) / "tokenizer.json").predict(test)["log10_chars"].to_numpy()
-    )
+    predicted = Predictor(model_dir, tokenizer_path).predict(test)["log10_chars"].to_numpy()
     target = test["target"].to_numpy()
     mean = pd.read_parquet(data_dir / "train.parquet")["target"].mean()
     return {

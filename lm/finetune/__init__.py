@@ -8,7 +8,8 @@ A method module provides everything that differs between methods, and nothing el
   training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
 - ``METRICS``: the ``eval/`` metrics its ``evaluate`` reports, each with the direction that is better;
   ``TOKEN_METRICS``: those of its metrics measured per token, which only compare between models
-  that share a tokenizer (the others are measured on text or labels);
+  that share a tokenizer (the others are measured on text or labels; a method without it has all
+  its metrics taken as per token);
 - ``evaluate(model_dir, data_dir, tokenizer_path, *, base_dir, out_dir, settings) -> dict``: those
   metrics on its test split, the model reading text with the tokenizer at ``tokenizer_path``
   (``base_dir``: the pretrained model before tuning; ``settings``: the ``evaluate`` config section);
