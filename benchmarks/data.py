@@ -97,14 +97,18 @@ def run_lmforge_clean(documents: Path, out: Path, workers: int) -> tuple[float, 
 
 def split_for_datatrove(documents: Path, dest: Path, files: int) -> None:
     """datatrove parallelises over input files: give it ``files`` parquet files of the same rows."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     dest.mkdir(parents=True)
-    pf = pq.ParquetFile(documents)
-    groups = list(range(pf.metadata.num_row_groups))
+    from lm.data.ingest import Documents
+
+    docs = Documents(documents)
+    groups = list(range(docs.num_row_groups))
     per = max(1, -(-len(groups) // files))
     for i in range(0, len(groups), per):
-        pq.write_table(pf.read_row_groups(groups[i : i + per]), dest / f"{i // per:05d}.parquet")
+        table = pa.concat_tables([docs.read_row_group(g) for g in groups[i : i + per]])
+        pq.write_table(table, dest / f"{i // per:05d}.parquet")
 
 
 def run_datatrove(input_dir: Path, work: Path, workers: int, bands: int, rows: int) -> tuple[float, dict]:
@@ -328,7 +332,7 @@ def rss_child(corpus: Path, work: Path, workers: int) -> None:
         (work / d).mkdir(parents=True)
     r = ingest(cfg.data, out_dir=work / "ingest")
     peak["stage"] = "clean"
-    clean(cfg.data, work / "ingest" / "documents.parquet", out_dir=work / "clean")
+    clean(cfg.data, work / "ingest" / "documents", out_dir=work / "clean")
     peak["stage"] = "tokenize"
     tokenize(cfg, work / "clean", out_dir=work / "tokens")
     stop.set()
@@ -374,7 +378,7 @@ def main() -> None:
         (work / "ingest").mkdir()
         r = ingest(DataConfig(sources=[str(work / "corpus")]), out_dir=work / "ingest")
         mb = r.metrics["ingest/bytes"] / 2**20
-        documents = work / "ingest" / "documents.parquet"
+        documents = work / "ingest" / "documents"
         figures["corpus_mb"] = round(mb, 1)
         figures["corpus_docs"] = int(r.metrics["ingest/documents"])
         print(

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 COMPARED = {
-    "ingest": ("documents.parquet", "provenance.csv", "doc_digests.npy", "ingest_index.json"),
+    "ingest": ("provenance.csv", "doc_digests.npy", "ingest_index.json"),  # and every part of documents/
     "clean": ("train.parquet", "val.parquet", "duplicates.parquet", "dedup_index.parquet", "dedup_signatures.u32",
               "dedup_samples.jsonl", "dropped_samples.jsonl", "length_hist.png", "dropped_by_reason.png"),
     "tokenize": ("tokenizer.json", "tokenizer_config.json", "index.json", "train_docs.npy", "val_docs.npy"),
@@ -126,8 +126,9 @@ def main() -> None:
         print(f"full rebuild of the same sources: ingest {full['ingest'][2]:.2f} s, clean {full['clean'][2]:.2f} s, "
               f"tokenize {full['tokenize'][2]:.2f} s, total {full_s:.2f} s")
 
-        different = [f"{stage}/{name}" for stage, names in COMPARED.items()
-                     for name in (*names, *(shard_files(full[stage][0]) if stage == "tokenize" else ()))
+        extra = {"ingest": sorted(f"documents/{p.name}" for p in (full["ingest"][0] / "documents").iterdir()),
+                 "tokenize": shard_files(full["tokenize"][0])}
+        different = [f"{stage}/{name}" for stage, names in COMPARED.items() for name in (*names, *extra.get(stage, ()))
                      if (retrain[stage][0] / name).read_bytes() != (full[stage][0] / name).read_bytes()]
         equal = not different and all(
             retrain["clean"][1].metrics[k] == full["clean"][1].metrics[k]

@@ -36,11 +36,12 @@ def _ingest(ctx: StageContext) -> StageResult:
 
 def _clean(ctx: StageContext) -> StageResult:
     from lm.data.clean import clean, clean_part
+    from lm.data.ingest import DOCUMENTS
 
     on_cluster = ctx.cluster_map
     map_parts = None if on_cluster is None else (lambda parts, cfg: on_cluster(clean_part, parts, cfg))
     with _extending(ctx, "clean") as earlier:  # the same filters, dedup, seed and split: new documents only
-        return clean(ctx.cfg.data, ctx.inputs["ingest"] / "documents.parquet", out_dir=ctx.out_dir,
+        return clean(ctx.cfg.data, ctx.inputs["ingest"] / DOCUMENTS, out_dir=ctx.out_dir,
                      map_parts=map_parts, previous=earlier)
 
 
@@ -157,11 +158,11 @@ def _check_promote_metric(cfg: Config) -> None:
 # ---- the table ------------------------------------------------------------------------------------
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", _ingest, "read every configured source into documents.parquet, with provenance",
+    Stage("ingest", _ingest, "read every configured source into documents/ (parquet parts), with provenance",
           config=("data.sources", "data.text_field", "data.max_bad_fraction", "data.max_invalid_utf8_fraction",
                   "data.max_docs", "data.stdlib_tests", "data.row_group_mb", "data.max_doc_chars"),
           files=("data.sources",), code=("lm.data.ingest",),
-          outputs=("documents.parquet", "provenance.csv"), group="data"),
+          outputs=("documents", "provenance.csv"), group="data"),
     Stage("clean", _clean, "filter, deduplicate (exact + MinHash) and split the documents into train/val",
           inputs=("ingest",), config=("data.clean", "data.dedup", "data.val_fraction", "data.seed"),
           code=("lm.data.clean",), outputs=("train.parquet", "val.parquet"), group="data"),

@@ -199,10 +199,10 @@ def test_one_long_text_is_kept_once_ingest_cuts_it_below_the_length_limit(tmp_pa
         (tmp_path / sub).mkdir()
     ingest(cfg, out_dir=tmp_path / "a")
     with pytest.raises(DataError, match=r"too_long: 1\).*data\.max_doc_chars=200000"):
-        clean(cfg, tmp_path / "a" / "documents.parquet", out_dir=tmp_path / "b")
+        clean(cfg, tmp_path / "a" / "documents", out_dir=tmp_path / "b")
     cut = cfg.model_copy(update={"max_doc_chars": 200_000})
     ingest(cut, out_dir=tmp_path / "c")
-    r = clean(cut, tmp_path / "c" / "documents.parquet", out_dir=tmp_path / "d")
+    r = clean(cut, tmp_path / "c" / "documents", out_dir=tmp_path / "d")
     assert r.metrics["clean/docs_in"] == 3 and r.metrics["clean/docs_out"] == 3
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from lm.config import CleanConfig, Config, DataConfig
 from lm.data.clean import clean
-from lm.data.ingest import ingest
+from lm.data.ingest import Documents, ingest
 from lm.stage import StageContext, execute, stage_by_name
 from lm.stages import STAGES
 
@@ -23,8 +23,8 @@ def test_two_worker_dask_cluster_matches_local(prefect_harness, tmp_path):
     docs_dir = tmp_path / "ingest"
     docs_dir.mkdir()
     ingest(DataConfig(sources=["stdlib"], max_docs=300, row_group_mb=0.25), out_dir=docs_dir)
-    documents = docs_dir / "documents.parquet"
-    assert pq.ParquetFile(documents).metadata.num_row_groups >= 4
+    documents = docs_dir / "documents"
+    assert Documents(documents).num_row_groups >= 4
     cfg = DataConfig(workers=2, val_fraction=0.1, clean=CleanConfig(preset="code"))
     local, remote = tmp_path / "local", tmp_path / "dask"
     local.mkdir()

@@ -23,7 +23,7 @@ from lm.stages import STAGES
 from lm.workspace import stage_dirs
 
 COMPARED = {
-    "ingest": ("documents.parquet", "provenance.csv", "doc_digests.npy", "ingest_index.json"),
+    "ingest": ("provenance.csv", "doc_digests.npy", "ingest_index.json"),  # and every part of documents/
     "clean": ("train.parquet", "val.parquet", "duplicates.parquet", "dedup_index.parquet", "dedup_signatures.u32",
               "dedup_samples.jsonl", "dropped_samples.jsonl", "length_hist.png"),
 }
@@ -117,8 +117,10 @@ def test_a_retrain_reads_only_new_files_and_equals_a_full_rebuild_of_the_union(t
     # The same files from scratch, in another work folder: the same bytes.
     full = run_data(config(tmp_path / "full", corpus))
     assert full["clean"][1].metrics["clean/docs_reused"] == 0 and "lmforge.extends" not in full["clean"][1].tags
+    parts = sorted(p.relative_to(full["ingest"][0]) for p in (full["ingest"][0] / "documents").iterdir())
+    assert parts == sorted(p.relative_to(second["ingest"][0]) for p in (second["ingest"][0] / "documents").iterdir())
     for name, files in COMPARED.items():
-        for f in files:
+        for f in (*files, *(parts if name == "ingest" else ())):
             assert (second[name][0] / f).read_bytes() == (full[name][0] / f).read_bytes(), f"{name}/{f} differs"
     stats = [json.loads((run["clean"][0] / "stats.json").read_text())["metrics"] for run in (second, full)]
     for s in stats:

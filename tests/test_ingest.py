@@ -15,7 +15,7 @@ import pytest
 import zstandard
 
 from lm.config import DataConfig
-from lm.data.ingest import ingest
+from lm.data.ingest import Documents, ingest
 from lm.errors import DataError
 
 
@@ -23,7 +23,7 @@ def run(tmp_path: Path, sources: list[str], **kw) -> tuple[object, pd.DataFrame,
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     result = ingest(DataConfig(sources=sources, **kw), out_dir=out)
-    docs = pq.read_table(out / result.outputs["documents"]).to_pandas()
+    docs = Documents(out / result.outputs["documents"]).read().to_pandas()
     prov = pd.read_csv(out / result.outputs["provenance"], keep_default_na=False)
     return result, docs, prov
 
@@ -51,7 +51,7 @@ def test_mixed_sources_in_one_config(tmp_path):
     assert docs.text.str.startswith("document number 0").sum() == 2  # from .gz and from .zst
     assert result.metrics["ingest/documents"] == 9
     assert result.metrics["ingest/files"] == 5
-    assert result.datasets[0]["path"] == "documents.parquet" and len(result.datasets[0]["digest"]) == 64
+    assert result.datasets[0]["path"] == "documents" and len(result.datasets[0]["digest"]) == 64
     # Tables: the column named by text_field, compressed CSV included.
     _, docs2, _ = run(tmp_path, [str(tmp_path / "t.csv.gz"), str(tmp_path / "t.parquet")], text_field="body")
     assert list(docs2.text) == ["csv one", "csv, two", "pq one", "pq two", "pq three"]
@@ -169,8 +169,8 @@ def test_row_groups_bound_memory(tmp_path):
     for i in range(40):
         (d / f"{i:02d}.txt").write_text("x" * 30_000)
     run(tmp_path, [str(d)], row_group_mb=0.1)
-    meta = pq.ParquetFile(tmp_path / "out" / "documents.parquet").metadata
-    assert meta.num_row_groups >= 10 and meta.num_rows == 40
+    docs = Documents(tmp_path / "out" / "documents")
+    assert docs.num_row_groups >= 10 and docs.num_rows == 40
 
 
 def test_long_text_file_is_cut_at_line_breaks_into_pieces_that_join_back(tmp_path):
@@ -231,3 +231,41 @@ def test_a_file_named_by_two_sources_is_read_once(tmp_path):
     result, docs, prov = run(tmp_path, [str(d), str(d / "a.txt"), str(d / "*.txt")])
     assert sorted(docs.text) == ["alpha", "beta"] and result.metrics["ingest/files"] == 2
     assert len(prov) == 2
+
+
+def test_a_retrain_links_the_parts_it_did_not_change_and_rewrites_the_one_it_did(tmp_path):
+    """Parts end after files chosen by their path's hash: a changed file and a new one beside it
+    move no boundary but their own part's, so a retrain hard-links every other earlier part and
+    writes what a full ingest of the same files writes."""
+    import os
+
+    from lm.data.ingest import DOCUMENTS
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(400):
+        (corpus / f"{i:04d}.txt").write_text(f"file {i}: " + "words in a file " * (5 + i % 7))
+    cfg = DataConfig(sources=[str(corpus)])
+    first, second, full = tmp_path / "first", tmp_path / "second", tmp_path / "full"
+    for d in (first, second, full):
+        d.mkdir()
+    r1 = ingest(cfg, out_dir=first)
+    parts = int(r1.metrics["ingest/parts"])
+    assert parts >= 3 and sorted(p.name for p in (first / DOCUMENTS).iterdir())[-1] == f"part-{parts - 1:05d}.parquet"
+    (corpus / "0200.txt").write_text("file 200, changed: " + "other words " * 9)
+    (corpus / "0200b.txt").write_text("a new file beside it " * 4)
+    r2 = ingest(cfg, out_dir=second, previous=first)
+    assert r2.metrics["ingest/files_read"] == 2
+    assert r2.metrics["ingest/parts_linked"] == parts - 1 and r2.metrics["ingest/parts"] == parts
+    ingest(cfg, out_dir=full)
+    names = sorted(p.name for p in (full / DOCUMENTS).iterdir())
+    assert names == sorted(p.name for p in (second / DOCUMENTS).iterdir())
+    linked = 0
+    for name in names:
+        assert (second / DOCUMENTS / name).read_bytes() == (full / DOCUMENTS / name).read_bytes(), name
+        linked += os.stat(second / DOCUMENTS / name).st_ino == os.stat(first / DOCUMENTS / name).st_ino
+    assert linked == parts - 1  # the same file, not a copy
+    for name in ("doc_digests.npy", "provenance.csv"):
+        assert (second / name).read_bytes() == (full / name).read_bytes(), name
+    texts = Documents(second / DOCUMENTS).read().to_pandas().set_index("doc_id").text
+    assert texts["0200.txt"].startswith("file 200, changed") and "0200b.txt" in texts and len(texts) == 401

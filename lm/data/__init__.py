@@ -5,5 +5,5 @@
 and returns an ``lm.stage.StageResult``.
 """
 
-# Columns of documents.parquet, train.parquet and val.parquet.
+# Columns of the documents parts (documents/part-*.parquet), train.parquet and val.parquet.
 DOCUMENT_COLUMNS = ("doc_id", "source", "text")

@@ -1,6 +1,6 @@
 """Clean: filters -> exact + near dedup -> deterministic train/val split.
 
-Work is split into parts (row groups of ``documents.parquet``). Each part is cleaned by
+Work is split into parts (row groups of the ingested documents). Each part is cleaned by
 :func:`clean_part`, in a process pool over every core, or (``data.dask_address``) as Prefect
 tasks on a Dask cluster through Prefect's DaskTaskRunner (``tasks/cluster.py``): it runs the
 filters, writes its surviving documents to a part file and returns small arrays (per document:
@@ -54,7 +54,7 @@ from lm.config import DataConfig
 from lm.data.batching import char_bounded
 from lm.data.dedup import MinHasher, band_keys, exact_key, lsh_params, near_duplicates
 from lm.data.filters import Document, build_filters, run_filters
-from lm.data.ingest import DIGESTS, SCHEMA, document_digest
+from lm.data.ingest import DIGESTS, SCHEMA, Documents, document_digest
 from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.memory import trim_heap
@@ -91,7 +91,7 @@ INDEX_SCHEMA = pa.schema(
 
 @dataclass
 class PartTask:
-    """One unit of work: some row groups of documents.parquet (``rows``: only these rows of
+    """One unit of work: some row groups of a documents parquet file (``rows``: only these rows of
     them), cleaned into ``out_path``."""
 
     index: int
@@ -126,10 +126,17 @@ class PartResult:
 
 
 def plan_parts(documents: Path, scratch: Path) -> list[PartTask]:
-    """One part per row group of ``documents``: ingest bounds a row group's size (data.row_group_mb),
-    so a worker's memory does not grow with the corpus."""
-    n = pq.ParquetFile(documents).metadata.num_row_groups
-    return [PartTask(i, str(documents), [i], str(scratch / f"part_{i:05d}.parquet")) for i in range(n)]
+    """One part per row group of ``documents`` (ingest's folder of parts, or one parquet file):
+    ingest bounds a row group's size (data.row_group_mb), so a worker's memory does not grow with
+    the corpus."""
+    docs = Documents(documents)
+    return [PartTask(i, *_located(docs, i), str(scratch / f"part_{i:05d}.parquet")) for i in range(docs.num_row_groups)]
+
+
+def _located(docs: Documents, group: int) -> tuple[str, list[int]]:
+    """(file, [row group in it]) of a row group of the documents: what a :class:`PartTask` names."""
+    file, local = docs.locate(group)
+    return file, [local]
 
 
 def split_hash(text: str, seed: int) -> int:
@@ -232,7 +239,7 @@ def _settings(cfg: DataConfig) -> str:
 
 @dataclass
 class Records:
-    """Per document of documents.parquet, in its order: what cleaning decided; per document that
+    """Per document of the ingested documents, in their order: what cleaning decided; per document that
     passed the filters ("passed", in the same order): its hashes. Signatures are in a file."""
 
     doc_id: np.ndarray  # str (N,)
@@ -272,7 +279,7 @@ class Records:
 
 @dataclass
 class Texts:
-    """Where cleaned texts come from: per part (row group of documents.parquet), the cleaned rows
+    """Where cleaned texts come from: per part (row group of the ingested documents), the cleaned rows
     of its documents that passed the filters, in order; and the dropped documents' samples."""
 
     part: Callable[[int], pa.Table]  # part -> its rows
@@ -287,7 +294,8 @@ def clean(
     map_parts: MapParts | None = None,
     previous: Path | None = None,
 ) -> StageResult:
-    """Clean, deduplicate and split ``documents.parquet`` into ``train.parquet`` and ``val.parquet``.
+    """Clean, deduplicate and split ``documents`` (ingest's folder of parts, or one parquet file)
+    into ``train.parquet`` and ``val.parquet``.
 
     ``map_parts(parts, cfg)`` runs :func:`clean_part` over the parts and yields the results in part
     order; by default a process pool over ``data.workers`` cores (the Prefect task passes one that
@@ -377,7 +385,7 @@ def _open_earlier(folder: Path, cfg: DataConfig, documents: Path) -> Earlier | N
     )
     kept = col["kept"].fill_null(False).to_numpy(zero_copy_only=False)
     # This corpus's documents, matched to the earlier ones by (id, digest of source and text).
-    ids = pq.read_table(documents, columns=["doc_id"]).column(0).to_pylist()
+    ids = Documents(documents).column("doc_id")
     digests = np.load(digests_path)
     if len(ids) != len(digests):
         return None
@@ -394,8 +402,8 @@ def _extend(
 ) -> StageResult:
     """Clean only the documents the earlier clean did not see, take the rest of its records, and
     reduce over all of them (see the module docstring)."""
-    pf = pq.ParquetFile(documents)
-    group_rows = np.array([pf.metadata.row_group(i).num_rows for i in range(pf.metadata.num_row_groups)], np.int64)
+    docs = Documents(documents)
+    group_rows = docs.group_rows
     group_start = np.concatenate(([0], np.cumsum(group_rows)))
     new_docs = np.flatnonzero(earlier.match < 0)
 
@@ -404,7 +412,7 @@ def _extend(
     tasks, positions = [], []
     for g in np.unique(group):
         rows = new_docs[group == g]
-        tasks.append(PartTask(len(tasks), str(documents), [int(g)], str(scratch / f"new_{g:05d}.parquet"),
+        tasks.append(PartTask(len(tasks), *_located(docs, int(g)), str(scratch / f"new_{g:05d}.parquet"),
                               rows=(rows - group_start[g]).tolist()))
         positions.append(rows)
     results = list(map_parts(tasks, cfg))
@@ -462,7 +470,7 @@ def _extend(
             if p not in out and (records.reason[p], records.doc_id[p]) in known:
                 out[p] = known[records.reason[p], records.doc_id[p]]
         rest = [p for p in positions if p not in out]
-        for p, text in zip(rest, _raw_texts(pf, group_start, rest), strict=True):
+        for p, text in zip(rest, _raw_texts(docs, group_start, rest), strict=True):
             out[p] = {"reason": records.reason[p], "doc_id": records.doc_id[p], "chars": len(text), "text": text[:SAMPLE_CHARS]}
         return out
 
@@ -505,7 +513,7 @@ def _earlier_samples(folder: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _raw_texts(pf: pq.ParquetFile, group_start: np.ndarray, positions: list[int]) -> list[str]:
+def _raw_texts(pf: Documents, group_start: np.ndarray, positions: list[int]) -> list[str]:
     """The ingested texts of documents ``positions``, reading only their row groups."""
     out = {}
     groups = np.searchsorted(group_start, positions, side="right") - 1

@@ -1,18 +1,24 @@
-"""Ingest: every configured source -> one ``documents.parquet`` (doc_id, source, text) + provenance.
+"""Ingest: every configured source -> ``documents/`` (doc_id, source, text in parquet parts) + provenance.
 
 Documents are written in row groups of about ``data.row_group_mb`` as they are read, and no
 document is longer than ``data.max_doc_chars`` (longer ones are cut at line breaks), so memory
 stays bounded whatever the corpus size; the row groups are also the unit of parallel work for
-the clean stage.
+the clean stage. The row groups are kept in part files (``documents/part-00000.parquet`` ...); a
+part ends after a file chosen by the hash of its path (:func:`ends_part`, about one in
+:data:`PART_FILES`) or once it holds :data:`PART_GROUPS` row groups' worth of text. :class:`Documents`
+reads the parts as one sequence.
 
 A retrain extends an earlier ingest (``previous``) instead of reading everything again: a file
 whose path, size and modification time are those the earlier ingest read is not read, its
-documents are copied from the earlier ``documents.parquet`` (as Arrow data, never as Python
-strings); only new and changed files are read, and removed files' documents are left out. What
-is written is what a full ingest of the same files writes, byte for byte: the same documents in
-the same order, cut into the same row groups. ``ingest_index.json`` (per file: its stat, the rows
-of its documents, its provenance row) and ``doc_digests.npy`` (per document: a digest of its
-source and text, which the clean stage matches its own earlier work by) make that possible.
+documents are copied from the earlier documents (as Arrow data, never as Python strings), and a
+part made only of unchanged files that the earlier ingest also put in one part is that part's
+file, hard-linked: nothing of it is read or written. Only new and changed files are read, and
+removed files' documents are left out. What is written is what a full ingest of the same files
+writes, byte for byte: the same documents in the same order, cut into the same row groups and
+parts (part boundaries depend on paths, and on sizes only within a part). ``ingest_index.json``
+(per file: its stat, the rows and bytes of its documents, its provenance row) and
+``doc_digests.npy`` (per document: a digest of its source and text, which the clean stage matches
+its own earlier work by) make that possible.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -39,12 +46,15 @@ from lm.data.sources import FileReport, SourceFile
 from lm.errors import DataError
 from lm.stage import StageResult
 
-DOCUMENTS = "documents.parquet"
+DOCUMENTS = "documents"  # a folder of parquet parts (PART), read as one sequence by Documents
+PART = "part-{:05d}.parquet"
+PART_FILES = 64  # a part ends after a file whose path's hash says so (1 file in PART_FILES) ...
+PART_GROUPS = 16  # ... or once it holds this many row groups' worth of text
 PROVENANCE = "provenance.csv"
 INDEX = "ingest_index.json"  # per source file: stat, rows of its documents, provenance row
 DIGESTS = "doc_digests.npy"  # uint64 per document: document_digest(source, text)
 SCHEMA = pa.schema([("doc_id", pa.string()), ("source", pa.string()), ("text", pa.string())])
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 
 
 def document_digest(source: str, text: str) -> int:
@@ -56,14 +66,68 @@ def document_digest(source: str, text: str) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-class DocumentWriter:
-    """Streams (doc_id, source, text) rows into a parquet file, one row group per ~``group_bytes``:
-    a group ends after the document that brings it to ``group_bytes``, whether the documents came
-    one by one (:meth:`add`) or as rows of an earlier file (:meth:`add_table`), so both write the
-    same file."""
+def ends_part(spec: str, path: str) -> bool:
+    """Whether a part of the documents ends after this file: decided by the file's source and path
+    alone, so a change in one file moves no part boundary but its own part's (parts are cut where
+    the content says, not every so many files), and a retrain finds the unchanged parts again."""
+    h = hashlib.blake2b(f"{spec}\0{path}".encode("utf-8", errors="surrogatepass"), digest_size=8)
+    return int.from_bytes(h.digest(), "little") % PART_FILES == 0
 
-    def __init__(self, path: Path, group_bytes: int):
-        self.writer = pq.ParquetWriter(path, SCHEMA, compression="zstd")
+
+class Documents:
+    """The documents of an ingest as one sequence of row groups: the part files of its
+    :data:`DOCUMENTS` folder in order, or a single parquet file given instead."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        self.files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
+        self._open = [pq.ParquetFile(f) for f in self.files]
+        # Per row group: (file, row group in that file).
+        self.groups = [(i, g) for i, pf in enumerate(self._open) for g in range(pf.metadata.num_row_groups)]
+        self.group_rows = np.array(
+            [self._open[i].metadata.row_group(g).num_rows for i, g in self.groups], dtype=np.int64
+        )
+        self.file_rows = np.array([pf.metadata.num_rows for pf in self._open], dtype=np.int64)
+
+    @property
+    def num_row_groups(self) -> int:
+        return len(self.groups)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.file_rows.sum())
+
+    def read_row_group(self, group: int, columns: list[str] | None = None) -> pa.Table:
+        i, g = self.groups[group]
+        return self._open[i].read_row_group(g, columns=columns)
+
+    def locate(self, group: int) -> tuple[str, int]:
+        """(file, row group in it) of row group ``group``: what a worker opens by itself."""
+        i, g = self.groups[group]
+        return str(self.files[i]), g
+
+    def column(self, name: str) -> list:
+        return [v for pf in self._open for v in pf.read(columns=[name]).column(0).to_pylist()]
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """Every document at once (tests, small corpora): memory grows with the corpus."""
+        return pa.concat_tables([pf.read(columns=columns) for pf in self._open]) if self._open else SCHEMA.empty_table()
+
+
+class DocumentWriter:
+    """Streams (doc_id, source, text) rows into the part files of a folder (:meth:`end_part` ends
+    one), one row group per ~``group_bytes``: a group ends after the document that brings it to
+    ``group_bytes``, whether the documents came one by one (:meth:`add`) or as rows of an earlier
+    ingest (:meth:`copy`), so both write the same files. A part made only of an earlier part's rows
+    is that part's file, linked rather than written again."""
+
+    def __init__(self, folder: Path, group_bytes: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts = 0  # part files made
+        self.writer: pq.ParquetWriter | None = None  # the current part's, once it has rows
+        self.part_start = 0  # bytes before the current part
+        self.linked = 0  # parts linked from an earlier ingest
         self.group_bytes = group_bytes
         self.cols: tuple[list[str], list[str], list[str]] = ([], [], [])
         self.tables: list[pa.Table] = []  # pending rows, in order (the Python rows last)
@@ -72,23 +136,28 @@ class DocumentWriter:
         self.bytes = 0
         self.digests: list[np.ndarray] = []
         self.new_digests: list[int] = []
-        self.copying: tuple[Earlier, int, int] | None = None  # a range of earlier rows not yet added
+        # A range of earlier rows not yet added (earlier, first row, rows, their text's bytes): they
+        # are read only when the part they are in turns out not to be an earlier part as a whole.
+        self.copying: tuple[Earlier, int, int, int] | None = None
 
-    def copy(self, earlier: Earlier, first: int, count: int) -> None:
-        """Rows ``first .. first + count`` of an earlier ingest's documents; consecutive ranges
-        are copied as one (a file at a time would cost a fraction of a millisecond each)."""
+    def copy(self, earlier: Earlier, first: int, count: int, nbytes: int) -> None:
+        """Rows ``first .. first + count`` of an earlier ingest's documents (``nbytes`` of text);
+        consecutive ranges are copied as one (a file at a time would cost a fraction of a
+        millisecond each)."""
         if self.copying is not None and self.copying[1] + self.copying[2] == first:
-            self.copying = (earlier, self.copying[1], self.copying[2] + count)
+            self.copying = (earlier, self.copying[1], self.copying[2] + count, self.copying[3] + nbytes)
         else:
             self._copy_pending()
-            self.copying = (earlier, first, count)
+            self.copying = (earlier, first, count, nbytes)
         self.documents += count
+        self.bytes += nbytes
 
     def _copy_pending(self) -> None:
         if self.copying is not None:
-            earlier, first, count = self.copying
+            earlier, first, count, nbytes = self.copying
             self.copying = None
             self.documents -= count
+            self.bytes -= nbytes
             self.add_table(*earlier.rows(first, count))
 
     def add(self, doc_id: str, source: str, text: str) -> None:
@@ -137,14 +206,55 @@ class DocumentWriter:
             # One contiguous chunk: Parquet pages (and so the file's bytes) then do not depend on
             # where the rows came from.
             table = pa.concat_tables(self.tables).combine_chunks()
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.folder / PART.format(self.parts), SCHEMA, compression="zstd")
             self.writer.write_table(table, row_group_size=table.num_rows)
             self.tables = []
             self.pending = 0
 
+    @property
+    def part_bytes(self) -> int:
+        return self.bytes - self.part_start
+
+    def end_part(self) -> None:
+        """End the current part: its last row group is written and its file closed; or, if the part
+        is exactly the rows of one earlier part, that part's file is linked (nothing is read)."""
+        linked = self._link()
+        if not linked:
+            self._copy_pending()
+            self.flush()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self.parts += 1
+        elif linked:
+            self.parts += 1
+        self.part_start = self.bytes
+
+    def _link(self) -> bool:
+        if self.copying is None or self.writer is not None or self.tables or self.cols[0]:
+            return False
+        earlier, first, count, _ = self.copying
+        part = earlier.part_at(first, count)
+        if part is None:
+            return False
+        target = self.folder / PART.format(self.parts)
+        try:
+            os.link(part, target)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(part, target)
+        self.copying = None
+        self.digests.append(earlier.digest_rows(first, count))
+        self.linked += 1
+        return True
+
     def close(self) -> None:
-        self._copy_pending()
-        self.flush()
-        self.writer.close()
+        self.end_part()
+
+    def abort(self) -> None:
+        """Close the current part's file as it is (the folder is being abandoned)."""
+        if self.writer is not None:
+            self.writer.close()
 
     def all_digests(self) -> np.ndarray:
         self._python_rows_to_table()
@@ -157,10 +267,11 @@ class Earlier:
 
     folder: Path
     files: dict[tuple[str, str], dict]  # (source, path as the source lists it) -> its index entry
-    digests: np.ndarray | None = None  # read when the first file is reused
+    docs: Documents | None = None  # opened when the first file is reused
+    digests: np.ndarray | None = None
     starts: np.ndarray | None = None  # first row of each of its row groups (and the row count last)
+    part_starts: np.ndarray | None = None  # first row of each of its parts (and the row count last)
     cached: dict[int, pa.Table] = field(default_factory=dict)  # the row groups last read
-    file: pq.ParquetFile | None = None
 
     @classmethod
     def open(cls, folder: Path, cfg: DataConfig) -> Earlier | None:
@@ -185,19 +296,34 @@ class Earlier:
         """Rows ``first .. first + count`` of the earlier documents. Files are reused in about the
         order they were written, so only the row groups holding the last rows asked for are kept
         in memory (memory does not grow with the corpus)."""
-        if self.digests is None:
-            self.file = pq.ParquetFile(self.folder / DOCUMENTS)
-            self.digests = np.load(self.folder / DIGESTS)
-            sizes = [self.file.metadata.row_group(i).num_rows for i in range(self.file.metadata.num_row_groups)]
-            self.starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+        self._open_documents()
         if count == 0:  # a binary file: skipped, no documents
             return SCHEMA.empty_table(), self.digests[:0]
         lo = int(np.searchsorted(self.starts, first, side="right")) - 1
         hi = int(np.searchsorted(self.starts, first + count, side="left"))
         groups = range(lo, max(hi, lo + 1))
-        self.cached = {g: self.cached[g] if g in self.cached else self.file.read_row_group(g) for g in groups}
+        self.cached = {g: self.cached[g] if g in self.cached else self.docs.read_row_group(g) for g in groups}
         table = pa.concat_tables([self.cached[g] for g in groups])
         return table.slice(first - int(self.starts[lo]), count), self.digests[first : first + count]
+
+    def _open_documents(self) -> None:
+        if self.docs is None:
+            self.docs = Documents(self.folder / DOCUMENTS)
+            self.digests = np.load(self.folder / DIGESTS)
+            self.starts = np.concatenate(([0], np.cumsum(self.docs.group_rows))).astype(np.int64)
+            self.part_starts = np.concatenate(([0], np.cumsum(self.docs.file_rows))).astype(np.int64)
+
+    def part_at(self, first: int, count: int) -> Path | None:
+        """The earlier part file that holds exactly rows ``first .. first + count``, if one does."""
+        self._open_documents()
+        i = int(np.searchsorted(self.part_starts, first, side="left"))
+        if count and i < len(self.docs.files) and self.part_starts[i] == first and self.part_starts[i + 1] == first + count:
+            return self.docs.files[i]
+        return None
+
+    def digest_rows(self, first: int, count: int) -> np.ndarray:
+        self._open_documents()
+        return self.digests[first : first + count]
 
 
 def _reuse_settings(cfg: DataConfig) -> dict:
@@ -363,6 +489,7 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
                 files_read += 1
                 _check_bad_fraction(report, cfg.max_bad_fraction)
                 provenance.add(report)
+                writer.end_part()
                 continue
             for sf in files:
                 if limit is not None and writer.documents >= limit:
@@ -372,10 +499,10 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
                     if (stat.st_dev, stat.st_ino) in seen:
                         continue
                     seen.add((stat.st_dev, stat.st_ino))
-                first = writer.documents
+                first, first_bytes = writer.documents, writer.bytes
                 entry = None if earlier is None else earlier.reusable(spec, sf, stat)
                 if entry is not None:
-                    writer.copy(earlier, entry["first"], entry["count"])
+                    writer.copy(earlier, entry["first"], entry["count"], entry["bytes"])
                     report = FileReport(**entry["report"])
                     files_reused += 1
                 else:
@@ -389,14 +516,17 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
                 index_files.append({
                     "source": spec, "path": str(sf.path), "name": sf.name, "size": stat.st_size,
                     "mtime_ns": stat.st_mtime_ns, "first": first, "count": writer.documents - first,
+                    "bytes": writer.bytes - first_bytes,
                     "report": {**vars(report), "first_bad_lines": list(report.first_bad_lines)},
                 })
                 bar.update(1)
+                if ends_part(spec, str(sf.path)) or writer.part_bytes >= PART_GROUPS * writer.group_bytes:
+                    writer.end_part()
     except BaseException:
         # The files are abandoned (the stage's folder is not published): closing them must not hide
         # why (a full disk fails the close as well, with a less useful message).
         with contextlib.suppress(Exception):
-            writer.close()
+            writer.abort()
         with contextlib.suppress(Exception):
             provenance.close()
         raise
@@ -434,6 +564,8 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
         "ingest/files": provenance.files,
         "ingest/files_read": files_read,  # read and parsed by this run
         "ingest/files_reused": files_reused,  # unchanged since the earlier ingest: copied from it
+        "ingest/parts": writer.parts,  # part files of documents/
+        "ingest/parts_linked": writer.linked,  # parts of the earlier ingest taken as they were
         "ingest/file_bytes": totals["size"],
         "ingest/invalid_utf8": totals["invalid_utf8"],
         "ingest/split_documents": totals["split"],
