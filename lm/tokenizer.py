@@ -9,6 +9,11 @@ uint32), the documents of a split one after another, each followed by the end-of
 into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; see
 ``lm.shards.TokenShards`` for the reader. ``tokenizer_config.json`` beside ``tokenizer.json`` holds
 what Hugging Face tools read with it: the special tokens and the chat template (``lm.chat``).
+
+A retrain whose tokenizer is the earlier run's (a warm start keeps the champion's) encodes only the
+documents that run did not: ``{split}_docs.npy`` holds each document's text digest and token count,
+and the others' tokens are copied from the earlier shards (:class:`EarlierTokens`), so the shards
+are those a full encode writes.
 """
 
 from __future__ import annotations
