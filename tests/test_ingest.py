@@ -269,3 +269,24 @@ def test_a_retrain_links_the_parts_it_did_not_change_and_rewrites_the_one_it_did
         assert (second / name).read_bytes() == (full / name).read_bytes(), name
     texts = Documents(second / DOCUMENTS).read().to_pandas().set_index("doc_id").text
     assert texts["0200.txt"].startswith("file 200, changed") and "0200b.txt" in texts and len(texts) == 401
+
+
+def test_documents_are_read_with_one_part_file_open_at_a_time(tmp_path):
+    """A large corpus has thousands of parts: more than a process may keep open (ulimit -n)."""
+    import resource
+
+    from lm.data.ingest import DOCUMENTS, PART
+
+    folder = tmp_path / DOCUMENTS
+    folder.mkdir()
+    for i in range(300):
+        pq.write_table(pa.table({"doc_id": [f"d{i}"], "source": ["s"], "text": [f"text {i}"]}), folder / PART.format(i))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        docs = Documents(folder)
+        assert docs.num_row_groups == 300 and docs.num_rows == 300
+        assert [docs.read_row_group(g).column("text")[0].as_py() for g in range(300)] == [f"text {i}" for i in range(300)]
+        assert docs.column("doc_id") == [f"d{i}" for i in range(300)]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

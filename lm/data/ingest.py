@@ -81,13 +81,21 @@ class Documents:
     def __init__(self, path: Path):
         path = Path(path)
         self.files = sorted(path.glob("part-*.parquet")) if path.is_dir() else [path]
-        self._open = [pq.ParquetFile(f) for f in self.files]
+        # Footers only: a file is opened when it is read, one at a time (a large corpus has more
+        # parts than a process may keep open).
+        meta = [pq.read_metadata(f) for f in self.files]
         # Per row group: (file, row group in that file).
-        self.groups = [(i, g) for i, pf in enumerate(self._open) for g in range(pf.metadata.num_row_groups)]
-        self.group_rows = np.array(
-            [self._open[i].metadata.row_group(g).num_rows for i, g in self.groups], dtype=np.int64
-        )
-        self.file_rows = np.array([pf.metadata.num_rows for pf in self._open], dtype=np.int64)
+        self.groups = [(i, g) for i, m in enumerate(meta) for g in range(m.num_row_groups)]
+        self.group_rows = np.array([meta[i].row_group(g).num_rows for i, g in self.groups], dtype=np.int64)
+        self.file_rows = np.array([m.num_rows for m in meta], dtype=np.int64)
+        self._current: tuple[int, pq.ParquetFile] | None = None
+
+    def _file(self, i: int) -> pq.ParquetFile:
+        if self._current is None or self._current[0] != i:
+            if self._current is not None:
+                self._current[1].close()
+            self._current = (i, pq.ParquetFile(self.files[i]))
+        return self._current[1]
 
     @property
     def num_row_groups(self) -> int:
@@ -99,7 +107,7 @@ class Documents:
 
     def read_row_group(self, group: int, columns: list[str] | None = None) -> pa.Table:
         i, g = self.groups[group]
-        return self._open[i].read_row_group(g, columns=columns)
+        return self._file(i).read_row_group(g, columns=columns)
 
     def locate(self, group: int) -> tuple[str, int]:
         """(file, row group in it) of row group ``group``: what a worker opens by itself."""
@@ -107,11 +115,12 @@ class Documents:
         return str(self.files[i]), g
 
     def column(self, name: str) -> list:
-        return [v for pf in self._open for v in pf.read(columns=[name]).column(0).to_pylist()]
+        return [v for i in range(len(self.files)) for v in self._file(i).read(columns=[name]).column(0).to_pylist()]
 
     def read(self, columns: list[str] | None = None) -> pa.Table:
         """Every document at once (tests, small corpora): memory grows with the corpus."""
-        return pa.concat_tables([pf.read(columns=columns) for pf in self._open]) if self._open else SCHEMA.empty_table()
+        tables = [self._file(i).read(columns=columns) for i in range(len(self.files))]
+        return pa.concat_tables(tables) if tables else SCHEMA.empty_table()
 
 
 class DocumentWriter:
