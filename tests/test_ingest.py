@@ -234,7 +234,7 @@ def test_a_file_named_by_two_sources_is_read_once(tmp_path):
 
 
 def test_a_retrain_links_the_parts_it_did_not_change_and_rewrites_the_one_it_did(tmp_path):
-    """Parts end after files chosen by their path's hash: a changed file and a new one beside it
+    """Parts end after files chosen by their name's hash: a changed file and a new one beside it
     move no boundary but their own part's, so a retrain hard-links every other earlier part and
     writes what a full ingest of the same files writes."""
     import os
@@ -290,3 +290,20 @@ def test_documents_are_read_with_one_part_file_open_at_a_time(tmp_path):
         assert docs.column("doc_id") == [f"d{i}" for i in range(300)]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_ingest_into_a_folder_that_holds_an_earlier_one_replaces_its_parts(tmp_path):
+    """Part boundaries follow file names: a folder of 200 files makes several parts, one file one
+    part. Written into the same folder, the second ingest's documents are all that is read back."""
+    from lm.data.ingest import DOCUMENTS, ends_part
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(200):
+        (corpus / f"{i:04d}.txt").write_text(f"file {i}")
+    assert sum(ends_part(f"{i:04d}.txt") for i in range(199)) >= 1  # the names make several parts
+    first, _, _ = run(tmp_path, [str(corpus)])
+    assert first.metrics["ingest/parts"] >= 2
+    second, docs, _ = run(tmp_path, [str(corpus / "0007.txt")])
+    assert second.metrics["ingest/parts"] == 1 and list(docs.text) == ["file 7"]
+    assert len(list((tmp_path / "out" / DOCUMENTS).iterdir())) == 1

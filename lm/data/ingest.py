@@ -4,7 +4,7 @@ Documents are written in row groups of about ``data.row_group_mb`` as they are r
 document is longer than ``data.max_doc_chars`` (longer ones are cut at line breaks), so memory
 stays bounded whatever the corpus size; the row groups are also the unit of parallel work for
 the clean stage. The row groups are kept in part files (``documents/part-00000.parquet`` ...); a
-part ends after a file chosen by the hash of its path (:func:`ends_part`, about one in
+part ends after a file chosen by the hash of its name (:func:`ends_part`, about one in
 :data:`PART_FILES`) or once it holds :data:`PART_GROUPS` row groups' worth of text. :class:`Documents`
 reads the parts as one sequence.
 
@@ -15,7 +15,7 @@ part made only of unchanged files that the earlier ingest also put in one part i
 file, hard-linked: nothing of it is read or written. Only new and changed files are read, and
 removed files' documents are left out. What is written is what a full ingest of the same files
 writes, byte for byte: the same documents in the same order, cut into the same row groups and
-parts (part boundaries depend on paths, and on sizes only within a part). ``ingest_index.json``
+parts (part boundaries depend on file names, and on sizes only within a part). ``ingest_index.json``
 (per file: its stat, the rows and bytes of its documents, its provenance row) and
 ``doc_digests.npy`` (per document: a digest of its source and text, which the clean stage matches
 its own earlier work by) make that possible.
@@ -48,7 +48,7 @@ from lm.stage import StageResult
 
 DOCUMENTS = "documents"  # a folder of parquet parts (PART), read as one sequence by Documents
 PART = "part-{:05d}.parquet"
-PART_FILES = 64  # a part ends after a file whose path's hash says so (1 file in PART_FILES) ...
+PART_FILES = 64  # a part ends after a file whose name's hash says so (1 file in PART_FILES) ...
 PART_GROUPS = 16  # ... or once it holds this many row groups' worth of text
 PROVENANCE = "provenance.csv"
 INDEX = "ingest_index.json"  # per source file: stat, rows of its documents, provenance row
@@ -66,11 +66,12 @@ def document_digest(source: str, text: str) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def ends_part(spec: str, path: str) -> bool:
-    """Whether a part of the documents ends after this file: decided by the file's source and path
-    alone, so a change in one file moves no part boundary but its own part's (parts are cut where
-    the content says, not every so many files), and a retrain finds the unchanged parts again."""
-    h = hashlib.blake2b(f"{spec}\0{path}".encode("utf-8", errors="surrogatepass"), digest_size=8)
+def ends_part(name: str) -> bool:
+    """Whether a part of the documents ends after this file: decided by its name alone (its path
+    relative to its source's root, ``SourceFile.name``: the same wherever the corpus lies), so a
+    change in one file moves no part boundary but its own part's (parts are cut where the content
+    says, not every so many files), and a retrain finds the unchanged parts again."""
+    h = hashlib.blake2b(name.encode("utf-8", errors="surrogatepass"), digest_size=8)
     return int.from_bytes(h.digest(), "little") % PART_FILES == 0
 
 
@@ -133,6 +134,8 @@ class DocumentWriter:
     def __init__(self, folder: Path, group_bytes: int):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for stale in self.folder.glob("part-*.parquet"):  # an earlier ingest into the same folder
+            stale.unlink()
         self.parts = 0  # part files made
         self.writer: pq.ParquetWriter | None = None  # the current part's, once it has rows
         self.part_start = 0  # bytes before the current part
@@ -529,7 +532,7 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
                     "report": {**vars(report), "first_bad_lines": list(report.first_bad_lines)},
                 })
                 bar.update(1)
-                if ends_part(spec, str(sf.path)) or writer.part_bytes >= PART_GROUPS * writer.group_bytes:
+                if ends_part(sf.name) or writer.part_bytes >= PART_GROUPS * writer.group_bytes:
                     writer.end_part()
     except BaseException:
         # The files are abandoned (the stage's folder is not published): closing them must not hide
