@@ -314,7 +314,7 @@ def clean(
         if earlier is None:
             tasks = plan_parts(documents, scratch)
             return finish_clean(cfg, tasks, map_parts(tasks, cfg), out_dir=out_dir, start=start)
-        return _extend(cfg, documents, earlier, map_parts, scratch, out_dir=out_dir, start=start)
+        return _extend(cfg, earlier, map_parts, scratch, out_dir=out_dir, start=start)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -361,6 +361,7 @@ class Earlier:
     records: Records  # of the earlier corpus
     kept: np.ndarray  # bool (earlier N,)
     match: np.ndarray  # int64 (N,): the earlier document each document is, or -1 (new or changed)
+    docs: Documents  # this corpus's documents (their footers read once, for matching and extending)
 
 
 def _open_earlier(folder: Path, cfg: DataConfig, documents: Path) -> Earlier | None:
@@ -385,7 +386,8 @@ def _open_earlier(folder: Path, cfg: DataConfig, documents: Path) -> Earlier | N
     )
     kept = col["kept"].fill_null(False).to_numpy(zero_copy_only=False)
     # This corpus's documents, matched to the earlier ones by (id, digest of source and text).
-    ids = Documents(documents).column("doc_id")
+    docs = Documents(documents)
+    ids = docs.column("doc_id")
     digests = np.load(digests_path)
     if len(ids) != len(digests):
         return None
@@ -393,16 +395,16 @@ def _open_earlier(folder: Path, cfg: DataConfig, documents: Path) -> Earlier | N
     if len(where) != len(records.doc_id):  # ids not unique: matching would be ambiguous
         return None
     match = np.array([where.get(key, -1) for key in zip(ids, digests.tolist(), strict=True)], dtype=np.int64)
-    return Earlier(folder, records, kept, match)
+    return Earlier(folder, records, kept, match, docs)
 
 
 def _extend(
-    cfg: DataConfig, documents: Path, earlier: Earlier, map_parts: MapParts, scratch: Path, *, out_dir: Path,
+    cfg: DataConfig, earlier: Earlier, map_parts: MapParts, scratch: Path, *, out_dir: Path,
     start: float,
 ) -> StageResult:
     """Clean only the documents the earlier clean did not see, take the rest of its records, and
     reduce over all of them (see the module docstring)."""
-    docs = Documents(documents)
+    docs = earlier.docs
     group_rows = docs.group_rows
     group_start = np.concatenate(([0], np.cumsum(group_rows)))
     new_docs = np.flatnonzero(earlier.match < 0)
@@ -513,12 +515,12 @@ def _earlier_samples(folder: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-def _raw_texts(pf: Documents, group_start: np.ndarray, positions: list[int]) -> list[str]:
+def _raw_texts(docs: Documents, group_start: np.ndarray, positions: list[int]) -> list[str]:
     """The ingested texts of documents ``positions``, reading only their row groups."""
     out = {}
     groups = np.searchsorted(group_start, positions, side="right") - 1
     for g in sorted(set(groups.tolist())):
-        texts = pf.read_row_group(g, columns=["text"]).column(0)
+        texts = docs.read_row_group(g, columns=["text"]).column(0)
         for p in (p for p, gg in zip(positions, groups, strict=True) if gg == g):
             out[p] = texts[p - int(group_start[g])].as_py()
     return [out[p] for p in positions]
