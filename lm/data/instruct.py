@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 
 from lm.chat import ROLES, Message
 from lm.config import Config, FinetuneConfig
-from lm.data.labelled import SPLIT_FILES, split_of, stdlib_definitions, unit_hash
+from lm.data.labelled import SPLIT_FILES, split_of, unit_hash
+from lm.data.pydefs import stdlib_definitions
 from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.stage import StageResult
