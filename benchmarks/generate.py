@@ -1,6 +1,6 @@
 """Generation speed, one stream: lmforge with its KV cache, lmforge reading the whole sequence again
 every token (no cache), and Hugging Face's LlamaForCausalLM.generate (greedy, use_cache=True) on the
-same weights (lm.model.to_llama_state_dict), the same prompt and the same number of new tokens.
+same weights (lm.hf.hf_config_and_state), the same prompt and the same number of new tokens.
 
     python benchmarks/generate.py                       # the demo's shape (conf/default.yaml), random weights
     python benchmarks/generate.py --model runs/.../pretrain --new-tokens 200
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm.config import load_config  # noqa: E402
 from lm.generate import SamplingParams, generate  # noqa: E402
+from lm.hf import hf_config_and_state
 from lm.model import (  # noqa: E402
     Decoder,
     build_model,
@@ -34,7 +35,6 @@ from lm.model import (  # noqa: E402
     llama_config_dict,
     load_model,
     model_args,
-    to_llama_state_dict,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,7 @@ def main() -> None:
             sys.exit("transformers is not installed: pip install 'lmforge[bench]'")
         transformers.logging.set_verbosity_error()
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_dict(args))).eval()
-        hf.load_state_dict(to_llama_state_dict(model), strict=False)
+        hf.load_state_dict(hf_config_and_state(model)[1], strict=False)
         hf.generation_config.eos_token_id = None  # run every token, as lmforge does without eos_ids
         hf.generation_config.pad_token_id = 0
         x, mask = prompt[None], torch.ones(1, a.prompt_tokens, dtype=torch.long)

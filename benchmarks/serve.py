@@ -183,13 +183,14 @@ def in_process_contenders(
     import transformers
 
     from lm.generate import SamplingParams, load_for_generation
-    from lm.model import llama_config_dict, to_llama_state_dict
+    from lm.hf import hf_config_and_state
+    from lm.model import llama_config_dict
     from lm.serving.engine import Finished, GenerationEngine
 
     transformers.logging.set_verbosity_error()
     gm = load_for_generation(folder)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_dict(gm.model.args))).eval()
-    hf.load_state_dict(to_llama_state_dict(gm.model), strict=False)
+    hf.load_state_dict(hf_config_and_state(gm.model)[1], strict=False)
     hf.generation_config.eos_token_id = None  # every prompt gets exactly new_tokens, as the server's do here
     hf.generation_config.pad_token_id = 0
     ids = [gm.tokenizer.encode(t).ids for t in texts]

@@ -1,5 +1,9 @@
 """BERT (Devlin et al. 2019) as Hugging Face's ``BertForMaskedLM`` computes it, so that a BERT
-checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.hf.load_hf``).
+checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.hf.load_hf``). RoBERTa (Liu et
+al. 2019) and DistilBERT (Sanh et al. 2019) are the same network with two switches
+(``lm.models.encoders`` reads them): RoBERTa's learned positions start at row
+``position_offset`` (``padding_idx + 1``) and it has one token type; DistilBERT has no token-type
+embedding (``type_vocab_size=0``).
 
 Unlike our Llama-style ``Encoder``: learned absolute position and token-type (segment) embeddings
 summed with the word embeddings and layer-normed, post-LN blocks (LayerNorm after each residual
@@ -78,8 +82,11 @@ class BertEncoder(nn.Module):
         self.args = args
         C = args.d_model
         self.embed_tokens = nn.Embedding(args.vocab_size, C)
-        self.embed_positions = nn.Embedding(args.seq_len, C)
-        self.embed_types = nn.Embedding(args.type_vocab_size, C)
+        # RoBERTa's rows 0..padding_idx are never read by a real token (fairseq's layout), but the
+        # checkpoint holds them: the table keeps them so that its rows line up with HF's.
+        self.embed_positions = nn.Embedding(args.position_offset + args.seq_len, C)
+        # DistilBERT has no segments: no table at all, so its state dict matches the checkpoint's.
+        self.embed_types = nn.Embedding(args.type_vocab_size, C) if args.type_vocab_size else None
         self.embed_norm = nn.LayerNorm(C, eps=args.norm_eps)
         self.drop = nn.Dropout(args.dropout)
         self.layers = nn.ModuleList(BertLayer(args) for _ in range(args.n_layer))
@@ -109,13 +116,20 @@ class BertEncoder(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> last layer's hidden states (B, T, C). attention_mask (B, T), True = real token;
-        token_type_ids (B, T) default all 0 (one segment)."""
+        token_type_ids (B, T) default all 0 (one segment).
+
+        Positions are 0..T-1 (+ position_offset) in every row: with right padding a real token's
+        position is what HF gives it (RoBERTa counts non-pad tokens, the same thing there)."""
         B, T = idx.shape
         if T > self.args.seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's seq_len={self.args.seq_len}")
-        positions = torch.arange(T, device=idx.device)
-        types = torch.zeros_like(idx) if token_type_ids is None else token_type_ids
-        x = self.embed_tokens(idx) + self.embed_types(types) + self.embed_positions(positions)  # (B, T, C)
+        positions = torch.arange(T, device=idx.device) + self.args.position_offset
+        x = self.embed_tokens(idx)  # (B, T, C)
+        if self.embed_types is not None:  # summed in HF's order: tokens, types, positions
+            x = x + self.embed_types(torch.zeros_like(idx) if token_type_ids is None else token_type_ids)
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given, but this encoder has no token types (type_vocab_size=0)")
+        x = x + self.embed_positions(positions)
         x = self.drop(self.embed_norm(x))
         # (B, 1, 1, T): every query may look at the real keys only.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]

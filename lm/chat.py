@@ -34,6 +34,10 @@ from lm.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# The tokens that close a turn in the chat templates of the families lmforge imports: ChatML (Qwen,
+# SmolLM), Llama 3 (<|eot_id|>, and <|eom_id|> after a tool call), Gemma, Phi-3. Wherever a template
+# writes one and the tokenizer has it, the loss mask learns it and generation stops at it.
+END_OF_TURN = (IM_END, "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
 # Qwen's and OpenAI's ChatML, in the Jinja form Hugging Face tokenizers carry.
@@ -100,7 +104,7 @@ class ChatFormat:
         self.template: str = config["chat_template"]
         self.variables = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
         # Generation stops at the token that closes a turn, or at the end of text.
-        stops = [config.get("eos_token"), IM_END if IM_END in self.template else None]
+        stops = [config.get("eos_token"), *turn_ends(self.template, tokenizer)]
         self.stop_ids = tuple(
             dict.fromkeys(i for t in stops if t for i in [tokenizer.token_to_id(t)] if i is not None)
         )
@@ -164,6 +168,17 @@ class ChatFormat:
         return [(text, labelled) for text, labelled in pieces if text]
 
 
+def turn_ends(template: str, tokenizer) -> list[str]:
+    """The end-of-turn tokens (:data:`END_OF_TURN`) ``template`` writes that ``tokenizer`` has."""
+    return [t for t in END_OF_TURN if t in template and tokenizer.token_to_id(t) is not None]
+
+
+def _token_text(value: Any) -> str | None:
+    if isinstance(value, dict):  # {"content": "<s>", "lstrip": false, ...} in older files
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def tokenizer_config(
     tokenizer, special_tokens: Sequence[str], own_config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -174,9 +189,11 @@ def tokenizer_config(
         CHATML if all(tokenizer.token_to_id(t) is not None for t in (IM_START, IM_END)) else PLAIN_TEXT
     )
     eos = special_tokens[0]
+    # A template from elsewhere may open with bos_token (Llama 3, Gemma): keep the tokenizer's own.
+    bos = _token_text((own_config or {}).get("bos_token"))
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
+        "bos_token": bos if bos is not None and tokenizer.token_to_id(bos) is not None else None,
         "eos_token": eos,
         "pad_token": special_tokens[1] if len(special_tokens) > 1 else eos,
         "unk_token": None,

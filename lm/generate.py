@@ -118,7 +118,7 @@ def last_logits(model: nn.Module, seqs: list[list[int]], cache: KVCache | None =
     uniform = bool(mask.all())  # no padding: a causal model needs no mask at all
     h = net.hidden_states(idx, None if uniform else mask, cache)  # (B, T, C)
     last = h[:, -1] if uniform else h[torch.arange(len(seqs), device=device), lengths - 1]
-    return net.lm_head(last).float()
+    return net.logits(last).float()
 
 
 def prefill(
@@ -137,7 +137,7 @@ def decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor) -> torch
     """Append one token per row (B,) to the cache -> the next-token logits (B, V) float32."""
     net = _decoder(model)
     h = net.hidden_states(tokens[:, None], None, cache)  # (B, 1, C)
-    return net.lm_head(h[:, 0]).float()
+    return net.logits(h[:, 0]).float()
 
 
 # ---- sampling -----------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Hugging Face interop, both ways (issue #9).
+"""Hugging Face interop, both ways (issue #9, #20).
 
-In: a folder that ``save_pretrained`` wrote (``config.json`` + safetensors weights + the
-tokenizer files) becomes one of our networks (:func:`load_hf`) or an lmforge model folder with its
-tokenizer (:func:`import_hf`): ``LlamaForCausalLM`` -> ``lm.model.Decoder``, ``BertForMaskedLM`` and
-``BertModel`` -> ``lm.bert.BertEncoder``. Out: our Decoder becomes a ``LlamaForCausalLM`` folder
-that ``transformers`` loads with ``from_pretrained`` (:func:`export_hf`).
+In: a folder that ``save_pretrained`` wrote (``config.json`` + safetensors weights, one file or
+shards, + the tokenizer files) becomes one of our networks (:func:`load_hf`) or an lmforge model
+folder with its tokenizer (:func:`import_hf`). Which families, and how each maps onto our networks,
+is the table in :mod:`lm.models.families`. Out: our Decoder becomes a folder of its own family
+(a tuned Qwen2 is a ``Qwen2ForCausalLM``; one trained from scratch a ``LlamaForCausalLM``) that
+``transformers`` loads with ``from_pretrained`` (:func:`export_hf`).
 
 config.json and the safetensors files are read here directly, so ``transformers`` is not needed at
 run time (the tests use it to check that both directions give the same logits). Nothing here
@@ -14,6 +15,7 @@ runs code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +27,8 @@ from torch import nn
 
 from lm.errors import ConfigError, DataError
 from lm.fileio import atomic_write
-from lm.model import Decoder, ModelArgs, count_params, llama_config_dict, save_model, to_llama_state_dict
+from lm.model import Decoder, build_model, count_params, llama_config_dict, save_model
+from lm.models.families import Family, family_named, family_of
 from lm.tokenizer import TOKENIZER, load_tokenizer
 
 CONFIG = "config.json"
@@ -40,14 +43,6 @@ TOKENIZER_SIDE_FILES = (
     "chat_template.jinja",
 )
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token", "mask_token")
-
-# The architectures we load -> our ``ModelArgs.arch``.
-SUPPORTED = {"LlamaForCausalLM": "llama", "BertForMaskedLM": "bert", "BertModel": "bert"}
-# A config.json that names no architecture: its model_type's usual one.
-BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "bert": "BertForMaskedLM"}
-# HF hidden_act -> BertEncoder's ffn_act.
-BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
     """A folder as ``save_pretrained`` writes it: config.json + model.safetensors (or its sharded index)."""
@@ -64,102 +59,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} cannot be read as JSON: {e}") from None
 
 
-def hf_architecture(folder: Path, config: dict[str, Any]) -> str:
-    """The supported architecture config.json names, else a ConfigError that says what it found."""
-    found = config.get("architectures") or []
-    for name in found:
-        if name in SUPPORTED:
-            return name
-    if not found and config.get("model_type") in BY_MODEL_TYPE:
-        return BY_MODEL_TYPE[config["model_type"]]
-    raise ConfigError(
-        f"{folder}: a Hugging Face model with architectures={found} (model_type={config.get('model_type')!r}), "
-        f"which lmforge does not load; supported: {', '.join(SUPPORTED)}"
-    )
-
-
-def _need(folder: Path, config: dict[str, Any], key: str) -> Any:
-    if key not in config:
-        raise ConfigError(f"{folder / CONFIG} has no {key!r}")
-    return config[key]
-
-
-def _llama_args(folder: Path, c: dict[str, Any], max_seq_len: int | None) -> ModelArgs:
-    where = folder / CONFIG
-    for key in ("attention_bias", "mlp_bias"):
-        if c.get(key):
-            raise ConfigError(f"{where}: {key}=true, but lmforge's Llama decoder has no biases")
-    if c.get("hidden_act", "silu") != "silu":
-        raise ConfigError(
-            f"{where}: hidden_act={c['hidden_act']!r}, but lmforge's Llama decoder uses silu (SwiGLU)"
-        )
-    # transformers < 5 writes rope_theta + rope_scaling, transformers 5 rope_parameters.
-    scaling, params = c.get("rope_scaling") or {}, c.get("rope_parameters") or {}
-    rope_type = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
-    if rope_type != "default":
-        raise ConfigError(
-            f"{where}: RoPE scaling {scaling or params} is not supported: lmforge's decoder implements plain RoPE only"
-        )
-    d_model, n_head = int(_need(folder, c, "hidden_size")), int(_need(folder, c, "num_attention_heads"))
-    n_kv_head = int(c.get("num_key_value_heads") or n_head)
-    head_dim = int(c.get("head_dim") or d_model // n_head)
-    if n_head % n_kv_head or not c.get("head_dim") and d_model % n_head:
-        raise ConfigError(
-            f"{where}: {n_head} attention heads do not split evenly ({n_kv_head} kv heads, hidden {d_model})"
-        )
-    seq_len = int(c.get("max_position_embeddings", 2048))
-    return ModelArgs(
-        vocab_size=int(_need(folder, c, "vocab_size")),
-        n_layer=int(_need(folder, c, "num_hidden_layers")),
-        n_head=n_head,
-        n_kv_head=n_kv_head,
-        d_model=d_model,
-        d_ff=int(_need(folder, c, "intermediate_size")),
-        seq_len=min(seq_len, max_seq_len) if max_seq_len else seq_len,
-        kind="decoder",
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),  # LlamaConfig's default
-        rope_theta=float(params.get("rope_theta", c.get("rope_theta", 10_000.0))),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        arch="llama",
-        d_head=0 if head_dim * n_head == d_model else head_dim,
-    )
-
-
-def _bert_args(folder: Path, c: dict[str, Any], max_seq_len: int | None) -> ModelArgs:
-    where = folder / CONFIG
-    if c.get("position_embedding_type", "absolute") != "absolute":
-        raise ConfigError(
-            f"{where}: position_embedding_type={c['position_embedding_type']!r}; lmforge's BERT has absolute positions only"
-        )
-    act = c.get("hidden_act", "gelu")
-    if act not in BERT_ACTS:
-        raise ConfigError(
-            f"{where}: hidden_act={act!r} is not supported; lmforge's BERT has {', '.join(BERT_ACTS)}"
-        )
-    d_model, n_head = int(_need(folder, c, "hidden_size")), int(_need(folder, c, "num_attention_heads"))
-    if d_model % n_head:
-        raise ConfigError(f"{where}: hidden_size {d_model} does not split into {n_head} heads")
-    seq_len = int(c.get("max_position_embeddings", 512))
-    return ModelArgs(
-        vocab_size=int(_need(folder, c, "vocab_size")),
-        n_layer=int(_need(folder, c, "num_hidden_layers")),
-        n_head=n_head,
-        n_kv_head=n_head,
-        d_model=d_model,
-        d_ff=int(_need(folder, c, "intermediate_size")),
-        seq_len=min(seq_len, max_seq_len) if max_seq_len else seq_len,
-        kind="encoder",
-        tie_embeddings=bool(c.get("tie_word_embeddings", True)),  # BertConfig's default
-        dropout=float(c.get("hidden_dropout_prob", 0.1)),
-        norm_eps=float(c.get("layer_norm_eps", 1e-12)),
-        arch="bert",
-        ffn_act=BERT_ACTS[act],
-        type_vocab_size=int(c.get("type_vocab_size", 2)),
-    )
-
-
-def _read_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Every tensor of model.safetensors, or of the shards its index names; floats cast to ``dtype``."""
+def _read_weights(folder: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Every tensor of model.safetensors, or of the shards its index names, memory-mapped (pages
+    are read when a tensor is first used); floats cast to ``dtype`` (None: as stored)."""
     from safetensors.torch import load_file
 
     if (folder / WEIGHTS).is_file():
@@ -173,16 +75,34 @@ def _read_weights(folder: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if not path.is_file():
             raise ConfigError(f"{path} does not exist (named by {folder / WEIGHTS_INDEX})")
         for key, t in load_file(str(path)).items():
-            state[key] = t.to(dtype) if t.is_floating_point() else t
+            state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return state
 
 
-def _load(
-    folder: Path, max_seq_len: int | None, dtype: torch.dtype
-) -> tuple[nn.Module, str, dict[str, Any], list[str]]:
-    """(network in eval mode, HF architecture, config.json, our parameters the folder did not hold)."""
-    from lm.bert import BertEncoder, from_bert_state_dict
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory, no init) and
+    their buffers (RoPE tables) on the CPU: the weights are then assigned, not copied."""
+    register = nn.Module.register_parameter
 
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _load(
+    folder: Path, max_seq_len: int | None, dtype: torch.dtype | None
+) -> tuple[nn.Module, Family, str, dict[str, Any], list[str]]:
+    """(network in eval mode, its family, the HF architecture, config.json, our parameters the
+    folder did not hold (initialised at random)). The network holds the read tensors themselves
+    (``dtype`` None: as stored), not copies."""
     if not is_hf_folder(folder):
         raise ConfigError(
             f"{folder} is not a Hugging Face model folder: it needs {CONFIG} and {WEIGHTS} (or {WEIGHTS_INDEX}); "
@@ -190,46 +110,45 @@ def _load(
             "with save_pretrained(..., safe_serialization=True)"
         )
     config = _read_json(folder / CONFIG)
-    name = hf_architecture(folder, config)
-    hf_state = _read_weights(folder, torch.float32)
-    optional: set[str] = set()
-    if SUPPORTED[name] == "llama":
-        args = _llama_args(folder, config, max_seq_len)
-        # Checkpoints from before transformers 4.31 also hold RoPE's inverse frequencies (derived).
-        state = {
-            k.removeprefix("model."): v for k, v in hf_state.items() if not k.endswith("rotary_emb.inv_freq")
-        }
-        if args.tie_embeddings:
-            state.pop("lm_head.weight", None)
-        model: nn.Module = Decoder(args)
-    else:
-        args = _bert_args(folder, config, max_seq_len)
-        try:
-            state = from_bert_state_dict(hf_state, args.tie_embeddings)
-        except KeyError as e:
-            raise ConfigError(f"{folder}: {e.args[0]}") from None
-        if "embed_positions.weight" in state:  # seq_len may be capped below max_position_embeddings
-            state["embed_positions.weight"] = state["embed_positions.weight"][: args.seq_len]
-        model = BertEncoder(args)
-        # BertModel has no MLM head: hidden states (and a classifier on them) are right, MLM logits are not.
-        optional = {k for k in model.state_dict() if re.match(r"^(head_dense|head_norm|lm_head)\.", k)}
+    fam, name = family_of(folder, config)
+    args = fam.read_config(folder, config, max_seq_len)
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:
+        state = fam.from_hf(_read_weights(folder, dtype), args)
+    except (KeyError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{folder}: the weights do not fit {CONFIG} ({str(e)[:400]})") from None
-    missing = [k for k in missing if not (args.tie_embeddings and k == "lm_head.weight")]
-    if [k for k in missing if k not in optional] or unexpected:
+    if "embed_positions.weight" in state:  # seq_len may be capped below max_position_embeddings
+        state["embed_positions.weight"] = state["embed_positions.weight"][: args.position_offset + args.seq_len]
+    optional = [re.compile(p) for p in fam.optional]
+    with _parameters_on_meta():
+        model = build_model(args)
+    ours = set(model.state_dict())
+    tied = {"lm_head.weight"} if args.tie_embeddings else set()
+    missing = sorted(ours - set(state) - tied)
+    unexpected = sorted(set(state) - ours)
+    if [k for k in missing if not any(p.match(k) for p in optional)] or unexpected:
         raise ConfigError(
             f"{folder}: the weights do not fit {CONFIG} (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    return model.to(dtype).eval(), name, config, sorted(missing)
+    if missing:  # e.g. an encoder saved without its MLM head: those start at random
+        model = build_model(args)
+        model.load_state_dict(state, strict=False)
+        if dtype is not None:
+            model = model.to(dtype)
+    else:
+        try:
+            model.load_state_dict(state, strict=False, assign=True)
+        except RuntimeError as e:
+            raise ConfigError(f"{folder}: the weights do not fit {CONFIG} ({str(e)[:400]})") from None
+        if args.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+    return model.eval(), fam, name, config, missing
 
 
 def load_hf(
     folder: str | os.PathLike, *, max_seq_len: int | None = None, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """Our network holding a ``save_pretrained`` folder's weights, in eval mode: a Decoder for
-    LlamaForCausalLM, a BertEncoder for BertForMaskedLM / BertModel. ``max_seq_len`` caps the
+    """Our network holding a ``save_pretrained`` folder's weights, in eval mode: a Decoder for each
+    decoder family (lm.models.decoders), an encoder for each encoder family (lm.models.encoders). ``max_seq_len`` caps the
     model's ``seq_len`` (else ``max_position_embeddings``); bf16/fp16 weights become ``dtype``."""
     return _load(Path(folder), max_seq_len, dtype)[0]
 
@@ -266,7 +185,7 @@ def import_hf(
     tokenizer.json and tokenizer side files; returns what was found (architecture, sizes, special
     tokens). model.json records eot_id, pad_id and mask_id as lmforge's own models do."""
     folder, out_dir = Path(folder), Path(out_dir)
-    hf_architecture(folder, _read_json(folder / CONFIG))  # an architecture we cannot run is the first thing to say
+    family_of(folder, _read_json(folder / CONFIG))  # an architecture we cannot run is the first thing to say
     tok_path = folder / TOKENIZER
     if not tok_path.is_file():
         if (folder / "tokenizer.model").is_file():
@@ -282,7 +201,8 @@ def import_hf(
         tok = load_tokenizer(tok_path)
     except DataError as e:
         raise ConfigError(str(e)) from None
-    model, name, config, random_init = _load(folder, max_seq_len, torch.float32)
+    # The weights keep their stored dtype (bf16 stays bf16) and are written as read, not copied.
+    model, fam, name, config, random_init = _load(folder, max_seq_len, None)
     args = model.args
     n_tokens = _tokenizer_size(tok)
     if n_tokens > args.vocab_size:
@@ -317,6 +237,7 @@ def import_hf(
         "tokenizer_vocab_size": n_tokens,
         "seq_len": args.seq_len,
         **tokens,
+        "family": fam.name,
         "random_init": random_init,  # BertModel: the MLM head it does not have
         "files": copied,
     }
@@ -328,14 +249,14 @@ def _tokenizer_size(tok) -> int:
     return max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=-1) + 1)
 
 
-def _front_matter(card: str | None, params: int) -> str:
+def _front_matter(card: str | None, params: int, family: str) -> str:
     body = card or (
-        f"# lmforge model\n\nA {params:,}-parameter Llama-architecture decoder trained with lmforge.\n\n"
+        f"# lmforge model\n\nA {params:,}-parameter {family} decoder trained with lmforge.\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         'model = AutoModelForCausalLM.from_pretrained("PATH")\ntokenizer = AutoTokenizer.from_pretrained("PATH")\n```\n'
     )
     return (
-        "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- lmforge\n- llama\n---\n\n"
+        f"---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags:\n- lmforge\n- {family}\n---\n\n"
         + body
     )
 
@@ -350,16 +271,14 @@ def export_hf(
     generation_config: dict[str, Any] | None = None,
     card: str | None = None,
 ) -> list[str]:
-    """Write our Decoder as a Hugging Face ``LlamaForCausalLM`` folder (float32 weights) with its
+    """Write our Decoder as a Hugging Face folder of its family (:func:`hf_config_and_state`) with its
     tokenizer, so ``AutoModelForCausalLM`` / ``AutoTokenizer`` / ``pipeline`` load it. Adapters
     must already be merged into the weights. ``special_tokens``: e.g. ``{"eos_token": "<|endoftext|>",
     "pad_token": "<|pad|>", "bos_token": None}``; ``generation_config`` adds to the token ids
     (``{"max_new_tokens": 64, "do_sample": True, "temperature": 0.8}``); ``card``: README.md's text.
     Returns the names of the files written into ``out_dir``."""
     if not isinstance(model, Decoder):
-        raise TypeError(
-            f"export_hf writes a LlamaForCausalLM: it takes a Decoder, not a {type(model).__name__}"
-        )
+        raise TypeError(f"export_hf writes a causal language model: it takes a Decoder, not a {type(model).__name__}")
     args = model.args
     tok_path = Path(tokenizer_json)
     tok_path = tok_path / TOKENIZER if tok_path.is_dir() else tok_path
@@ -382,25 +301,10 @@ def export_hf(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **llama_config_dict(args),
-        # transformers 5 reads rope_parameters; earlier versions rope_theta (in llama_config_dict).
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "use_cache": True,
-        "torch_dtype": "float32",  # transformers < 5
-        "dtype": "float32",
-        **token_ids,
-    }
-    # HF's tied checkpoints leave lm_head.weight out; from_pretrained ties it back to the embedding.
-    state = {
-        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in to_llama_state_dict(model).items()
-    }
-    if args.tie_embeddings:
-        del state["lm_head.weight"]
+    config, state = hf_config_and_state(model)
+    # Our own model names exactly its tokens (None = none: LlamaConfig would default to ids 1 and 2);
+    # an imported one keeps those of its family that export does not replace.
+    config.update(token_ids if args.hf_config is None else {k: v for k, v in token_ids.items() if v is not None})
     tokenizer_config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": args.seq_len,
@@ -422,11 +326,44 @@ def export_hf(
         "generation_config.json": _json(
             {**{k: v for k, v in token_ids.items() if v is not None}, **(generation_config or {})}
         ),
-        "README.md": _front_matter(card, count_params(model)),
+        "README.md": _front_matter(card, count_params(model), args.family),
     }
     for name, data in written.items():
         atomic_write(out_dir / name, data)
     return list(written)
+
+
+def hf_config_and_state(model: Decoder) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the weights under Hugging Face's names for our Decoder. A model imported from
+    a family (``args.hf_config``) goes out as that family, with the config it came with (sizes we
+    changed updated) and its stored dtype; one trained from scratch as a float32 ``LlamaForCausalLM``."""
+    args = model.args
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if args.hf_config is None:
+        config = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **llama_config_dict(args),
+            # transformers 5 reads rope_parameters; earlier versions rope_theta (in llama_config_dict).
+            "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+        dtype = "float32"
+        fam = family_named("llama")
+    else:
+        fam = family_named(args.family)
+        config = {k: v for k, v in args.hf_config.items() if k not in ("_name_or_path", "transformers_version")}
+        config["architectures"] = [fam.architectures[0]]
+        config["vocab_size"] = args.vocab_size
+        if args.positions == "learned":  # GPT-2: the position table was cut to seq_len on import
+            config["n_positions"] = args.seq_len
+        dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    config["torch_dtype"] = config["dtype"] = dtype  # transformers < 5 reads torch_dtype
+    torch_dtype = getattr(torch, dtype)
+    state = {k: v.to(torch_dtype).contiguous() for k, v in fam.to_hf(state, args).items()}
+    return config, state
 
 
 def _json(obj: Any) -> str:

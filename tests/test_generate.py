@@ -17,6 +17,7 @@ from lm.generate import (
     prefill,
     sample_next,
 )
+from lm.hf import hf_config_and_state
 from lm.model import (
     Decoder,
     Encoder,
@@ -25,7 +26,6 @@ from lm.model import (
     _plain_layers,
     llama_config_dict,
     save_model,
-    to_llama_state_dict,
 )
 from lm.tokenizer import byte_tokenizer
 
@@ -269,7 +269,7 @@ def test_greedy_equals_transformers_llama_generate(prompts):
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
     hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config_dict(ours.args))).eval()
-    hf.load_state_dict(to_llama_state_dict(ours), strict=False)
+    hf.load_state_dict(hf_config_and_state(ours)[1], strict=False)
     hf.generation_config.eos_token_id = None  # LlamaConfig's default end-of-text id is 2
     hf.generation_config.pad_token_id = 0
     mine = generate(ours, prompts, SamplingParams(max_new_tokens=25, temperature=0))

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lm.chat import IM_END, TOKENIZER_CONFIG, ChatFormat, Message
+from lm.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
 from lm.config import Config, EvaluateConfig
 from lm.data.instruct import build_instruct_data, read_split
 from lm.data.labelled import SPLIT_FILES
@@ -397,11 +397,11 @@ def evaluate(
 
 
 def end_of_turn(config: dict[str, Any], tokenizer) -> str:
-    """The token that ends an assistant's reply under the config's template: ``<|im_end|>`` for
-    ChatML, else the end-of-text token (what a server stops at, and the export's eos_token)."""
-    if IM_END in config["chat_template"] and tokenizer.token_to_id(IM_END) is not None:
-        return IM_END
-    return config["eos_token"]
+    """The token that ends an assistant's reply under the config's template: its family's end-of-turn
+    token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``), else the end-of-text
+    token (what a server stops at, and the export's eos_token)."""
+    ends = turn_ends(config["chat_template"], tokenizer)
+    return ends[0] if ends else config["eos_token"]
 
 
 def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
