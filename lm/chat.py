@@ -104,7 +104,8 @@ class ChatFormat:
         self.template: str = config["chat_template"]
         self.variables = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
         # Generation stops at the token that closes a turn, or at the end of text.
-        stops = [config.get("eos_token"), *turn_ends(self.template, tokenizer)]
+        self.turn_ends = turn_ends(self.template, tokenizer)
+        stops = [config.get("eos_token"), *self.turn_ends]
         self.stop_ids = tuple(
             dict.fromkeys(i for t in stops if t for i in [tokenizer.token_to_id(t)] if i is not None)
         )
@@ -161,6 +162,12 @@ class ChatFormat:
                     "turn, so the assistant's tokens cannot be told apart: use a template that does (ChatML)"
                 )
             end = len(upto.rstrip())
+            # The turn ends at its end-of-turn token: what a template writes after it (Phi-3 closes a
+            # conversation with eos_token) is not the assistant's to say. The last occurrence: the
+            # content itself may hold the token's text.
+            closing = next((k for t in self.turn_ends if (k := full.rfind(t, len(before), end)) >= 0), None)
+            if closing is not None:
+                end = closing + len(next(t for t in self.turn_ends if full.startswith(t, closing)))
             if end > len(before):
                 pieces += [(full[pos : len(before)], False), (full[len(before) : end], True)]
                 pos = end
