@@ -366,5 +366,76 @@ def hf_config_and_state(model: Decoder) -> tuple[dict[str, Any], dict[str, torch
     return config, state
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_MODEL = "adapter_model.safetensors"
+
+
+def export_adapter(
+    model: Decoder,
+    adapter: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    r: int,
+    alpha: float,
+    out_dir: str | os.PathLike,
+    *,
+    base: str | None = None,
+) -> list[str]:
+    """LoRA adapters trained on ``model``'s layers ({our module: (A (r, in), B (out, r))}) as a peft
+    adapter folder in the family's own names, so ``peft.PeftModel.from_pretrained(base_model, out_dir)``
+    on the model they were trained from (in its family's class) computes what the merged export does.
+    Where the family stores several of our layers as one matrix (Phi-3's qkv_proj, GPT-2's c_attn),
+    their adapters become one of the summed rank: A stacked, B block-diagonal, alpha scaled with the
+    rank so alpha / r, and so every member's update, stays the same. ``base``: the base model's name
+    or folder, written as ``base_model_name_or_path``."""
+    args = model.args
+    fam = family_named(args.family if args.hf_config is not None else "llama")
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    group_of = {leaf: group for group in fam.fused for leaf in group}
+    a_parts, b_parts = {}, {}  # under our weight names, as the family's to_hf joins weights
+    for name in adapter:
+        parent, leaf = name.rsplit(".", 1)
+        group = group_of.get(leaf, (leaf,))
+        for j, member in enumerate(group):
+            key = f"{parent}.{member}.weight"
+            if key in a_parts:
+                continue
+            out_features, in_features = shapes[key]
+            A, B = adapter.get(f"{parent}.{member}", (torch.zeros(r, in_features), None))
+            a_parts[key] = A
+            b_parts[key] = torch.zeros(out_features, r * len(group))  # (out, R): B in its own columns
+            if B is not None:
+                b_parts[key][:, j * r : (j + 1) * r] = B
+    hf_a, hf_b = fam.to_hf(a_parts, args), fam.to_hf(b_parts, args)
+    state, ranks = {}, {}
+    for key, A in hf_a.items():
+        B = hf_b[key]
+        if fam.transposed:  # to_hf wrote them as Conv1D weights; LoRA's A and B are not
+            A, B = A.t(), B.t()
+        module = key.removesuffix(".weight")
+        state[f"base_model.model.{module}.lora_A.weight"] = A.contiguous()
+        state[f"base_model.model.{module}.lora_B.weight"] = B.contiguous()
+        ranks[module.rsplit(".", 1)[-1]] = A.shape[0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(ranks),
+        "fan_in_fan_out": fam.transposed,
+        "rank_pattern": {m: k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {m: alpha * k / r for m, k in ranks.items() if k != r},
+        "inference_mode": True,
+    }
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / ADAPTER_MODEL, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_CONFIG, _json(config))
+    return [ADAPTER_CONFIG, ADAPTER_MODEL]
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2) + "\n"

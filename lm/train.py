@@ -259,11 +259,13 @@ def fit_and_save(
     tracking_uri: str | None = None,
     print_weight_digest: bool = False,
     to_save=None,
+    also_save=None,
 ) -> dict[str, float]:
     """Train ``module`` (its ``net``) on ``datamodule`` under the ``cfg.<section>`` training block and
     ``cfg.trainer``; resume from the newest valid checkpoint (``resume: auto``); validate the final
     weights; on rank 0 save model.safetensors + model.json (``meta`` added) and result.json.
-    ``to_save(net)``: the network to save instead of ``module.net`` (LoRA merged). Returns the final metrics."""
+    ``to_save(net)``: the network to save instead of ``module.net`` (LoRA merged); ``also_save(net, out_dir)``:
+    what else rank 0 writes from the trained ``module.net`` (the LoRA adapter itself). Returns the final metrics."""
     from lm.checkpoint import CKPT_DIR, StepCheckpoint
     from lm.lit import LossHistory, ThroughputMonitor
     from lm.model import count_params, flops_per_token, save_model
@@ -349,6 +351,8 @@ def fit_and_save(
     if trainer.is_global_zero:
         saved = module.net if to_save is None else to_save(module.net)
         weights = save_model(saved, out_dir, extra=meta, state=_full_state(trainer, ckpt_cb.last_path))
+        if also_save is not None:
+            also_save(module.net, out_dir)
         result = {"metrics": metrics, "weights_sha256": file_sha256(weights)}
         atomic_write(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True))
         print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
@@ -487,6 +491,7 @@ def run_finetune(
         meta={"task": f.task, **TokenIndex.load(tokens_dir).special_ids(), **recipe.meta},
         train_examples=recipe.train_examples,
         to_save=recipe.to_save,
+        also_save=recipe.also_save,
         run_id=run_id,
         tracking_uri=tracking_uri,
         print_weight_digest=print_weight_digest,

@@ -146,3 +146,34 @@ def test_an_unlisted_family_is_refused_with_the_list(tmp_path):
     transformers.FalconForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="FalconForCausalLM.*supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
         load_hf(tmp_path)
+
+
+def test_lora_exports_merged_and_as_a_peft_adapter_on_the_base(family, tmp_path):
+    from peft import PeftModel
+
+    from lm.config import LoraConfig
+    from lm.finetune.lora import adapter_tensors, apply_lora, merge_lora
+    from lm.hf import export_adapter
+    from lm.models.families import family_named
+
+    name, hf, folder = family
+    net = load_hf(folder)
+    targets = family_named(net.args.family).lora_targets  # every linear layer of the family's blocks
+    net = apply_lora(net, LoraConfig(enabled=True, r=2, alpha=3.0, dropout=0.0, target_modules=list(targets)))
+    with torch.no_grad():  # B starts at zero: give every adapter an update to carry
+        for p in (p for n, p in net.named_parameters() if "lora_" in n):
+            p.copy_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    merged = merge_lora(net).eval()
+    export_hf(merged, folder / "tokenizer.json", tmp_path / "hf")
+    files = export_adapter(merged, adapter_tensors(net), 2, 3.0, tmp_path / "adapter", base=str(folder))
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+
+    idx = torch.randint(0, 256, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tuned = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        want, before = merged(idx)[0], base(idx).logits
+        assert (before - want).abs().max() > 1e-2  # the adapters change the function
+        torch.testing.assert_close(tuned(idx).logits, want, atol=1e-4, rtol=0)
+        with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()  # wraps base in place
+        torch.testing.assert_close(with_adapter(idx).logits, want, atol=1e-4, rtol=0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -55,3 +56,6 @@ class Recipe:
     # The network to save, made from module.net when training is over (LoRA: adapters merged into
     # the weights, lm.finetune.lora.merge_lora); None: module.net itself.
     to_save: Callable[[Any], Any] | None = None
+    # What else to write from the trained module.net into the method's folder (LoRA: the adapter
+    # itself, lm.finetune.lora.save_adapter).
+    also_save: Callable[[Any, Path], Any] | None = None

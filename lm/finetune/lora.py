@@ -14,13 +14,19 @@ exported is the plain network, loadable without peft.
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
+import torch
 from torch import nn
 
 from lm.config import LoraConfig
 from lm.errors import ConfigError
+from lm.fileio import atomic_write
 
 ADAPTER = "default"
+ADAPTER_WEIGHTS = "adapter.safetensors"  # our module names: "<module>.lora_A.weight" (r, in), ".lora_B.weight" (out, r)
+ADAPTER_JSON = "adapter.json"  # {"r", "alpha", "target_modules"}
 
 
 def apply_lora(net: nn.Module, lora: LoraConfig) -> nn.Module:
@@ -64,3 +70,44 @@ def merge_lora(net: nn.Module) -> nn.Module:
 
 def trainable_params(net: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in net.parameters() if p.requires_grad}.values())
+
+
+def adapter_tensors(net: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A (r, in), B (out, r))} of every adapted layer of ``net``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name: (m.lora_A[ADAPTER].weight.detach().cpu(), m.lora_B[ADAPTER].weight.detach().cpu())
+        for name, m in net.named_modules()
+        if isinstance(m, LoraLayer)
+    }
+
+
+def save_adapter(net: nn.Module, out_dir: Path) -> list[str]:
+    """Write the adapters of ``net`` themselves (not merged) beside the merged model: what export
+    turns into a peft adapter folder in the family's own names."""
+    from safetensors.torch import save_file
+
+    tensors = adapter_tensors(net)
+    if not tensors:
+        return []
+    any_layer = next(m for m in net.modules() if hasattr(m, "lora_alpha") and ADAPTER in m.lora_alpha)
+    state = {f"{name}.lora_{ab}.weight": t.contiguous() for name, pair in tensors.items() for ab, t in zip("AB", pair, strict=True)}
+    atomic_write(Path(out_dir) / ADAPTER_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+    meta = {"r": any_layer.r[ADAPTER], "alpha": any_layer.lora_alpha[ADAPTER],
+            "target_modules": sorted({name.rsplit(".", 1)[-1] for name in tensors})}
+    atomic_write(Path(out_dir) / ADAPTER_JSON, json.dumps(meta, indent=2))
+    return [ADAPTER_WEIGHTS, ADAPTER_JSON]
+
+
+def load_adapter(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict] | None:
+    """What :func:`save_adapter` wrote in ``folder``, or None if it holds no adapter."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return None
+    state = load_file(str(folder / ADAPTER_WEIGHTS))
+    names = {k.rsplit(".lora_", 1)[0] for k in state}
+    tensors = {n: (state[f"{n}.lora_A.weight"], state[f"{n}.lora_B.weight"]) for n in sorted(names)}
+    return tensors, json.loads((folder / ADAPTER_JSON).read_text())

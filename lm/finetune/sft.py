@@ -46,6 +46,7 @@ METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": 
 # Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
 TOKEN_METRICS = frozenset({"eval/response_loss", "eval/response_ppl", "eval/base_response_loss"})
 HF_DIR = "hf"
+ADAPTER_DIR = "adapter"  # after LoRA: the adapter in peft's format, on the model it was tuned from
 DEFAULT_MAX_NEW_TOKENS = 64  # a prediction that does not say how long it may be
 
 
@@ -217,7 +218,7 @@ class SFTModule(OptimisedModule):
 
 
 def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) -> Recipe:
-    from lm.finetune.lora import apply_lora, merge_lora, trainable_params
+    from lm.finetune.lora import apply_lora, merge_lora, save_adapter, trainable_params
     from lm.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
@@ -262,6 +263,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         },
         train_examples=len(train),
         to_save=merge_lora if f.lora.enabled else None,
+        also_save=save_adapter if f.lora.enabled else None,
     )
 
 
@@ -461,10 +463,12 @@ def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
 
 
 def export(model_dir: Path, data_dir: Path, *, out_dir: Path) -> list[str]:
-    """tokenizer_config.json (the chat template) beside tokenizer.json, and ``hf/``: the tuned model
-    as a Hugging Face Llama folder with its chat template and a model card."""
+    """tokenizer_config.json (the chat template) beside tokenizer.json; ``hf/``: the tuned model as a
+    Hugging Face folder of its family with its chat template and a model card; after LoRA, ``adapter/``:
+    the adapter itself, for ``peft.PeftModel.from_pretrained`` on the model it was tuned from."""
     from lm.fileio import atomic_write
-    from lm.hf import export_hf
+    from lm.finetune.lora import load_adapter
+    from lm.hf import export_adapter, export_hf
     from lm.tokenizer import TOKENIZER, load_tokenizer
 
     out_dir = Path(out_dir)
@@ -485,7 +489,12 @@ def export(model_dir: Path, data_dir: Path, *, out_dir: Path) -> list[str]:
         generation_config={"eos_token_id": list(dict.fromkeys(stops)), "do_sample": False},
         card=model_card(model, data_dir, model_dir),
     )
-    return [TOKENIZER_CONFIG, HF_DIR]
+    adapter = load_adapter(model_dir)
+    if adapter is None:
+        return [TOKENIZER_CONFIG, HF_DIR]
+    tensors, meta = adapter
+    export_adapter(model, tensors, meta["r"], meta["alpha"], out_dir / ADAPTER_DIR)
+    return [TOKENIZER_CONFIG, HF_DIR, ADAPTER_DIR]
 
 
 class Predictor:

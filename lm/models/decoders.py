@@ -350,7 +350,9 @@ FAMILIES: list[Family] = [
     _llama_like("gemma", "GemmaForCausalLM", _gemma),
     _llama_like("gemma2", "Gemma2ForCausalLM", _gemma2),
     _llama_like("gemma3", "Gemma3ForCausalLM", _gemma3, model_type="gemma3_text"),
-    Family("phi3", ("Phi3ForCausalLM",), ("phi3",), "decoder", _phi3, _phi3_from_hf, _phi3_to_hf),
+    Family("phi3", ("Phi3ForCausalLM",), ("phi3",), "decoder", _phi3, _phi3_from_hf, _phi3_to_hf,
+           fused=(("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))),
     Family("gpt2", ("GPT2LMHeadModel", "GPT2Model"), ("gpt2",), "decoder", _gpt2, _gpt2_from_hf, _gpt2_to_hf,
-           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")),
+           lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+           fused=(("q_proj", "k_proj", "v_proj"),), transposed=True),
 ]

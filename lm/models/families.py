@@ -42,6 +42,12 @@ class Family:
     # Our parameters a checkpoint of this family may lack (filled at random): e.g. an MLM head
     # for an encoder saved without one. Regexes.
     optional: tuple[str, ...] = field(default=())
+    # Groups of our linear layers the checkpoint stores as one matrix, rows in this order (Phi-3's
+    # qkv_proj and gate_up_proj, GPT-2's c_attn): a LoRA adapter on them exports as one adapter
+    # of the summed rank.
+    fused: tuple[tuple[str, ...], ...] = ()
+    # The checkpoint stores linear weights as (in, out): GPT-2's Conv1D (peft's fan_in_fan_out).
+    transposed: bool = False
 
 
 def all_families() -> list[Family]:
