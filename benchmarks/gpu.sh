@@ -2,6 +2,8 @@
 # Training throughput on one H100/H200: the gpt2-124m preset in bf16 with torch.compile, a few hundred
 # steps on synthetic Zipf-distributed tokens (no data stage needed). Prints tokens/s and MFU (dense
 # bf16 peak from lm.lit.PEAK_FLOPS) for lmforge's Trainer path, the plain PyTorch loop and HF Llama.
+# Then the tests marked gpu (QLoRA on a 4-bit base, bf16 training) and LoRA fine-tuning of an imported
+# Qwen2-shaped model against transformers + peft (benchmarks/finetune.py) on the GPU.
 # Not run by CI. Usage: benchmarks/gpu.sh [extra benchmarks/train.py flags, e.g. --only lmforge]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,
     --preset gpt2-124m --vocab-size 50304 --seq-len 1024 --batch-size "$BATCH" \
     --steps "$STEPS" --warmup 50 --lr 6e-4 --lr-warmup 50 --log-every 50 \
     --tokens 50000000 --rounds 1 "$@"
+
+"$PY" -m pip install -q -e '.[dev,gpu,bench]' 2>&1 | grep -v "^WARNING: Location" || true
+"$PY" -m pytest -q -m gpu tests/
+"$PY" benchmarks/finetune.py --device cuda

@@ -322,6 +322,17 @@ class LoraConfig(Section):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
     )
+    # 4bit: QLoRA (Dettmers et al. 2023): the frozen base held in 4-bit NF4 by bitsandbytes, adapters
+    # trained on top; needs a CUDA GPU and `pip install 'lmforge[gpu]'`.
+    quantize: Literal["none", "4bit"] = "none"
+
+    @model_validator(mode="after")
+    def _quantize_needs_adapters(self) -> LoraConfig:
+        if self.quantize != "none" and not self.enabled:
+            raise ValueError(
+                "finetune.lora.quantize=4bit holds the base in 4 bits under LoRA adapters: set finetune.lora.enabled=true too"
+            )
+        return self
 
 
 class FinetuneConfig(TrainingConfig):

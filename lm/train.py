@@ -96,14 +96,15 @@ def _is_rank_zero() -> bool:
 
 
 def build_strategy(strategy: str):
-    """Config value -> Lightning strategy; ``fsdp`` wraps each transformer Block (its own FSDP unit)."""
+    """Config value -> Lightning strategy; ``fsdp`` wraps each transformer block (its own FSDP unit):
+    the decoder's Block, whatever the family, and each encoder's layer."""
     if strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from lm.model import Block
+        from lm.models.families import block_classes
 
         # use_orig_params keeps parameter names (weight-decay groups) and lets tied weights share one unit.
-        return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type="full", use_orig_params=True)
+        return FSDPStrategy(auto_wrap_policy=block_classes(), state_dict_type="full", use_orig_params=True)
     return strategy
 
 

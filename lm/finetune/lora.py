@@ -52,17 +52,82 @@ def apply_lora(net: nn.Module, lora: LoraConfig) -> nn.Module:
     return net  # peft froze every parameter but the adapters
 
 
+def check_quantize(lora: LoraConfig, accelerator: str) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes: say so in one line, before anything is loaded."""
+    if lora.quantize == "none":
+        return
+    import torch
+
+    if accelerator == "cpu" or not torch.cuda.is_available():
+        raise ConfigError(
+            "finetune.lora.quantize=4bit (QLoRA) needs a CUDA GPU, and this run has none: "
+            "use finetune.lora.quantize=none (plain LoRA) on a CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "finetune.lora.quantize=4bit needs bitsandbytes: pip install 'lmforge[gpu]'"
+        ) from None
+
+
+def quantize_4bit(net: nn.Module) -> nn.Module:
+    """QLoRA's base (Dettmers et al. 2023): every linear layer of the blocks becomes a frozen
+    bitsandbytes NF4 layer computing in bf16 (quantized when the network moves to the GPU);
+    embeddings, norms and the output layer stay as they are. In place; returns ``net``."""
+    import bitsandbytes as bnb
+
+    for name, module in list(net.named_modules()):
+        if not (isinstance(module, nn.Linear) and name.startswith("layers.")):
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=torch.bfloat16, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4")
+        if module.bias is not None:
+            q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(net.get_submodule(parent), child, q)
+    return net
+
+
+def _dequantized(layer: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """A bitsandbytes 4-bit layer as a plain float32 ``nn.Linear`` (plus ``delta`` on its weight)."""
+    import bitsandbytes.functional as bnbf
+
+    weight = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
+    with torch.no_grad():
+        plain.weight.copy_(weight if delta is None else weight + delta.float())
+        if layer.bias is not None:
+            plain.bias.copy_(layer.bias.float())
+    return plain
+
+
+def _is_4bit(layer: nn.Module) -> bool:
+    return type(layer).__name__ == "Linear4bit" and type(layer).__module__.startswith("bitsandbytes")
+
+
 def merge_lora(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with every adapter folded into the weight it wraps and the wrappers
-    replaced by the plain layers: the same function, without peft."""
+    replaced by the plain layers: the same function, without peft. A 4-bit base (QLoRA) comes
+    back in float32: the export is the tuned model at full precision, not re-quantized."""
     from peft.tuners.lora import LoraLayer
 
     merged = copy.deepcopy(net)
     wrapped = [(name, m) for name, m in merged.named_modules() if isinstance(m, LoraLayer)]
     for name, module in wrapped:
-        module.merge(adapter_names=[ADAPTER])
+        base = module.get_base_layer()
+        if _is_4bit(base):
+            plain = _dequantized(base, module.get_delta_weight(ADAPTER))
+        else:
+            module.merge(adapter_names=[ADAPTER])
+            plain = base
         parent_name, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, module.get_base_layer())
+        setattr(merged.get_submodule(parent_name) if parent_name else merged, child, plain)
+    for name, module in list(merged.named_modules()):  # QLoRA: the layers no adapter wrapped
+        if _is_4bit(module):
+            parent_name, _, child = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name), child, _dequantized(module))
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged

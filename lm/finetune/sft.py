@@ -218,7 +218,7 @@ class SFTModule(OptimisedModule):
 
 
 def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) -> Recipe:
-    from lm.finetune.lora import apply_lora, merge_lora, save_adapter, trainable_params
+    from lm.finetune.lora import apply_lora, check_quantize, merge_lora, quantize_4bit, save_adapter, trainable_params
     from lm.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
@@ -226,11 +226,15 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         raise ConfigError(f"finetune.task=sft tunes a decoder; the pretrained model is a {args.kind}")
     if f.lora.enabled and cfg.trainer.strategy == "fsdp":
         raise ConfigError("finetune.lora with trainer.strategy=fsdp is not supported yet: use ddp")
+    if f.lora.enabled:
+        check_quantize(f.lora, cfg.trainer.accelerator)
     index = TokenIndex.load(tokens_dir)
     fmt = ChatFormat.load(tokens_dir)
     dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.packing)
     train = dm.split("train")
     dm.split("val")
+    if f.lora.enabled and f.lora.quantize == "4bit":
+        backbone = quantize_4bit(backbone)
     net = apply_lora(backbone, f.lora) if f.lora.enabled else backbone
     tokens = args.seq_len if f.packing else round(sum(len(x) for x, *_ in train) / len(train))
     for split in ("train", "val"):
@@ -418,9 +422,11 @@ def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
     lines = [
         "# lmforge instruction-tuned model",
         "",
-        f"A {count_params(model):,}-parameter Llama-architecture decoder, pretrained and instruction-tuned "
-        "with lmforge (`finetune.task=sft`). It answers in the chat format of its `tokenizer_config.json` "
-        "(`chat_template`).",
+        (f"A {count_params(model):,}-parameter {a.family} decoder (`{(a.hf_config.get('architectures') or [a.family])[0]}`), imported "
+         "from Hugging Face and instruction-tuned with lmforge (`finetune.task=sft`)." if a.hf_config else
+         f"A {count_params(model):,}-parameter Llama-architecture decoder, pretrained and instruction-tuned "
+         "with lmforge (`finetune.task=sft`).")
+        + " It answers in the chat format of its `tokenizer_config.json` (`chat_template`).",
         "",
         f"- Model: {a.n_layer} layers, d_model {a.d_model}, {a.n_head} heads ({a.n_kv_head} key/value), "
         f"vocabulary {a.vocab_size}, context {a.seq_len} tokens",

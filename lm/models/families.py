@@ -57,6 +57,15 @@ def all_families() -> list[Family]:
     return [*DECODERS, *ENCODERS]
 
 
+def block_classes() -> set[type[torch.nn.Module]]:
+    """The transformer block of every network a family runs on: the unit FSDP wraps."""
+    from lm.bert import BertLayer
+    from lm.model import Block
+    from lm.models.modernbert import ModernBertLayer
+
+    return {Block, BertLayer, ModernBertLayer}
+
+
 def family_of(folder: Path, config: dict[str, Any]) -> tuple[Family, str]:
     """The family config.json names and the architecture it was found by; else a ConfigError that
     lists every architecture lmforge reads."""
