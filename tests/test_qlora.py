@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.config import Config, FinetuneConfig, LoraConfig, load_config
+from lm.config import LoraConfig, load_config
 from lm.errors import ConfigError
 from lm.model import ModelArgs, build_model
 

@@ -218,7 +218,14 @@ class SFTModule(OptimisedModule):
 
 
 def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) -> Recipe:
-    from lm.finetune.lora import apply_lora, check_quantize, merge_lora, quantize_4bit, save_adapter, trainable_params
+    from lm.finetune.lora import (
+        apply_lora,
+        check_quantize,
+        merge_lora,
+        quantize_4bit,
+        save_adapter,
+        trainable_params,
+    )
     from lm.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
