@@ -4,8 +4,10 @@ complaint about fine-tuned chat models: training and serving disagreed on the te
 
 The templates are the families' released ones in their no-tools form: Llama 3, Gemma (which
 refuses a system turn and opens with bos_token), Phi-3 (which closes a conversation with
-eos_token), Qwen2.5 (ChatML with its default system prompt); GPT-2 has none and gets lmforge's
-plain-text template, whose end is the end-of-text token."""
+eos_token), Qwen2.5 (ChatML with its default system prompt), Mistral ([INST], the reply closed
+by eos_token), ChatML for Qwen3 and SmolLM3; GPT-2 has none and gets lmforge's plain-text template,
+whose end is the end-of-text token. The training is full fine-tuning: every weight of the family's
+network learns."""
 
 from __future__ import annotations
 
@@ -54,18 +56,34 @@ QWEN25 = (
     "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
 )
+MISTRAL = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+GEMMA_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA_KEYS = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+CHATML_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # test family id (tests/test_families.py) -> (template or None, special tokens, tokenizer_config.json keys,
 # the token that must end a reply)
 CASES = {
     "llama3.1-rope": (LLAMA3, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                "<|eot_id|>"], {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, "<|eot_id|>"),
-    "gemma2": (GEMMA, ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-               {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}, "<end_of_turn>"),
+    "gemma2": (GEMMA, GEMMA_TOKENS, GEMMA_KEYS, "<end_of_turn>"),
     "phi3": (PHI3, ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
              {"eos_token": "<|endoftext|>"}, "<|end|>"),
     "qwen2": (QWEN25, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
               {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, "<|im_end|>"),
     "gpt2": (None, ["<|endoftext|>"], {"eos_token": "<|endoftext|>"}, "<|endoftext|>"),
+    "mistral": (MISTRAL, ["<unk>", "<s>", "</s>"], {"bos_token": "<s>", "eos_token": "</s>"}, "</s>"),
+    "qwen3": (CHATML, CHATML_TOKENS, {"eos_token": "<|im_end|>"}, "<|im_end|>"),
+    "smollm3": (CHATML, CHATML_TOKENS, {"eos_token": "<|im_end|>"}, "<|im_end|>"),
+    "gemma": (GEMMA, GEMMA_TOKENS, GEMMA_KEYS, "<end_of_turn>"),
+    "gemma3": (GEMMA, GEMMA_TOKENS, GEMMA_KEYS, "<end_of_turn>"),
 }
 ASK = [{"role": "user", "content": "Greet Ann."}]
 ANSWER = "Hi Ann!"
