@@ -421,18 +421,18 @@ def test_empty_responses_and_prompts_are_skipped_and_counted(tmp_path):
     assert sum(skipped.values()) == 2, skipped
 
 
-def _gpt2_folder(folder: Path) -> None:
+def _falcon_folder(folder: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=32)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    cfg = transformers.FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=300)
+    transformers.FalconForCausalLM(cfg).save_pretrained(folder)
 
 
 def test_a_hugging_face_folder_of_another_architecture_says_what_it_found(tmp_path):
     from lm.stage import StageContext, execute, stage_by_name
 
-    _gpt2_folder(tmp_path / "gpt2")
-    cfg = load_config("tiny", [f"model.init_from={tmp_path / 'gpt2'}"])
-    with pytest.raises(LmforgeError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+    _falcon_folder(tmp_path / "falcon")
+    cfg = load_config("tiny", [f"model.init_from={tmp_path / 'falcon'}"])
+    with pytest.raises(LmforgeError, match="FalconForCausalLM.*supported: LlamaForCausalLM.*Qwen2ForCausalLM"):
         execute(stage_by_name(STAGES, "base_model"), StageContext(cfg, {}, tmp_path / "base"))
     assert not (tmp_path / "base").exists()  # nothing half-made published
 
