@@ -1,6 +1,6 @@
 """Generation speed, one stream: lmforge with its KV cache, lmforge reading the whole sequence again
 every token (no cache), and Hugging Face's LlamaForCausalLM.generate (greedy, use_cache=True) on the
-same weights (lm.hf.hf_config_and_state), the same prompt and the same number of new tokens.
+same weights (lm.models.hf.hf_config_and_state), the same prompt and the same number of new tokens.
 
     python benchmarks/generate.py                       # the demo's shape (conf/default.yaml), random weights
     python benchmarks/generate.py --model runs/.../pretrain --new-tokens 200
@@ -27,15 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm.config import load_config  # noqa: E402
 from lm.generate import SamplingParams, generate  # noqa: E402
-from lm.hf import hf_config_and_state
-from lm.model import (  # noqa: E402
-    Decoder,
-    build_model,
-    count_params,
-    llama_config_dict,
-    load_model,
-    model_args,
-)
+from lm.models.folder import build_model, load_model
+from lm.models.hf import hf_config_and_state
+from lm.models.transformer import Decoder, count_params, llama_config_dict, model_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -66,7 +66,7 @@ def seconds(run: dict, stages: tuple[str, ...] = TIMED) -> float:
 
 
 def shard_files(folder: Path) -> list[str]:
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     index = TokenIndex.load(folder)
     return [name for split in index.splits.values() for name in split["files"]]

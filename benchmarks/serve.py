@@ -48,10 +48,11 @@ def demo_folder(out: Path, vocab_size: int) -> Path:
     tokenizer of ``vocab_size`` learned from standard-library sources and its chat template."""
     import torch
 
-    from lm.chat import write_tokenizer_config
     from lm.config import SPECIAL_TOKENS, load_config
-    from lm.model import build_model, model_args, save_model
-    from lm.tokenizer import special_ids, train_bpe
+    from lm.models.folder import build_model, save_model
+    from lm.models.transformer import model_args
+    from lm.text.chat import write_tokenizer_config
+    from lm.text.tokenizer import special_ids, train_bpe
 
     texts = [(STDLIB / s).read_text(encoding="utf-8") for s in SOURCES]
     tok = train_bpe(iter(texts), vocab_size, list(SPECIAL_TOKENS))
@@ -182,9 +183,10 @@ def in_process_contenders(
     import torch
     import transformers
 
-    from lm.generate import SamplingParams, load_for_generation
-    from lm.hf import hf_config_and_state
-    from lm.model import llama_config_dict
+    from lm.generate import SamplingParams
+    from lm.models.hf import hf_config_and_state
+    from lm.models.load import load_for_generation
+    from lm.models.transformer import llama_config_dict
     from lm.serving.engine import Finished, GenerationEngine
 
     transformers.logging.set_verbosity_error()

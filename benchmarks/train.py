@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lm.config import Config, ModelConfig, PretrainConfig, TrainerConfig  # noqa: E402
 from lm.datamodule import TokenDataModule  # noqa: E402
 from lm.lit import device_peak_flops, param_groups, warmup_cosine  # noqa: E402
-from lm.model import build_model, count_params, flops_per_token, llama_config_dict, model_args  # noqa: E402
-from lm.shards import TokenIndex  # noqa: E402
+from lm.models.folder import build_model  # noqa: E402
+from lm.models.transformer import count_params, flops_per_token, llama_config_dict, model_args  # noqa: E402
+from lm.text.shards import TokenIndex  # noqa: E402
 
 
 def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Path:

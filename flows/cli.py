@@ -150,7 +150,8 @@ def _generate_args(sp: argparse.ArgumentParser) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained decoder and print the completion (to the first stop string,
     end-of-text token or --max-new-tokens)."""
-    from lm.generate import SamplingParams, generate_text, load_for_generation
+    from lm.generate import SamplingParams, generate_text
+    from lm.models.load import load_for_generation
 
     try:
         params = SamplingParams(

@@ -26,17 +26,11 @@ from typing import Any
 from lm.config import Config
 from lm.errors import ConfigError
 from lm.fileio import atomic_write, file_sha256
+from lm.models.source import SOURCE, check_tokenizer_fits, read_source
 from lm.stage import StageResult
 
-SOURCE = "source.json"
 REGISTERED_PREFIX = "models:/"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
-def read_source(base_dir: str | Path) -> dict[str, Any] | None:
-    """What the base_model stage found: None when the network is pretrained from scratch."""
-    source = json.loads((Path(base_dir) / SOURCE).read_text())
-    return None if source["kind"] == "scratch" else source
 
 
 def fingerprint(cfg: Config) -> Any:
@@ -68,7 +62,7 @@ def _token(tokenizer, token_id: int | None) -> str | None:
 def _special_tokens(tok_dir: Path, fallback_ids: dict[str, int] | None = None) -> list[str]:
     """[end of text, padding, mask] of a tokenizer folder, by tokenizer_config.json's names, else by
     the ids a model.json records; a missing pad or mask is the end-of-text token (as lmforge's own)."""
-    from lm.tokenizer import load_tokenizer
+    from lm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir / "tokenizer.json")
     cfg_path = tok_dir / "tokenizer_config.json"
@@ -102,7 +96,8 @@ def _copy_tokenizer(src: Path, out_dir: Path) -> bool:
 
 
 def _from_lmforge_folder(folder: Path, out_dir: Path) -> dict[str, Any]:
-    from lm.model import count_params, load_model, read_model_json, save_model
+    from lm.models.folder import load_model, read_model_json, save_model
+    from lm.models.transformer import count_params
 
     meta = read_model_json(folder)
     net = load_model(folder)
@@ -122,7 +117,7 @@ def _from_lmforge_folder(folder: Path, out_dir: Path) -> dict[str, Any]:
 
 
 def _from_hf_folder(folder: Path, out_dir: Path) -> dict[str, Any]:
-    from lm.hf import import_hf
+    from lm.models.hf import import_hf
 
     info = import_hf(folder, out_dir)  # what it wrote, so the folder need not be read back
     return {
@@ -193,21 +188,12 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
     return StageResult(metrics=metrics, params=params, artifacts=artifacts, outputs={"source": SOURCE})
 
 
-def check_tokenizer_fits(tokenizer_vocab: int, model_vocab: int, spec: str) -> None:
-    """Every token id the tokenizer can give must have a row in the model's embedding."""
-    if tokenizer_vocab > model_vocab:
-        raise ConfigError(
-            f"the tokenizer has {tokenizer_vocab} tokens but the model {spec} only {model_vocab}: "
-            "a tokenizer whose vocabulary does not match the model; use the tokenizer that came with it"
-        )
-
-
 def use_as_pretrained(base_dir: Path, tokens_dir: Path, out_dir: Path) -> StageResult:
     """The pretrain stage when pretraining is skipped: the base model, as the pretrained model, with
     the token ids of the tokenizer it came with; the same files training would leave."""
-    from lm.model import MODEL_WEIGHTS, load_model, save_model
-    from lm.shards import TokenIndex
-    from lm.train import RESULT, training_result
+    from lm.launch import RESULT, training_result
+    from lm.models.folder import MODEL_WEIGHTS, load_model, save_model
+    from lm.text.shards import TokenIndex
 
     source = read_source(base_dir)
     if source is None or source["kind"] == "checkpoint":

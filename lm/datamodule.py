@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lm.errors import DataError
 from lm.hashing import GOLDEN_GAMMA, splitmix64
-from lm.shards import TokenIndex, TokenShards
+from lm.text.shards import TokenIndex, TokenShards
 
 
 def window_starts(slots: np.ndarray, seed: int, num_starts: int) -> np.ndarray:

@@ -53,9 +53,9 @@ def language_model_metrics(
 ) -> dict[str, float]:
     """The pretrained model on the held-out split: decoder or encoder (see the module docstring)."""
     from lm.datamodule import TokenWindows
-    from lm.model import load_model
-    from lm.shards import TokenShards
-    from lm.tokenizer import load_tokenizer
+    from lm.models.folder import load_model
+    from lm.text.shards import TokenShards
+    from lm.text.tokenizer import load_tokenizer
 
     model = load_model(model_dir)
     seq_len = model.args.seq_len
@@ -104,7 +104,7 @@ def evaluate(
     cfg: Config, pretrain_dir: Path, finetune_dir: Path, tokens_dir: Path, ft_data_dir: Path, *, out_dir: Path
 ) -> StageResult:
     from lm.finetune import method
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     metrics = language_model_metrics(Path(pretrain_dir), Path(tokens_dir), cfg.evaluate.max_batches)
     metrics.update(
@@ -126,7 +126,7 @@ def evaluate(
     tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
     # The held-out data as MLflow datasets, under the digests that say whether two runs' numbers compare.
     from lm.data.labelled import SPLIT_FILES
-    from lm.shards import INDEX
+    from lm.text.shards import INDEX
 
     held_out = [("heldout_tokens", Path(tokens_dir) / INDEX, digests["language_model"]),
                 ("test", Path(ft_data_dir) / SPLIT_FILES["test"], digests["method"])]
@@ -148,7 +148,7 @@ def evaluation_set_digests(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> 
 
     from lm.data.labelled import LABELS, SPLIT_FILES
     from lm.fileio import file_sha256
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     index = TokenIndex.load(tokens_dir)
     files = {
@@ -189,9 +189,9 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
     from lm.errors import DataError
     from lm.export import LM_DIR
     from lm.finetune import method
-    from lm.model import read_model_json
-    from lm.shards import TokenIndex
-    from lm.tokenizer import TOKENIZER
+    from lm.models.folder import read_model_json
+    from lm.text.shards import TokenIndex
+    from lm.text.tokenizer import TOKENIZER
 
     export_dir, ft_data_dir, tokens_dir = Path(export_dir), Path(ft_data_dir), Path(tokens_dir)
     meta = read_model_json(export_dir)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lm.model import MODEL_JSON, MODEL_WEIGHTS, count_params, load_model
-from lm.shards import TokenIndex
+from lm.models.folder import MODEL_JSON, MODEL_WEIGHTS, load_model
+from lm.models.transformer import count_params
 from lm.stage import StageResult
-from lm.tokenizer import TOKENIZER, load_tokenizer
+from lm.text.shards import TokenIndex
+from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
 LM_DIR = "lm"
 
@@ -41,8 +42,8 @@ def _lm_as_hf(lm: torch.nn.Module, out_dir: Path, tokens_dir: Path) -> list[str]
     tuned from (``lm``) gets one, ``hf/``: every decoder lmforge trains can leave for the ecosystem."""
     import json
 
-    from lm.hf import export_hf
-    from lm.model import Decoder
+    from lm.models.hf import export_hf
+    from lm.models.transformer import Decoder
 
     if not isinstance(lm, Decoder):
         return []  # an encoder: lm/ holds it in lmforge's format

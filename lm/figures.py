@@ -31,7 +31,7 @@ def plot_loss_curves(pretrain_dir: Path, finetune_dir: Path, path: Path) -> None
     things: next-token loss, then the fine-tuning task's), training and validation loss by step."""
     from matplotlib.figure import Figure
 
-    from lm.train import LOSS_HISTORY
+    from lm.launch import LOSS_HISTORY
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)

@@ -2,7 +2,7 @@
 one-shot ``generate``.
 
 Layers, lowest first:
-- ``lm.model.KVCache`` and ``Decoder.forward(idx, attention_mask, cache=...)``: read more tokens per row;
+- ``lm.models.transformer.KVCache`` and ``Decoder.forward(idx, attention_mask, cache=...)``: read more tokens per row;
 - :func:`prefill` / :func:`decode_step`: next-token logits for prompts / for one new token per row;
 - :func:`sample_next`: the next token per row (repetition penalty, temperature, top-k, top-p);
 - :class:`GenerationBatch`: rows that join (``add``) and leave (done, ``cancel``) between steps, each
@@ -17,18 +17,15 @@ cut, as a chat client drops the oldest turns); ``Generation.prompt_tokens`` coun
 from __future__ import annotations
 
 import itertools
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.errors import LmforgeError
-from lm.model import KVCache, _Transformer
+from lm.models.transformer import KVCache, _Transformer
 
 
 class TextTokenizer(Protocol):
@@ -92,7 +89,7 @@ class Generation:
 
 def _decoder(model: nn.Module) -> _Transformer:
     if not (isinstance(model, _Transformer) and model.causal):
-        raise ValueError(f"generation needs a decoder (lm.model.Decoder), not {type(model).__name__}")
+        raise ValueError(f"generation needs a decoder (lm.models.transformer.Decoder), not {type(model).__name__}")
     return model
 
 
@@ -442,86 +439,3 @@ def generate_text(
 # ---- a model folder -----------------------------------------------------------------------------
 
 
-@dataclass
-class GenerationModel:
-    """A decoder ready to generate, with what its folder says about its text."""
-
-    model: nn.Module
-    tokenizer: Any  # tokenizers.Tokenizer
-    eos_ids: list[int]
-    chat_template: str | None = None  # Jinja, Hugging Face's tokenizer_config.json convention
-    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token, eos_token ... for the template
-
-    def chat_prompt(self, user_message: str) -> str:
-        """The text the model reads for one user message, through its chat template."""
-        if self.chat_template is None:
-            raise LmforgeError("this model has no chat template (tokenizer_config.json 'chat_template')")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        try:
-            return env.from_string(self.chat_template).render(
-                messages=[{"role": "user", "content": user_message}],
-                add_generation_prompt=True,
-                **self.special_tokens,
-            )
-        except jinja2.TemplateError as e:
-            raise LmforgeError(f"the model's chat template failed: {e}") from None
-
-
-def load_for_generation(path: str | Path, tokenizer_path: str | Path | None = None) -> GenerationModel:
-    """A decoder folder with its tokenizer: one written by ``lm.model.save_model`` (a pretraining
-    output, an imported base model, an export's ``lm/``; an export folder itself means its ``lm/``),
-    with ``tokenizer.json`` in it or its parent unless ``tokenizer_path`` is given; or a Hugging Face
-    ``save_pretrained`` LlamaForCausalLM folder (``lm.hf``). End-of-text: model.json's ``eot_id``,
-    generation_config.json's ``eos_token_id`` and tokenizer_config.json's ``eos_token``; the chat
-    template and its special tokens: ``tokenizer_config.json`` beside the tokenizer."""
-    from lm.hf import is_hf_folder, load_hf
-    from lm.model import MODEL_JSON, load_model
-    from lm.tokenizer import TOKENIZER, load_tokenizer
-
-    folder = Path(path)
-    if not folder.is_dir():
-        raise LmforgeError(f"model folder {folder} does not exist")
-    meta_path = folder / MODEL_JSON
-    eos: set[int] = set()
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("kind") != "decoder" and (folder / "lm" / MODEL_JSON).is_file():
-            folder = folder / "lm"  # an export: the fine-tuned network is no language model, its lm/ is
-            meta = json.loads((folder / MODEL_JSON).read_text())
-        if meta.get("kind") != "decoder":
-            raise LmforgeError(f"{path} holds a {meta.get('kind')} model; only a decoder generates text")
-        model = load_model(folder)
-        if meta.get("eot_id") is not None:
-            eos.add(int(meta["eot_id"]))
-    elif is_hf_folder(folder):
-        model = load_hf(folder)
-        if model.args.kind != "decoder":
-            raise LmforgeError(
-                f"{path} holds a {model.args.arch} {model.args.kind}; only a decoder generates text"
-            )
-        gen_config = folder / "generation_config.json"
-        if gen_config.is_file():
-            ids = json.loads(gen_config.read_text()).get("eos_token_id")
-            eos.update(ids if isinstance(ids, list) else [] if ids is None else [ids])
-    else:
-        raise LmforgeError(
-            f"{path} is not a model folder: no {MODEL_JSON} (lmforge's pretrain, base_model or export) "
-            "and no config.json + model.safetensors (Hugging Face)"
-        )
-    if tokenizer_path is None:
-        found = [d / TOKENIZER for d in (folder, folder.parent) if (d / TOKENIZER).is_file()]
-        if not found:
-            raise LmforgeError(f"no {TOKENIZER} in {folder} or {folder.parent}: pass the tokenizer's path")
-        tokenizer_path = found[0]
-    tokenizer = load_tokenizer(Path(tokenizer_path))
-    template, specials = None, {}
-    config = Path(tokenizer_path).with_name("tokenizer_config.json")
-    if config.is_file():
-        cfg = json.loads(config.read_text())
-        template = cfg.get("chat_template")
-        specials = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
-        if "eos_token" in specials and tokenizer.token_to_id(specials["eos_token"]) is not None:
-            eos.add(tokenizer.token_to_id(specials["eos_token"]))
-    return GenerationModel(model, tokenizer, sorted(eos), template, specials)

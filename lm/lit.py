@@ -1,4 +1,4 @@
-"""LightningModules: they receive a network from lm.model and own the loss, optimiser, schedule and metrics.
+"""LightningModules: they receive a network from lm.models.transformer and own the loss, optimiser, schedule and metrics.
 
 Metric names: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``val/loss``, ``val/ppl`` (pretrain);
 a fine-tuning method's module (``lm/finetune/``) adds its own ``val/`` names; ``throughput/tokens_per_s``

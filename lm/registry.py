@@ -53,7 +53,7 @@ from lm.stage import StageResult
 
 log = logging.getLogger(__name__)
 
-# What loading the model imports (lm.finetune.<method>, lm.model, lm.tokenizer, lm.config ...).
+# What loading the model imports (lm.finetune.<method>, lm.models.transformer, lm.text.tokenize, lm.config ...).
 REQUIREMENTS = (
     "torch",
     "lightning",
@@ -64,7 +64,7 @@ REQUIREMENTS = (
     "pyarrow",
     "pydantic",
     "pyyaml",
-    "jinja2",  # chat templates (lm.chat)
+    "jinja2",  # chat templates (lm.text.chat)
 )
 EXPORT_KEY_TAG = "lmforge_export_key"
 
@@ -82,7 +82,7 @@ def _save_pyfunc(export_dir: Path, work: Path) -> Path:
     from mlflow.models.model import MLMODEL_FILE_NAME
 
     from lm.finetune import method
-    from lm.model import read_model_json
+    from lm.models.folder import read_model_json
 
     code = work / "code" / "lm"
     # The package's sources only: compiled .pyc files carry the absolute path they were built from.

@@ -13,7 +13,7 @@ class LmforgePyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from lm.finetune import method
-        from lm.model import read_model_json
+        from lm.models.folder import read_model_json
 
         folder = Path(context.artifacts["model"])
         self.predictor = method(read_model_json(folder)["task"]).Predictor(folder)

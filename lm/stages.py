@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lm.config import Config
 from lm.errors import ConfigError
+from lm.finetune import DATA, data_builder
 from lm.stage import Stage, StageContext, StageResult, needed
 
 # ---- what each stage runs: its lm/ function, given the stage's inputs ---------------------------
@@ -71,7 +72,7 @@ def _base_model_key(cfg: Config):
 
 
 def _tokenize(ctx: StageContext) -> StageResult:
-    from lm.tokenizer import tokenize
+    from lm.text.tokenize import tokenize
 
     # A retrain that keeps the tokenizer (warm start from the champion) encodes only new documents: the
     # rest is copied from the last tokenize of this pipeline made with that tokenizer (checked inside).
@@ -81,14 +82,13 @@ def _tokenize(ctx: StageContext) -> StageResult:
 
 
 def _finetune_data(ctx: StageContext) -> StageResult:
-    from lm.finetune import method
-
-    return method(ctx.cfg.finetune.task).prepare_data(ctx.cfg, out_dir=ctx.out_dir)
+    return data_builder(ctx.cfg.finetune.task)(ctx.cfg, out_dir=ctx.out_dir)
 
 
 def _pretrain(ctx: StageContext) -> StageResult:
-    from lm.base_model import read_source, use_as_pretrained
-    from lm.train import launch
+    from lm.base_model import use_as_pretrained
+    from lm.launch import launch
+    from lm.models.source import read_source
 
     base = ctx.inputs["base_model"]
     if read_source(base) is None:
@@ -99,7 +99,7 @@ def _pretrain(ctx: StageContext) -> StageResult:
 
 
 def _finetune(ctx: StageContext) -> StageResult:
-    from lm.train import launch
+    from lm.launch import launch
 
     i = ctx.inputs
     return launch("finetune", ctx, ["--data", str(i["finetune_data"]), "--tokens", str(i["tokenize"]),
@@ -171,14 +171,14 @@ STAGES: tuple[Stage, ...] = (
           code=("lm.base_model",),
           outputs=("source.json",)),
     Stage("tokenize", _tokenize, "build the tokenizer (or take the base model's) and write token shards",
-          inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.tokenizer",),
+          inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.text.tokenize",),
           outputs=("tokenizer.json", "index.json"), group="data"),
     Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
           config=("finetune.task", "finetune.data", "finetune.text_column", "finetune.label_column",
                   "finetune.prompt_column", "finetune.response_column", "finetune.messages_column",
                   "finetune.system_prompt", "finetune.num_classes", "finetune.val_fraction",
                   "finetune.test_fraction"),
-          files=("finetune.data",), code=("lm.finetune",), group="data"),
+          files=("finetune.data",), code=tuple(sorted({d.partition(":")[0] for d in DATA.values()})), group="data"),
     Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
           inputs=("tokenize", "base_model"), config=("model", "pretrain", "trainer"),
           code=("lm.train", "lm.base_model"), outputs=("model.safetensors", "model.json", "result.json"),

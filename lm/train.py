@@ -33,55 +33,14 @@ import torch
 from torch import nn
 
 from lm.config import Config, TrainerConfig, TrainingConfig, load_config
-from lm.errors import ConfigError, LmforgeError, StageError, TrainingError
+from lm.errors import ConfigError, LmforgeError, TrainingError
 from lm.fileio import atomic_write, file_sha256, remove_abandoned
-from lm.stage import StageContext, StageResult
+from lm.launch import CONFIG, LOSS_HISTORY, RESULT
 
 PROMPTS = ["def ", "The ", "import ", "class "]
-RESULT = "result.json"
-LOSS_HISTORY = "loss_history.csv"  # train/val loss by step: the loss-curve figure reads it (lm.figures)
-CONFIG = "config.yaml"
 
 
 # ---- the stage side: launch the training process, read what it left -----------------------------
-
-
-def launch(kind: str, ctx: StageContext, args: list[str]) -> StageResult:
-    """Write the stage's config.yaml, run ``python -m lm.train KIND`` (through ``ctx.launch``, which
-    streams its output), and turn the result.json it wrote into the stage's result."""
-    out = Path(ctx.out_dir)
-    atomic_write(out / CONFIG, ctx.cfg.to_yaml())
-    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(out / CONFIG), "--out", str(out), *args]
-    env = {}
-    if ctx.run_id:
-        # The URI through the environment, not the command line, which every user of the machine sees.
-        cmd += ["--run-id", ctx.run_id]
-        env["MLFLOW_TRACKING_URI"] = ctx.cfg.tracking_uri()
-    ctx.launch(cmd, env)
-    return training_result(kind, out)
-
-
-def training_result(kind: str, out: Path) -> StageResult:
-    """The stage result of a finished training process: its result.json, under MLflow's metric names."""
-    from lm.checkpoint import CKPT_DIR, latest_valid_checkpoint
-
-    path = Path(out) / RESULT
-    if not path.is_file():
-        raise StageError(f"the {kind} process ended without writing {path}: it did not finish")
-    result = json.loads(path.read_text())
-    names = {"tokens_per_s": "throughput/tokens_per_s"}
-    metrics = {names.get(k, k if "/" in k else f"{kind}/{k}"): float(v) for k, v in result["metrics"].items()}
-    artifacts = [a for a in [CONFIG, RESULT, "model.json", "samples.txt"] if (out / a).exists()]
-    final_ckpt = latest_valid_checkpoint(out / CKPT_DIR, log=lambda *_: None)
-    if final_ckpt is not None:  # logged once, at the end (large uploads mid-run can time out, mlflow#7564)
-        artifacts.append(str(final_ckpt.relative_to(out)))
-    return StageResult(
-        metrics=metrics,
-        params={"weights_sha256": result["weights_sha256"]},
-        artifacts=artifacts,
-        # Checkpoints only where training ran (a base model used as it is has none).
-        outputs={"model": "model.safetensors", **({"checkpoints": CKPT_DIR} if (out / CKPT_DIR).is_dir() else {})},
-    )
 
 
 # ---- the training process ---------------------------------------------------------------------
@@ -269,7 +228,8 @@ def fit_and_save(
     what else rank 0 writes from the trained ``module.net`` (the LoRA adapter itself). Returns the final metrics."""
     from lm.checkpoint import CKPT_DIR, StepCheckpoint
     from lm.lit import LossHistory, ThroughputMonitor
-    from lm.model import count_params, flops_per_token, save_model
+    from lm.models.folder import save_model
+    from lm.models.transformer import count_params, flops_per_token
 
     train: TrainingConfig = getattr(cfg, section)
     out_dir = Path(out_dir)
@@ -385,20 +345,21 @@ def run_pretrain(
 
     from lm.datamodule import TokenDataModule
     from lm.lit import LanguageModelModule, SampleWriter
-    from lm.model import build_model, count_params, model_args
-    from lm.shards import TokenIndex
+    from lm.models.folder import build_model
+    from lm.models.transformer import count_params, model_args
+    from lm.text.shards import TokenIndex
 
     p, data_dir = cfg.pretrain, Path(data_dir)
     index = TokenIndex.load(data_dir)
     pl.seed_everything(p.seed, workers=True, verbose=False)
     source = None
     if init is not None:
-        from lm.base_model import read_source
+        from lm.models.source import read_source
 
         source = read_source(init)
     if source is not None and source["kind"] != "checkpoint":
         # Continued pretraining of a model brought from elsewhere: its own shape, whatever model.* says.
-        from lm.base_model import check_tokenizer_fits
+        from lm.models.source import check_tokenizer_fits
 
         net = load_backbone(init)
         args = net.args
@@ -449,7 +410,7 @@ def run_pretrain(
 def load_backbone(init: str | os.PathLike) -> nn.Module:
     """The pretrained network fine-tuning starts from: a model folder (its own shape, whatever the
     config says), the backbone of a classifier's folder, in training mode."""
-    from lm.model import load_model
+    from lm.models.folder import load_model
 
     if not (Path(init) / "model.json").is_file():
         raise ConfigError(f"fine-tuning starts from a model folder; {init} has no model.json")
@@ -475,7 +436,7 @@ def run_finetune(
     import lightning.pytorch as pl
 
     from lm.finetune import method
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     f = cfg.finetune
     pl.seed_everything(f.seed, workers=True, verbose=False)

@@ -53,10 +53,11 @@ def make_workdir(tmp_path_factory) -> dict[str, Path]:
 
 def export_model(workdir: dict[str, Path], name: str, task: str = "sft", seed: int = 0) -> Path:
     """An export folder (lm.export.export) of a tiny untrained decoder (sft) or classifier."""
-    from lm.chat import ChatFormat
     from lm.export import export
-    from lm.model import ModelArgs, SequenceClassifier, build_model, save_model
-    from lm.shards import TokenIndex
+    from lm.models.folder import build_model, save_model
+    from lm.models.transformer import ModelArgs, SequenceClassifier
+    from lm.text.chat import ChatFormat
+    from lm.text.shards import TokenIndex
 
     root, tokens = workdir["root"] / name, workdir["tokens"]
     index = TokenIndex.load(tokens)
@@ -83,7 +84,7 @@ def export_model(workdir: dict[str, Path], name: str, task: str = "sft", seed: i
 
 def special_ids(tokens: Path) -> list[int]:
     from lm.config import SPECIAL_TOKENS
-    from lm.tokenizer import load_tokenizer
+    from lm.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokens / "tokenizer.json")
     return [i for t in SPECIAL_TOKENS if (i := tokenizer.token_to_id(t)) is not None]

@@ -10,12 +10,14 @@ import pytest
 import torch
 from train_fixtures import make_finetune_dir, stdlib_texts, tiny_config_yaml
 
-from lm.base_model import prepare_base, read_source, use_as_pretrained
+from lm.base_model import prepare_base, use_as_pretrained
 from lm.config import load_config
 from lm.errors import ConfigError
-from lm.model import load_model
-from lm.shards import TokenIndex
-from lm.tokenizer import byte_tokenizer, load_tokenizer, tokenize
+from lm.models.folder import load_model
+from lm.models.source import read_source
+from lm.text.shards import TokenIndex
+from lm.text.tokenize import tokenize
+from lm.text.tokenizer import byte_tokenizer, load_tokenizer
 from lm.train import run_finetune
 
 transformers = pytest.importorskip("transformers")
@@ -83,7 +85,8 @@ def test_a_hugging_face_llama_becomes_the_pretrained_model_with_its_tokenizer(tm
 
 
 def test_an_lmforge_classifier_folder_gives_its_backbone(tmp_path):
-    from lm.model import Decoder, ModelArgs, SequenceClassifier, save_model
+    from lm.models.folder import save_model
+    from lm.models.transformer import Decoder, ModelArgs, SequenceClassifier
 
     args = ModelArgs(vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, d_model=32, d_ff=64, seq_len=32)
     clf = SequenceClassifier(Decoder(args), 3)

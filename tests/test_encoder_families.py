@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
-from lm.bert import BertEncoder
 from lm.errors import ConfigError
-from lm.hf import load_hf
-from lm.model import SequenceClassifier, load_model, save_model
+from lm.models.bert import BertEncoder
 from lm.models.families import family_named, family_of
+from lm.models.folder import load_model, save_model
+from lm.models.hf import load_hf
 from lm.models.modernbert import ModernBertEncoder
+from lm.models.transformer import SequenceClassifier
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

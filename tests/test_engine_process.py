@@ -19,7 +19,8 @@ import pytest
 from serve_fixtures import client, export_model, free_port, make_workdir, serving, wait_until_up
 from train_fixtures import ROOT, child_env
 
-from lm.generate import SamplingParams, load_for_generation
+from lm.generate import SamplingParams
+from lm.models.load import load_for_generation
 from lm.serving.engine import Delta, Failed, Finished, GenerationEngine
 from lm.serving.process import EngineProcess, stop_ids
 

@@ -16,9 +16,10 @@ from lm.data.labelled import LABELS, SPLIT_FILES
 from lm.errors import ConfigError
 from lm.evaluate import language_model_metrics, metric_directions
 from lm.finetune import classify
-from lm.model import Encoder, SequenceClassifier, build_model, model_args, save_model
-from lm.shards import TokenIndex, TokenShards
+from lm.models.folder import build_model, save_model
+from lm.models.transformer import Encoder, SequenceClassifier, model_args
 from lm.stages import STAGES, preflight
+from lm.text.shards import TokenIndex, TokenShards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lm.generate import SamplingParams, generate
-from lm.hf import export_hf, hf_config_and_state, import_hf, load_hf
-from lm.model import Decoder, load_model
-from lm.tokenizer import byte_tokenizer
+from lm.models.folder import load_model
+from lm.models.hf import export_hf, hf_config_and_state, import_hf, load_hf
+from lm.models.transformer import Decoder
+from lm.text.tokenizer import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,8 +154,8 @@ def test_lora_exports_merged_and_as_a_peft_adapter_on_the_base(family, tmp_path)
 
     from lm.config import LoraConfig
     from lm.finetune.lora import adapter_tensors, apply_lora, merge_lora
-    from lm.hf import export_adapter
     from lm.models.families import family_named
+    from lm.models.hf import export_adapter
 
     name, hf, folder = family
     net = load_hf(folder)

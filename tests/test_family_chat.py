@@ -18,12 +18,12 @@ import torch
 from test_families import hf_model
 
 from lm.base_model import _special_tokens
-from lm.chat import ChatFormat, read_own_config, tokenizer_config
 from lm.finetune.sft import batch_logits, encode_examples, end_of_turn, summed_nats
 from lm.generate import SamplingParams, generate
-from lm.hf import import_hf
-from lm.model import load_model
-from lm.tokenizer import byte_tokenizer, load_tokenizer
+from lm.models.folder import load_model
+from lm.models.hf import import_hf
+from lm.text.chat import ChatFormat, read_own_config, tokenizer_config
+from lm.text.tokenizer import byte_tokenizer, load_tokenizer
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,7 +15,7 @@ from serve_fixtures import client, serving
 from test_family_chat import QWEN25
 
 from lm.config import load_config
-from lm.tokenizer import byte_tokenizer
+from lm.text.tokenizer import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow

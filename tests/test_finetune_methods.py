@@ -25,6 +25,7 @@ def test_an_unknown_method_is_a_config_error():
 
 def test_a_method_registered_in_a_test_trains_evaluates_and_exports(tmp_path, monkeypatch):
     monkeypatch.setitem(finetune.METHODS, "length", "toy_method")
+    monkeypatch.setitem(finetune.DATA, "length", "toy_method:prepare_data")
     cfg = load_config(
         tiny_config_yaml(
             tmp_path / "cfg.yaml",

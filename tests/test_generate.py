@@ -17,17 +17,10 @@ from lm.generate import (
     prefill,
     sample_next,
 )
-from lm.hf import hf_config_and_state
-from lm.model import (
-    Decoder,
-    Encoder,
-    KVCache,
-    ModelArgs,
-    _plain_layers,
-    llama_config_dict,
-    save_model,
-)
-from lm.tokenizer import byte_tokenizer
+from lm.models.folder import save_model
+from lm.models.hf import hf_config_and_state
+from lm.models.transformer import Decoder, Encoder, KVCache, ModelArgs, _plain_layers, llama_config_dict
+from lm.text.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,7 +98,7 @@ def test_cached_logits_equal_full_forward_logits(n_kv_head):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_lean_decode_path_equals_the_modules_and_follows_weight_updates(dtype):
-    """Decoding without autograd reads the weights directly (lm.model._decode_layers): the same logits
+    """Decoding without autograd reads the weights directly (lm.models.transformer._decode_layers): the same logits
     as the layers' modules, to the last bit; an in-place weight update (an optimizer step) is seen."""
     torch.manual_seed(3)
     m = Decoder(tiny(n_kv_head=2)).eval().to(dtype)
@@ -313,7 +306,7 @@ def test_cli_generate_applies_the_chat_template(model_dir, model, tok, capsys):
 
 def test_cli_generate_reads_a_hugging_face_folder_with_its_chat_template_and_eos(tmp_path, model, capsys):
     from flows.cli import main
-    from lm.hf import export_hf
+    from lm.models.hf import export_hf
 
     tok = byte_tokenizer(["<|endoftext|>", "<|pad|>"])
     free = generate_text(model, tok, ["<user>hi<a>"], SamplingParams(max_new_tokens=12, temperature=0))[0]

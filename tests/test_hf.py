@@ -8,20 +8,13 @@ import json
 import pytest
 import torch
 
-from lm.bert import BertEncoder
 from lm.errors import ConfigError
 from lm.generate import SamplingParams, generate
-from lm.hf import export_hf, import_hf, is_hf_folder, load_hf
-from lm.model import (
-    Decoder,
-    Encoder,
-    ModelArgs,
-    SequenceClassifier,
-    build_model,
-    load_model,
-    save_model,
-)
-from lm.tokenizer import byte_tokenizer, load_tokenizer
+from lm.models.bert import BertEncoder
+from lm.models.folder import build_model, load_model, save_model
+from lm.models.hf import export_hf, import_hf, is_hf_folder, load_hf
+from lm.models.transformer import Decoder, Encoder, ModelArgs, SequenceClassifier
+from lm.text.tokenizer import byte_tokenizer, load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from train_fixtures import ROOT, child_env
 
-from lm.tokenizer import byte_tokenizer
+from lm.text.tokenizer import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 MEASURE = """
 import json, sys
 import torch
-from lm.hf import import_hf
+from lm.models.hf import import_hf
 
 def status_mib(key):  # VmRSS: resident now; VmHWM: the peak of this process image (ru_maxrss would
     # also count the forking parent's, which Linux carries across exec)

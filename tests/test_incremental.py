@@ -144,7 +144,7 @@ def test_a_retrain_that_keeps_its_tokenizer_encodes_only_new_documents(tmp_path)
     """A warm start keeps the champion's tokenizer; a byte tokenizer is the same in every run too.
     The retrain's tokenize then copies the tokens of documents it encoded before and ends with the
     shards a full encode writes; a run with another tokenizer encodes everything."""
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
@@ -252,8 +252,9 @@ def test_two_deploys_at_once_leave_the_better_version_as_champion(store, tmp_pat
 
 
 def test_warm_start_from_a_champion_that_does_not_exist_yet(store, tmp_path):
-    from lm.base_model import prepare_base, read_source
+    from lm.base_model import prepare_base
     from lm.errors import ConfigError
+    from lm.models.source import read_source
 
     overrides = [f"tracking.uri={store}", "model.init_from=models:/not-yet@champion"]
     with pytest.raises(ConfigError, match="not in the registry"):

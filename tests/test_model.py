@@ -7,19 +7,17 @@ import torch
 
 from lm.config import MODEL_PRESETS, ModelConfig, load_config
 from lm.errors import ConfigError
-from lm.hf import hf_config_and_state
-from lm.model import (
+from lm.models.folder import build_model, load_model, save_model
+from lm.models.hf import hf_config_and_state
+from lm.models.transformer import (
     Decoder,
     Encoder,
     ModelArgs,
     SequenceClassifier,
-    build_model,
     count_params,
     flops_per_token,
     llama_config_dict,
-    load_model,
     model_args,
-    save_model,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")

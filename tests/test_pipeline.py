@@ -353,7 +353,7 @@ def test_the_classifier_export_carries_its_decoder_as_a_hugging_face_folder(tiny
     import torch
     transformers = pytest.importorskip("transformers")
 
-    from lm.model import load_model
+    from lm.models.folder import load_model
 
     export = Path(tiny_run["first"]["export"])
     hf = transformers.AutoModelForCausalLM.from_pretrained(export / "hf").eval()

@@ -8,7 +8,8 @@ import torch
 
 from lm.config import LoraConfig, load_config
 from lm.errors import ConfigError
-from lm.model import ModelArgs, build_model
+from lm.models.folder import build_model
+from lm.models.transformer import ModelArgs
 
 
 def test_quantize_without_adapters_is_refused_in_one_line():

@@ -113,7 +113,7 @@ def test_a_seeded_sample_repeats_whatever_it_is_batched_with(server):
 
 
 def test_streamed_pieces_never_split_a_character_nor_show_a_stop_string(workdir):
-    from lm.tokenizer import load_tokenizer
+    from lm.text.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(workdir["tokens"] / "tokenizer.json")
     text = "naïve café — 日本語 🙂 done"

@@ -13,14 +13,15 @@ import pytest
 import torch
 from train_fixtures import make_token_dir, tiny_config_yaml
 
-from lm.chat import CHATML, IM_END, PLAIN_TEXT, ChatFormat, render_chat, tokenizer_config
 from lm.config import SPECIAL_TOKENS, Config, FinetuneConfig, load_config
 from lm.data.instruct import QUESTIONS, build_instruct_data, read_split, stdlib_instructions
 from lm.errors import ConfigError, DataError
 from lm.finetune import sft
 from lm.finetune.lora import apply_lora, merge_lora
-from lm.model import ModelArgs, build_model
-from lm.tokenizer import byte_tokenizer
+from lm.models.folder import build_model
+from lm.models.transformer import ModelArgs
+from lm.text.chat import CHATML, IM_END, PLAIN_TEXT, ChatFormat, render_chat, tokenizer_config
+from lm.text.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -282,7 +283,7 @@ def tiny_sft_config(tmp_path: Path, sft_dirs, **finetune):
 
 
 def test_lora_trains_only_the_adapters_and_merges_to_the_same_function(tmp_path, sft_dirs):
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     cfg = tiny_sft_config(tmp_path, sft_dirs, lr=1e-2, warmup_steps=0, **{"lora": {"enabled": True, "r": 4, "dropout": 0.0,
                           "target_modules": ["q_proj", "v_proj", "down_proj"]}})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lm.errors import DataError
-from lm.shards import TokenIndex, TokenShards
+from lm.text.shards import TokenIndex, TokenShards
 
 
 def write_shards(tmp_path, sizes: list[int], dtype: str = "uint16") -> np.ndarray:

@@ -11,10 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from lm.chat import CHATML, PLAIN_TEXT
 from lm.config import SPECIAL_TOKENS, Config, TokenizerConfig
-from lm.shards import TokenShards
-from lm.tokenizer import load_tokenizer, tokenize
+from lm.text.chat import CHATML, PLAIN_TEXT
+from lm.text.shards import TokenShards
+from lm.text.tokenize import tokenize
+from lm.text.tokenizer import load_tokenizer
 
 DOCS = [
     "机器学习是人工智能的一个分支，它研究计算机如何从数据中自动学习规律。",
@@ -143,7 +144,7 @@ def _tricky_text(n_lines: int) -> str:
 def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(clean_dir, tmp_path, monkeypatch, kind):
     # The encoder's memory grows with the text it encodes at once, so long documents are encoded in
     # pieces cut before a line break; the tokens must be exactly those of the whole document.
-    import lm.tokenizer as T
+    import lm.text.tokenize as T
 
     run(clean_dir, tmp_path / "tok", kind=kind, vocab_size=400)
     tok = load_tokenizer(tmp_path / "tok")
@@ -173,7 +174,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(clean_dir, tm
 def test_a_tokenizer_whose_tokens_depend_on_the_cut_is_encoded_whole():
     from tokenizers import models, pre_tokenizers
 
-    import lm.tokenizer as T
+    import lm.text.tokenize as T
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before every text

@@ -27,7 +27,8 @@ from lm.datamodule import EpochSampler, TokenDataModule, WindowSampler, mask_tok
 from lm.errors import TrainingError
 from lm.fileio import file_sha256
 from lm.lit import LanguageModelModule, warmup_cosine
-from lm.model import Decoder, SequenceClassifier, load_model, save_model
+from lm.models.folder import load_model, save_model
+from lm.models.transformer import Decoder, SequenceClassifier
 from lm.train import run_finetune, run_pretrain
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,8 +230,8 @@ def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir)
 
 def load_model_args(token_dir: Path):
     from lm.config import ModelConfig
-    from lm.model import model_args
-    from lm.shards import TokenIndex
+    from lm.models.transformer import model_args
+    from lm.text.shards import TokenIndex
 
     return model_args(ModelConfig(preset="tiny", seq_len=32), TokenIndex.load(token_dir).vocab_size)
 

@@ -127,6 +127,13 @@ def test_a_code_change_recomputes_what_it_affects_and_nothing_else(tmp_path):
     )
     changed = {name for name in base if base[name] != filtered[name]}
     assert changed == {"clean", "tokenize", "pretrain", "finetune", "evaluate", "export", "deploy"}
+    # The sampler changes: no data stage is recomputed (their keys do not hash generation code).
+    sampled = _keys_with(
+        tmp_path, lambda lm: _append(lm / "generate.py", "\n\ndef greedier(logits):\n    return logits.argmax(-1)\n")
+    )
+    changed = {name for name in base if base[name] != sampled[name]}
+    assert not changed & {"ingest", "clean", "base_model", "tokenize", "finetune_data"}, changed
+    assert {"pretrain", "finetune", "evaluate"} <= changed  # training and evaluation sample text
     # A comment or a reformatted line is not a change of code.
     commented = _keys_with(
         tmp_path, lambda lm: _append(lm / "data" / "filters.py", "\n# a note for readers\n")

@@ -1,7 +1,7 @@
 """A fine-tuning method that exists only in the tests: regress the length of a line of code
 (log10 of its characters) from the pretrained backbone. It implements the interface of
-``lm/finetune`` in one module and is registered by one line (``METHODS["length"] = __name__``);
-nothing else in lmforge knows it."""
+``lm/finetune`` in one module and is registered by two lines (``METHODS["length"] = __name__``,
+``DATA["length"] = f"{__name__}:prepare_data"``); nothing else in lmforge knows it."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from lm.finetune import Recipe
 from lm.finetune.classify import encode_texts
 from lm.lit import OptimisedModule
-from lm.model import SequenceClassifier, load_model
-from lm.shards import TokenIndex
+from lm.models.folder import load_model
+from lm.models.transformer import SequenceClassifier
 from lm.stage import StageResult
-from lm.tokenizer import load_tokenizer
+from lm.text.shards import TokenIndex
+from lm.text.tokenizer import load_tokenizer
 
 METRICS = {"eval/mae": "min"}
 TOKEN_METRICS: frozenset[str] = frozenset()  # measured on the targets, not on tokens

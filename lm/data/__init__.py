@@ -1,6 +1,6 @@
 """The data stage: ingest -> clean (filters, dedup, split) -> tokenize -> shard.
 
-``lm.data.ingest.ingest``, ``lm.data.clean.clean``, ``lm.tokenizer.tokenize`` and
+``lm.data.ingest.ingest``, ``lm.data.clean.clean``, ``lm.text.tokenize.tokenize`` and
 ``lm.data.labelled.build_finetune_data`` are the stage functions; each writes into ``out_dir``
 and returns an ``lm.stage.StageResult``.
 """

@@ -35,13 +35,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lm.chat import ROLES, Message
 from lm.config import Config, FinetuneConfig
 from lm.data.labelled import SPLIT_FILES, split_of, unit_hash
 from lm.data.pydefs import stdlib_definitions
 from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.stage import StageResult
+from lm.text.chat import ROLES, Message
 
 MESSAGES = "messages"
 SCHEMA = pa.schema([(MESSAGES, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))])

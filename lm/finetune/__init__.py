@@ -1,8 +1,10 @@
 """Fine-tuning methods, each one module behind one small interface, selected by ``finetune.task``.
 
-A method module provides everything that differs between methods, and nothing else:
+A method's data (the ``finetune_data`` stage: its train/val/test splits) is built by a function of
+``lm.data`` named in :data:`DATA`, apart from the method's module, so that the data stage's cache
+key hashes data code only, not the training, evaluation and serving code a method module holds.
+A method module provides everything else that differs between methods, and nothing more:
 
-- ``prepare_data(cfg, *, out_dir) -> StageResult``: the ``finetune_data`` stage (its splits);
 - ``build(cfg, backbone, data_dir, tokens_dir) -> Recipe``: its network around the pretrained
   backbone, its LightningModule (a subclass of ``lm.lit.OptimisedModule``) and its DataModule;
   training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
@@ -18,7 +20,7 @@ A method module provides everything that differs between methods, and nothing el
 - ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;
   ``Predictor.input_example()`` is what the registry shows as the model's input.
 
-Adding a method is a new module and one line in :data:`METHODS`. Methods are imported only when
+Adding a method is a new module and one line in :data:`METHODS` (and in :data:`DATA`). Methods are imported only when
 used, so reading a config does not import torch.
 """
 
@@ -36,6 +38,18 @@ METHODS: dict[str, str] = {
     "classify": "lm.finetune.classify",
     "sft": "lm.finetune.sft",
 }
+
+# finetune.task -> "module:function" building its data: (cfg, *, out_dir) -> StageResult.
+DATA: dict[str, str] = {
+    "classify": "lm.data.labelled:build_finetune_data",
+    "sft": "lm.data.instruct:build_instruct_data",
+}
+
+
+def data_builder(task: str) -> Callable[..., Any]:
+    """The function that builds method ``task``'s data (a name in :data:`DATA`)."""
+    module, _, name = DATA[task].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def method(task: str) -> ModuleType:

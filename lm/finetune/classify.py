@@ -20,22 +20,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lm.config import Config, EvaluateConfig
-from lm.data.labelled import LABELS, SPLIT_FILES, build_finetune_data
+from lm.data.labelled import LABELS, SPLIT_FILES
 from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import DataError
 from lm.finetune import Recipe
 from lm.lit import OptimisedModule
-from lm.model import SequenceClassifier, count_params, load_model
-from lm.shards import TokenIndex
-from lm.stage import StageResult
-from lm.tokenizer import load_tokenizer
+from lm.models.folder import load_model
+from lm.models.transformer import SequenceClassifier, count_params
+from lm.text.shards import TokenIndex
+from lm.text.tokenizer import load_tokenizer
 
 METRICS = {"eval/accuracy": "max", "eval/macro_f1": "max"}
 TOKEN_METRICS: frozenset[str] = frozenset()  # labels are compared, not tokens
-
-
-def prepare_data(cfg: Config, *, out_dir: Path) -> StageResult:
-    return build_finetune_data(cfg, out_dir=out_dir)
 
 
 def encode_texts(tokenizer, texts: list[str], seq_len: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

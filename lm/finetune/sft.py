@@ -3,7 +3,7 @@ in full or through LoRA adapters (``finetune.lora.enabled``, :mod:`lm.finetune.l
 
 Data: ``train/val/test.parquet`` of chat conversations (:mod:`lm.data.instruct`). A conversation
 is rendered with the tokenizer's chat template and encoded with, per token, whether it belongs to
-an assistant turn (:class:`lm.chat.ChatFormat`); only those tokens are learned and scored
+an assistant turn (:class:`lm.text.chat.ChatFormat`); only those tokens are learned and scored
 (targets -100 elsewhere). A conversation longer than the model's context keeps its start and is
 counted as truncated; one whose prompt alone fills the context teaches nothing and is skipped and
 counted. ``finetune.packing`` puts several conversations in one window, each attending only to
@@ -30,17 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from lm.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
 from lm.config import Config, EvaluateConfig
-from lm.data.instruct import build_instruct_data, read_split
+from lm.data.instruct import read_split
 from lm.data.labelled import SPLIT_FILES
 from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import ConfigError, DataError
 from lm.evaluate import GENERATIONS
 from lm.finetune import Recipe
 from lm.lit import OptimisedModule
-from lm.model import count_params, load_model
-from lm.stage import StageResult
+from lm.models.folder import load_model
+from lm.models.transformer import count_params
+from lm.text.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
 
 METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max"}
 # Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
@@ -48,10 +48,6 @@ TOKEN_METRICS = frozenset({"eval/response_loss", "eval/response_ppl", "eval/base
 HF_DIR = "hf"
 ADAPTER_DIR = "adapter"  # after LoRA: the adapter in peft's format, on the model it was tuned from
 DEFAULT_MAX_NEW_TOKENS = 64  # a prediction that does not say how long it may be
-
-
-def prepare_data(cfg: Config, *, out_dir: Path) -> StageResult:
-    return build_instruct_data(cfg, out_dir=out_dir)
 
 
 # ---- examples -----------------------------------------------------------------------------------
@@ -226,7 +222,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         save_adapter,
         trainable_params,
     )
-    from lm.shards import TokenIndex
+    from lm.text.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
     if not getattr(backbone, "causal", False):
@@ -420,7 +416,7 @@ def end_of_turn(config: dict[str, Any], tokenizer) -> str:
 def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
     """README.md of the Hugging Face folder: what export knows of the model, its data and its training."""
     from lm.fileio import file_sha256
-    from lm.train import RESULT
+    from lm.launch import RESULT
 
     a, meta = model.args, model.meta
     ft = meta.get("finetune", {})
@@ -481,8 +477,8 @@ def export(model_dir: Path, data_dir: Path, *, out_dir: Path) -> list[str]:
     the adapter itself, for ``peft.PeftModel.from_pretrained`` on the model it was tuned from."""
     from lm.fileio import atomic_write
     from lm.finetune.lora import load_adapter
-    from lm.hf import export_adapter, export_hf
-    from lm.tokenizer import TOKENIZER, load_tokenizer
+    from lm.models.hf import export_adapter, export_hf
+    from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
     out_dir = Path(out_dir)
     model = load_model(model_dir)
@@ -521,7 +517,7 @@ class Predictor:
                       "repetition_penalty": 1.0, "stop": [""], "seed": -1}
 
     def __init__(self, folder: str | Path, tokenizer_path: str | Path | None = None):
-        from lm.tokenizer import TOKENIZER, load_tokenizer
+        from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
         folder = Path(folder)
         self.model = load_model(folder)

@@ -1,6 +1,9 @@
-"""Model families: how a Hugging Face checkpoint of each family we support becomes one of our
-networks (its config.json read into ``ModelArgs`` switches, its weight names mapped), and back.
+"""The networks and everything that turns weights into them: our transformer (``transformer``: the
+decoder with its family switches, the Llama-style encoder, the classifier head, the KV cache), the
+BERT and ModernBERT encoders, model folders (``folder``: build, save, load), the family table
+(``family``, ``families``, ``decoders``, ``encoders``) and Hugging Face interop (``hf``), where a base
+model came from (``source``) and a decoder folder ready to generate (``load``).
 
-May import ``lm.model``, ``lm.bert`` and the small shared modules (errors, fileio); nothing above
-them (no training, generation, pipeline or serving code).
+May import lm.config, lm.errors, lm.fileio and lm.text.tokenizer/chat; nothing of training,
+generation, the pipeline's stages, serving or tracking.
 """

@@ -1,5 +1,5 @@
 """BERT (Devlin et al. 2019) as Hugging Face's ``BertForMaskedLM`` computes it, so that a BERT
-checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.hf.load_hf``). RoBERTa (Liu et
+checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.models.hf.load_hf``). RoBERTa (Liu et
 al. 2019) and DistilBERT (Sanh et al. 2019) are the same network with two switches
 (``lm.models.encoders`` reads them): RoBERTa's learned positions start at row
 ``position_offset`` (``padding_idx + 1``) and it has one token type; DistilBERT has no token-type
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.model import ModelArgs
+from lm.models.transformer import ModelArgs
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf), HF's "gelu"

@@ -1,6 +1,6 @@
 """Decoder families: each one's config.json read into our decoder's switches, and its weight names.
 
-Every family runs on ``lm.model.Decoder``: the differences between Llama, Mistral, Qwen, Gemma,
+Every family runs on ``lm.models.transformer.Decoder``: the differences between Llama, Mistral, Qwen, Gemma,
 Phi and GPT-2 are a handful of switches (``ModelArgs``: biases, norms, activation, positions,
 RoPE scaling, soft-capping, sliding windows) and a name map. Most families already use Llama's
 parameter names under ``model.``; Phi-3 fuses q/k/v and gate/up into one matrix each (split here,
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from lm.errors import ConfigError
-from lm.model import ModelArgs
-from lm.models.families import Family, State, capped, need
+from lm.models.family import Family, State, capped, need
+from lm.models.transformer import ModelArgs
 
 # Hugging Face activation names -> ModelArgs.ffn_act.
 ACTS = {
@@ -34,19 +34,17 @@ ACTS = {
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
-def _rope(folder: Path, c: dict[str, Any], layer_type: str | None = None) -> tuple[float, dict[str, Any] | None, float]:
-    """(theta, scaling parameters or None, partial rotary factor) of a config, in either spelling;
-    ``layer_type``: Gemma 3's per-layer-type parameters (transformers 5)."""
+def _rope(folder: Path, c: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float]:
+    """(theta, scaling parameters or None, partial rotary factor) of a config, in either spelling
+    (Gemma 3's per-layer-type parameters: those of its global layers)."""
     params = c.get("rope_parameters") or {}
-    if layer_type is not None and isinstance(params.get(layer_type), dict):
-        params = params[layer_type]
-    elif params and all(isinstance(v, dict) for v in params.values()):
+    if params and all(isinstance(v, dict) for v in params.values()):
         params = params.get("full_attention") or next(iter(params.values()))
-    scaling = dict(c.get("rope_scaling") or {})  # transformers 4.x; 5.x may carry both, the newer first
-    merged = {**params, **scaling} if params.get("rope_type", "default") == "default" else {**scaling, **params}
-    kind = merged.get("rope_type", merged.get("type")) or "default"
-    if scaling.get("type") and params.get("rope_type", "default") == "default":
-        kind = scaling["type"]
+    scaling = c.get("rope_scaling") or {}
+    # A scaling type wins whichever spelling carries it (transformers 5 may write both).
+    newer = params.get("rope_type", "default") != "default"
+    merged = {**scaling, **params} if newer else {**params, **scaling}
+    kind = (params["rope_type"] if newer else scaling.get("rope_type", scaling.get("type"))) or "default"
     if kind not in ROPE_TYPES:
         raise ConfigError(
             f"{folder / 'config.json'}: RoPE scaling type {kind!r} is not supported; lmforge reads {', '.join(ROPE_TYPES)}"

@@ -1,6 +1,6 @@
 """The encoder families lmforge imports from Hugging Face, to fine-tune as classifiers.
 
-BERT, RoBERTa and DistilBERT are one network, ``lm.bert.BertEncoder`` (post-LN, learned
+BERT, RoBERTa and DistilBERT are one network, ``lm.models.bert.BertEncoder`` (post-LN, learned
 positions, biases everywhere), told apart by two switches: where the position rows start
 (``position_offset``) and how many token types there are (``type_vocab_size``, 0 = none).
 ModernBERT is its own network, ``lm.models.modernbert.ModernBertEncoder`` (pre-norm, RoPE, local
@@ -18,11 +18,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lm.bert import BERT_NAME_MAP, from_bert_state_dict
 from lm.errors import ConfigError
-from lm.model import ModelArgs
-from lm.models.families import Family, State, capped, need
+from lm.models.bert import BERT_NAME_MAP, from_bert_state_dict
+from lm.models.family import Family, State, capped, need
 from lm.models.modernbert import HF_ACTIVATIONS
+from lm.models.transformer import ModelArgs
 
 # HF hidden_act -> BertEncoder's ffn_act.
 BERT_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -38,7 +38,7 @@ def _renamed(
 ) -> State:
     """The checkpoint's tensors under our names: ``prefix`` removed, then the first matching
     (regex, replacement) of ``name_map``. A name that matches neither it nor ``ignored`` is a
-    ValueError (lm.hf's loader adds the folder and makes it a ConfigError)."""
+    ValueError (lm.models.hf's loader adds the folder and makes it a ConfigError)."""
     out = {}
     for hf_name, t in hf_state.items():
         name = hf_name.removeprefix(prefix)

@@ -27,9 +27,11 @@ from torch import nn
 
 from lm.errors import ConfigError, DataError
 from lm.fileio import atomic_write
-from lm.model import Decoder, build_model, count_params, llama_config_dict, save_model
-from lm.models.families import Family, family_named, family_of
-from lm.tokenizer import TOKENIZER, load_tokenizer
+from lm.models.families import family_named, family_of
+from lm.models.family import Family
+from lm.models.folder import build_model, save_model
+from lm.models.transformer import Decoder, count_params, llama_config_dict
+from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

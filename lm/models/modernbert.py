@@ -1,5 +1,5 @@
 """ModernBERT (Warner et al. 2024) as Hugging Face's ``ModernBertForMaskedLM`` computes it, so that a
-checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.hf.load_hf``).
+checkpoint saved by ``save_pretrained`` runs here unchanged (``lm.models.hf.load_hf``).
 
 What sets it apart from BERT: no position embeddings but RoPE, with one base for global layers
 (``rope_theta``) and another for local ones (``rope_local_theta``); every layer but each
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.model import ModelArgs, apply_rope, rope_cos_sin
+from lm.models.transformer import ModelArgs, apply_rope, rope_cos_sin
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf), HF's "gelu"

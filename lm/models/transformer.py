@@ -14,12 +14,9 @@ Shapes: B batch, T sequence length, C d_model, H heads, K kv heads, D head dim, 
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig
-from lm.fileio import atomic_write
 
 
 @dataclass
@@ -46,7 +42,7 @@ class ModelArgs:
     dropout: float = 0.0
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-5
-    # The block layout: llama (this module) | bert (lm.bert: learned positions, post-LN, biases).
+    # The block layout: llama (this module) | bert (lm.models.bert: learned positions, post-LN, biases).
     arch: str = "llama"
     # Width of one head; 0 = d_model // n_head. HF Llama configs may set head_dim otherwise.
     d_head: int = 0
@@ -252,7 +248,7 @@ class KVCache:
         self.keys, self.values = keys, values  # (L, B, K, S, D)
         self.lengths = list(lengths)  # on the host: shapes and fast paths need no device sync
         self._step: _CacheStep | None = None
-        # Whether the model's layers are all plain ones (lm.model._plain_layers), decided at the
+        # Whether the model's layers are all plain ones (lm.models.transformer._plain_layers), decided at the
         # cache's first forward: walking the modules on every decode step cost ~2% of a step.
         self.plain_layers: bool | None = None
 
@@ -804,21 +800,6 @@ class SequenceClassifier(nn.Module):
         return logits, loss
 
 
-def build_model(args: ModelArgs) -> nn.Module:
-    """The network ``args`` describe: a Llama-style Decoder or Encoder, or a BERT encoder."""
-    if args.arch == "bert":
-        from lm.bert import BertEncoder  # lm.bert builds on this module's ModelArgs
-
-        return BertEncoder(args)
-    if args.arch == "modernbert":
-        from lm.models.modernbert import ModernBertEncoder
-
-        return ModernBertEncoder(args)
-    if args.arch != "llama":
-        raise ValueError(f"unknown model arch {args.arch!r}: llama, bert or modernbert")
-    return {"decoder": Decoder, "encoder": Encoder}[args.kind](args)
-
-
 def count_params(model: nn.Module) -> int:
     """Distinct parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -832,7 +813,7 @@ def flops_per_token(args: ModelArgs) -> float:
     return 6.0 * n_matmul + 12.0 * args.n_layer * args.d_model * args.seq_len
 
 
-# ---- Hugging Face Llama config (lm.hf exports a model trained from scratch with it) ----------------
+# ---- Hugging Face Llama config (lm.models.hf exports a model trained from scratch with it) ----------------
 def llama_config_dict(args: ModelArgs, **extra: Any) -> dict[str, Any]:
     """Keyword arguments for ``transformers.LlamaConfig`` describing the same network."""
     return dict(
@@ -854,60 +835,3 @@ def llama_config_dict(args: ModelArgs, **extra: Any) -> dict[str, Any]:
     )
 
 
-# ---- save / load ----------------------------------------------------------------------------
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_JSON = "model.json"
-
-
-def save_model(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    extra: dict[str, Any] | None = None,
-    state: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` (args, kind, classes, ``extra``) atomically.
-    ``state``: the weights to write, when the module in memory does not hold them whole (FSDP)."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, SequenceClassifier):
-        meta = {"kind": "classifier", "backbone_kind": model.args.kind, "num_classes": model.num_classes}
-    else:
-        meta = {"kind": model.args.kind}
-    meta["args"] = asdict(model.args)
-    meta.update(extra or {})
-    # safetensors refuses shared tensors: drop the tied lm_head, load_model re-ties it.
-    state = {k: v.detach().cpu().contiguous() for k, v in (state or model.state_dict()).items()}
-    if model.args.tie_embeddings:
-        state = {k: v for k, v in state.items() if not k.endswith("lm_head.weight")}
-    atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-    atomic_write(out_dir / MODEL_JSON, json.dumps(meta, indent=2, sort_keys=True))
-    return out_dir / MODEL_WEIGHTS
-
-
-def read_model_json(model_dir: str | os.PathLike) -> dict[str, Any]:
-    path = Path(model_dir) / MODEL_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: not a model folder written by lm.model.save_model")
-    return json.loads(path.read_text())
-
-
-def load_model(model_dir: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network described by ``model.json`` and load ``model.safetensors``; eval mode."""
-    from safetensors.torch import load_file
-
-    meta = read_model_json(model_dir)
-    args = ModelArgs.from_dict(meta["args"])
-    model: nn.Module = build_model(args)
-    if meta["kind"] == "classifier":
-        model = SequenceClassifier(model, int(meta["num_classes"]))
-    state = load_file(str(Path(model_dir) / MODEL_WEIGHTS), device=str(map_location))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (args.tie_embeddings and k.endswith("lm_head.weight"))]
-    if missing or unexpected:
-        raise ValueError(
-            f"{model_dir}: weights do not fit model.json (missing {missing}, unexpected {unexpected})"
-        )
-    model.meta = meta  # the ids, label names ... that save_model's caller put in extra
-    return model.to(map_location).eval()

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lm.chat import ChatFormat, Message
 from lm.config import display_uri
 from lm.errors import ConfigError, LmforgeError
+from lm.text.chat import ChatFormat, Message
 
 if TYPE_CHECKING:  # the engines import torch: a command that fails on its arguments should not wait for it
     from lm.serving.engine import ClassifierEngine, GenerationEngine
@@ -90,8 +90,8 @@ def load_folder(
     ``on_died()``: the engine's process died without being asked to stop."""
     import json
 
-    from lm.generate import load_for_generation
-    from lm.model import MODEL_JSON
+    from lm.models.folder import MODEL_JSON
+    from lm.models.load import load_for_generation
     from lm.serving.engine import ClassifierEngine, GenerationEngine
 
     meta_path = folder / MODEL_JSON

@@ -50,7 +50,7 @@ class DecoderInfo:
 
 def stop_ids(gm: Any) -> list[int]:
     """The ids that end a generation: the model's end-of-text ids and its chat template's turn ends."""
-    from lm.chat import ChatFormat
+    from lm.text.chat import ChatFormat
 
     chat = None
     if gm.chat_template:
@@ -246,7 +246,7 @@ def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int
             events.send(message)
 
     try:
-        from lm.generate import load_for_generation
+        from lm.models.load import load_for_generation
         from lm.serving.engine import GenerationEngine
 
         gm = load_for_generation(folder)

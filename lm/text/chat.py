@@ -113,7 +113,7 @@ class ChatFormat:
     @classmethod
     def load(cls, folder: str | Path, tokenizer=None) -> ChatFormat:
         """From a folder holding tokenizer.json and tokenizer_config.json."""
-        from lm.tokenizer import load_tokenizer
+        from lm.text.tokenizer import load_tokenizer
 
         folder = Path(folder)
         path = folder / TOKENIZER_CONFIG

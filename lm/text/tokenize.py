@@ -7,8 +7,8 @@ stray control characters) round-trips encode -> decode byte for byte, with no un
 Shards are flat little-endian arrays of token ids (uint16 when the vocabulary fits, else
 uint32), the documents of a split one after another, each followed by the end-of-text token, cut
 into files of ``tokenizer.shard_tokens`` tokens. ``index.json`` describes them; see
-``lm.shards.TokenShards`` for the reader. ``tokenizer_config.json`` beside ``tokenizer.json`` holds
-what Hugging Face tools read with it: the special tokens and the chat template (``lm.chat``).
+``lm.text.shards.TokenShards`` for the reader. ``tokenizer_config.json`` beside ``tokenizer.json`` holds
+what Hugging Face tools read with it: the special tokens and the chat template (``lm.text.chat``).
 
 A retrain whose tokenizer is the earlier run's (a warm start keeps the champion's) encodes only the
 documents that run did not: ``{split}_docs.npy`` holds each document's text digest and token count,
@@ -28,17 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers
 
-from lm.chat import write_tokenizer_config
 from lm.config import Config, TokenizerConfig
 from lm.data.batching import char_bounded
 from lm.errors import DataError
 from lm.memory import trim_heap
-from lm.shards import INDEX, TokenIndex, TokenShards
 from lm.stage import StageResult
+from lm.text.chat import write_tokenizer_config
+from lm.text.shards import INDEX, TokenIndex, TokenShards
+from lm.text.tokenizer import TOKENIZER, byte_tokenizer, load_tokenizer, special_ids, train_bpe
 
-TOKENIZER = "tokenizer.json"
 SPLITS = {"train": "train.parquet", "val": "val.parquet"}
 # Per split, per document: the digest of its text and its token count (what a retrain reuses).
 DOC_INDEX = "{split}_docs.npy"
@@ -48,62 +48,6 @@ BATCH_DOCS = 512  # documents per encode_batch call: enough for every core, litt
 # batch of large files would otherwise cost memory in proportion to the corpus's largest files.
 BATCH_CHARS = 2_000_000
 ENCODE_PIECE_CHARS = 100_000  # a longer document is encoded in pieces (see encoding_pieces)
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map (Radford et al. 2019), the alphabet of
-    byte-level BPE: printable Latin-1 bytes map to themselves, the rest to code points 256+."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
-
-
-def _byte_level(tok: Tokenizer, use_regex: bool) -> Tokenizer:
-    # No normaliser: the text is encoded exactly as it is, which is what makes decoding exact.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-
-def byte_tokenizer(special_tokens: list[str]) -> Tokenizer:
-    """256 byte tokens (id = byte value) + the special tokens; nothing to train."""
-    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-    tok = _byte_level(Tokenizer(models.BPE(vocab=vocab, merges=[])), use_regex=False)
-    tok.add_special_tokens(special_tokens)
-    return tok
-
-
-def train_bpe(texts: Iterator[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
-    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte alphabet) learned from ``texts``."""
-    tok = _byte_level(Tokenizer(models.BPE()), use_regex=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=special_tokens,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        min_frequency=2,
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """A saved ``tokenizer.json`` (ours or any other)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER
-    if not path.is_file():
-        raise DataError(f"tokenizer file {path} does not exist")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
-        raise DataError(f"{path} is not a tokenizers tokenizer.json: {e}") from None
 
 
 def text_batches(path: Path, batch_size: int = BATCH_DOCS) -> Iterator[list[str]]:
@@ -352,17 +296,6 @@ def encoding_pieces(text: str, max_chars: int | None) -> Iterator[tuple[int, int
 _CUT_AFTER = re.compile(r"(?<=\S)\n")
 
 
-def special_ids(tok: Tokenizer, special_tokens: list[str]) -> dict[str, int]:
-    """eot/pad/mask ids: the first, second and third special token (the end-of-text one if absent)."""
-    ids = [tok.token_to_id(t) for t in special_tokens]
-    eot = ids[0]
-    return {
-        "eot_id": eot,
-        "pad_id": ids[1] if len(ids) > 1 else eot,
-        "mask_id": ids[2] if len(ids) > 2 else eot,
-    }
-
-
 def tokenize(
     cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | None = None, previous: Path | None = None
 ) -> StageResult:
@@ -372,7 +305,7 @@ def tokenize(
     ``previous``: an earlier tokenize's folder (only read); if it was made with the same tokenizer
     (a retrain that warm-starts from the champion keeps the champion's), the documents it encoded
     are copied from its shards and only new or changed ones are encoded."""
-    from lm.base_model import read_source
+    from lm.models.source import read_source
 
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
     for name in SPLITS.values():

@@ -30,7 +30,8 @@ class _RunsCode:
 
 
 def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(tmp_path):
-    from lm.model import build_model, model_args
+    from lm.models.folder import build_model
+    from lm.models.transformer import model_args
     from lm.train import load_weights_into
 
     marker = tmp_path / "pwned"

@@ -260,7 +260,8 @@ def test_sampling_settings_past_float32_neither_fail_their_request_nor_the_other
     answered beside the others (it used to fail every running request and end the engine)."""
     import threading
 
-    from lm.generate import SamplingParams, load_for_generation
+    from lm.generate import SamplingParams
+    from lm.models.load import load_for_generation
     from lm.serving.engine import Failed, Finished, GenerationEngine
 
     gm = load_for_generation(chat_model)

@@ -26,9 +26,9 @@ from train_fixtures import ROOT, child_env, make_token_dir, pretrain_args, tiny_
 from lm import tracking
 from lm.config import load_config
 from lm.errors import TrackingError
+from lm.launch import LOSS_HISTORY, training_result
 from lm.stage import stage_by_name
 from lm.stages import STAGES
-from lm.train import LOSS_HISTORY, training_result
 from lm.workspace import config_values
 
 
