@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -21,13 +22,11 @@ from pathlib import Path
 
 from lm.errors import LmforgeError
 from lm.fileio import exclusive_lock
+from lm.lifetime import die_with_parent
 
 
 def _die_with_parent() -> None:  # runs in the child, between fork and exec
-    import ctypes
-    import signal
-
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGTERM)
 
 
 def _drain() -> None:

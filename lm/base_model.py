@@ -62,11 +62,11 @@ def _token(tokenizer, token_id: int | None) -> str | None:
 def _special_tokens(tok_dir: Path, fallback_ids: dict[str, int] | None = None) -> list[str]:
     """[end of text, padding, mask] of a tokenizer folder, by tokenizer_config.json's names, else by
     the ids a model.json records; a missing pad or mask is the end-of-text token (as lmforge's own)."""
+    from lm.text.chat import read_own_config
     from lm.text.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir / "tokenizer.json")
-    cfg_path = tok_dir / "tokenizer_config.json"
-    conf = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    conf = read_own_config(tok_dir) or {}
 
     def name(key: str) -> str | None:
         value = conf.get(key)

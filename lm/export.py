@@ -40,16 +40,15 @@ def _card_provenance(card: Path, metrics: dict[str, float], run_id: str | None) 
 def _lm_as_hf(lm: torch.nn.Module, out_dir: Path, tokens_dir: Path) -> list[str]:
     """When the method wrote no Hugging Face folder (a classifier), the pretrained decoder it was
     tuned from (``lm``) gets one, ``hf/``: every decoder lmforge trains can leave for the ecosystem."""
-    import json
 
     from lm.models.hf import export_hf
     from lm.models.transformer import Decoder
+    from lm.text.chat import read_own_config
 
     if not isinstance(lm, Decoder):
         return []  # an encoder: lm/ holds it in lmforge's format
     index = TokenIndex.load(tokens_dir)
-    config_path = Path(tokens_dir) / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_own_config(tokens_dir) or {}
     tokenizer = load_tokenizer(out_dir / TOKENIZER)
     eos = tokenizer.id_to_token(index.eot_id)
     export_hf(

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -36,6 +37,7 @@ from lm.config import Config, TrainerConfig, TrainingConfig, load_config
 from lm.errors import ConfigError, LmforgeError, TrainingError
 from lm.fileio import atomic_write, file_sha256, remove_abandoned
 from lm.launch import CONFIG, LOSS_HISTORY, RESULT
+from lm.lifetime import die_with_parent, parent_gone
 
 PROMPTS = ["def ", "The ", "import ", "class "]
 
@@ -465,14 +467,9 @@ def _die_with_parent() -> None:
     gracefully: a training stopped early must not publish its weights as finished; its checkpoints
     are whole, and the rerun resumes from them). Asked for by the launcher (LMFORGE_DIE_WITH_PARENT),
     and inherited by the ranks Lightning starts; Linux only."""
-    if os.environ.get("LMFORGE_DIE_WITH_PARENT") != "1" or not sys.platform.startswith("linux"):
+    if os.environ.get("LMFORGE_DIE_WITH_PARENT") != "1":
         return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6").prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent was already gone before we asked
+    if die_with_parent(signal.SIGKILL) and parent_gone():  # the parent was already gone before we asked
         os._exit(1)
 
 

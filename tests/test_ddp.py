@@ -149,3 +149,42 @@ def test_two_process_ddp_finetuning_splits_the_examples_and_ranks_agree(tmp_path
     assert result["val/accuracy"] == pytest.approx(float((predicted == val["label"].to_numpy()).mean()))
     assert [r.info.run_id for r in client.search_runs([exp])] == [run_id]
     assert "val/accuracy" in client.get_run(run_id).data.metrics
+
+
+@pytest.mark.slow  # ~30 s: two gloo ranks fine-tuning a Gemma 2 (sliding windows, soft-capping, sandwich norms)
+def test_two_process_ddp_finetunes_an_imported_family_and_ranks_agree(tmp_path, tracking_uri):
+    """A family's switches change nothing for the strategies: an imported Gemma 2 tunes under DDP, both
+    ranks end with the same weights, and what is saved is still a Gemma 2."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from lm.models.folder import load_model
+    from lm.models.hf import import_hf
+    from lm.text.shards import TokenIndex
+
+    tokens = make_token_dir(tmp_path / "tokens")
+    ft = make_finetune_dir(tmp_path / "ft")
+    config = transformers.Gemma2Config(
+        vocab_size=TokenIndex.load(tokens).vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma2")
+    shutil.copy(tokens / "tokenizer.json", tmp_path / "gemma2" / "tokenizer.json")
+    import_hf(tmp_path / "gemma2", tmp_path / "pre", max_seq_len=32)
+    cfg = tiny_config_yaml(
+        tmp_path / "cfg.yaml",
+        trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp"},
+        finetune={"max_steps": 8, "val_every": 4},
+    )
+    client, exp, run_id = _mlflow_run(tracking_uri)
+    logged = ("--run-id", run_id, "--tracking-uri", tracking_uri, "--print-weight-digest")
+    proc = run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "out", *logged))
+    digests = dict(DIGEST.findall(proc.stdout + proc.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["metrics"]["world_size"] == 2
+    tuned = load_model(tmp_path / "out").backbone
+    assert tuned.args.family == "gemma2" and tuned.args.attn_softcap == 50.0 and tuned.args.sliding_window == 8

@@ -29,12 +29,12 @@ from lm.errors import ConfigError, DataError
 from lm.fileio import atomic_write
 from lm.models.families import family_named, family_of
 from lm.models.family import Family
-from lm.models.folder import build_model, save_model
+from lm.models.folder import MODEL_WEIGHTS, build_model, save_model
 from lm.models.transformer import Decoder, count_params, llama_config_dict
 from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
 CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
+WEIGHTS = MODEL_WEIGHTS  # Hugging Face names its (unsharded) weights file as lmforge does
 WEIGHTS_INDEX = "model.safetensors.index.json"  # sharded weights: tensor name -> shard file
 # Copied next to tokenizer.json by import_hf when present (transformers 5 keeps a chat template in
 # chat_template.jinja, older versions in tokenizer_config.json).

@@ -13,6 +13,7 @@ from torch import nn
 from lm.errors import LmforgeError
 from lm.models.folder import MODEL_JSON, load_model
 from lm.models.hf import is_hf_folder, load_hf
+from lm.text.chat import read_own_config
 from lm.text.tokenizer import TOKENIZER, load_tokenizer
 
 
@@ -87,9 +88,8 @@ def load_for_generation(path: str | Path, tokenizer_path: str | Path | None = No
         tokenizer_path = found[0]
     tokenizer = load_tokenizer(Path(tokenizer_path))
     template, specials = None, {}
-    config = Path(tokenizer_path).with_name("tokenizer_config.json")
-    if config.is_file():
-        cfg = json.loads(config.read_text())
+    cfg = read_own_config(Path(tokenizer_path).parent)  # chat_template.jinja read too
+    if cfg is not None:
         template = cfg.get("chat_template")
         specials = {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)}
         if "eos_token" in specials and tokenizer.token_to_id(specials["eos_token"]) is not None:
