@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lm.config import CONF_DIR, list_presets, load_config
+from lm.config import CONF_DIR, Config, list_presets, load_config
 from lm.errors import ConfigError
 
 
@@ -18,8 +18,14 @@ def test_every_shipped_preset_loads_and_survives_its_own_dump(preset, tmp_path):
     _check_promote_metric(cfg)
 
 
-def test_required_presets_exist():
-    assert {"tiny", "default", "gpt2-124m"} <= set(list_presets())
+def test_required_presets_exist_and_every_shipped_preset_loads_valid():
+    presets = set(list_presets())
+    assert {"tiny", "default", "gpt2-124m", "classify"} <= presets
+    for name in sorted(presets):
+        cfg = load_config(name)  # parsed against the schema: unknown keys and bad values refused
+        assert cfg.name and cfg.model.seq_len > 0 and cfg.finetune.task in ("sft", "classify"), name
+        assert Config.model_validate(cfg.model_dump()) == cfg  # what it resolved to is valid as it stands
+    assert load_config("tiny").trainer.accelerator == "cpu" and load_config("classify").finetune.task == "classify"
 
 
 def test_overrides_set_nested_keys_and_lists():

@@ -164,6 +164,8 @@ def test_hugging_face_source_fails_fast_and_clearly_offline(tmp_path, monkeypatc
 
 
 def test_row_groups_bound_memory(tmp_path):
+    import pyarrow as pa
+
     d = tmp_path / "c"
     d.mkdir()
     for i in range(40):
@@ -171,6 +173,27 @@ def test_row_groups_bound_memory(tmp_path):
     run(tmp_path, [str(d)], row_group_mb=0.1)
     docs = Documents(tmp_path / "out" / "documents")
     assert docs.num_row_groups >= 10 and docs.num_rows == 40
+
+    def peak_bytes(read) -> int:
+        """Arrow's peak allocation while ``read`` runs (a pool of its own counts only that)."""
+        default = pa.default_memory_pool()
+        pool = pa.proxy_memory_pool(default)
+        pa.set_memory_pool(pool)
+        try:
+            read()
+        finally:
+            pa.set_memory_pool(default)
+        return pool.max_memory()
+
+    def group_by_group() -> None:
+        for g in range(docs.num_row_groups):
+            assert docs.read_row_group(g, ["text"]).num_rows >= 1
+
+    text_bytes = 40 * 30_000
+    whole = peak_bytes(lambda: Documents(tmp_path / "out" / "documents").read())
+    assert whole >= text_bytes  # the measure sees a whole read
+    # A reader going group by group holds about one group (0.1 MB of text), not the corpus.
+    assert peak_bytes(group_by_group) < 0.3 * text_bytes
 
 
 def test_long_text_file_is_cut_at_line_breaks_into_pieces_that_join_back(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -48,9 +50,20 @@ def test_windows_across_shard_boundaries(tmp_path, dtype):
 
 
 def test_reader_does_not_load_shards(tmp_path):
-    write_shards(tmp_path, [1000, 1000])
+    """Opening 40 MB of shards reads none of them: resident memory grows by what a window reads."""
+
+    def resident() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    write_shards(tmp_path, [10_000_000, 10_000_000])  # uint16: 20 MB each
+    before = resident()
     shards = TokenShards(tmp_path, "train")
-    assert all(isinstance(m, np.memmap) for m in shards._maps)
+    opened = resident() - before
+    assert opened < 2_000_000, opened
+    assert len(shards) == 20_000_000
+    window = shards.window(0, 5_000_000)  # reading is what costs: the measure sees it
+    assert resident() - before > window.nbytes // 2
 
 
 def test_incomplete_shards_and_missing_split_are_reported(tmp_path):
