@@ -178,3 +178,26 @@ def test_lora_exports_merged_and_as_a_peft_adapter_on_the_base(family, tmp_path)
         torch.testing.assert_close(tuned(idx).logits, want, atol=1e-4, rtol=0)
         with_adapter = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()  # wraps base in place
         torch.testing.assert_close(with_adapter(idx).logits, want, atol=1e-4, rtol=0)
+
+
+def test_a_classifier_head_on_each_family_learns(family):
+    """Classification is a head on any decoder (the last real token's state): it trains on each family."""
+    from lm.models.transformer import SequenceClassifier
+
+    name, hf, folder = family
+    torch.manual_seed(0)
+    net = SequenceClassifier(load_hf(folder), num_classes=2).train()
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 256, (8, 12), generator=g)
+    mask = torch.ones_like(idx)
+    mask[4:, 8:] = 0  # right padding in half the rows
+    labels = (idx[:, 0] > 127).long()  # decided by the first token: the last one must have read it
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        _, loss = net(idx, mask, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
