@@ -258,39 +258,41 @@ def _sse(data: dict[str, Any] | str) -> str:
 # ---- the app -------------------------------------------------------------------------------------
 
 
-def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> FastAPI:
-    """The FastAPI app serving ``slot``'s model (whichever it holds when a request arrives)."""
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
-    in_flight = 0
-    mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+class _Service:
+    """What every route shares: the model slot, the limits, the metrics, the places in flight, and
+    the submit / watch / cancel loop that generation and classification both run."""
 
-    def new_events() -> _Events:
+    def __init__(self, slot: ModelSlot, limits: Limits, metrics: ServingMetrics):
+        self.slot, self.limits, self.metrics = slot, limits, metrics
+        self.in_flight = 0
+        self.mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
+
+    def new_events(self) -> _Events:
         loop = asyncio.get_running_loop()
-        if loop not in mailboxes:
-            mailboxes[loop] = _Mailbox(loop)
-        return _Events(mailboxes[loop])
+        if loop not in self.mailboxes:
+            self.mailboxes[loop] = _Mailbox(loop)
+        return _Events(self.mailboxes[loop])
 
-    def admit() -> Callable[[], None]:
+    def admit(self) -> Callable[[], None]:
         """A place among the requests in flight (429 when none is free) -> its release."""
-        nonlocal in_flight
-        if in_flight >= limits.max_concurrent:
-            raise ApiError(429, f"this server is at its limit of {limits.max_concurrent} concurrent requests; "
+        if self.in_flight >= self.limits.max_concurrent:
+            raise ApiError(429, f"this server is at its limit of {self.limits.max_concurrent} concurrent requests; "
                            "retry shortly", code="too_many_requests")
-        in_flight += 1
-        metrics.in_flight.set(in_flight)
+        self.in_flight += 1
+        self.metrics.in_flight.set(self.in_flight)
         released = False
 
         def release() -> None:
-            nonlocal in_flight, released
+            nonlocal released
             if not released:
                 released = True
-                in_flight -= 1
-                metrics.in_flight.set(in_flight)
+                self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
 
         return release
 
-    def current(requested: str | None, kind: str) -> ServedModel:
-        served = slot.current
+    def current(self, requested: str | None, kind: str) -> ServedModel:
+        served = self.slot.current
         if requested and requested not in (served.name, served.served_as):
             raise ApiError(404, f"the model {requested!r} does not exist here: this server serves {served.name!r} "
                            f"(version {served.version or 'local'}; GET /v1/models)", param="model",
@@ -301,9 +303,33 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
                            code="wrong_model_kind")
         return served
 
-    def sampling(body, served: ServedModel, prompt: list[int], what: str):
+    def submit(self, start: Callable[[_Events], tuple[ServedModel, Any, Any]]) -> tuple[ServedModel, Any, Any, _Events]:
+        """``start(events) -> (served, job, what it prepared)``, tried again when the engine closed under
+        it: the model may be swapped between choosing it and submitting (at most three tries)."""
+        for _ in range(3):
+            events = self.new_events()
+            try:
+                return (*start(events), events)
+            except EngineClosed:
+                continue
+        raise _unavailable(self.slot)
+
+    async def wait(self, request: Request, served: ServedModel, job: Any, events: _Events, deadline: float,
+                   first_token: Callable[[], None] | None):
+        """The job's end, or None when the client went away first; the job is cancelled either way."""
+        watcher = asyncio.create_task(_watch_disconnect(request, events))
+        try:
+            return await _until_finished(events, deadline, first_token, self.limits.timeout_s)
+        except _ClientGone:
+            return None
+        finally:
+            watcher.cancel()
+            served.engine.cancel(job)
+
+    def sampling(self, body, served: ServedModel, prompt: list[int], what: str):
         from lm.generate import SamplingParams
 
+        limits = self.limits
         n = len(prompt)
         max_prompt = min(limits.max_prompt_tokens or served.seq_len, served.seq_len - 1)
         if n > max_prompt:
@@ -328,11 +354,11 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
         except ValueError as e:
             raise ApiError(400, str(e)) from None
 
-    def prepare(body, chat: bool) -> tuple[ServedModel, list[int], Any]:
+    def prepare(self, body, chat: bool) -> tuple[ServedModel, list[int], Any]:
         refused = body.refused()
         if refused:
             raise ApiError(400, refused[1], param=refused[0], code="unsupported_parameter")
-        served = current(body.model, "decoder")
+        served = self.current(body.model, "decoder")
         if chat:
             if served.chat is None:
                 raise ApiError(400, f"{served.name!r} has no chat template (tokenizer_config.json): use "
@@ -343,96 +369,82 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
                 raise ApiError(400, str(e), param="messages") from None
         else:
             prompt = served.text_prompt(body.text())
-        return served, prompt, sampling(body, served, prompt, "messages" if chat else "prompt")
+        return served, prompt, self.sampling(body, served, prompt, "messages" if chat else "prompt")
 
-    async def generation(request: Request, body, chat: bool):
+    async def generation(self, request: Request, body, chat: bool):
+        """A chat or text completion: streamed (the stream releases its place when it ends) or whole."""
         t0 = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + limits.timeout_s
-        release = admit()
+        deadline = asyncio.get_running_loop().time() + self.limits.timeout_s
+        release = self.admit()
         try:
-            for _ in range(3):  # the model may be swapped between prepare and submit
-                served, prompt, params = prepare(body, chat)
-                events = new_events()
-                try:
-                    job = served.engine.submit(prompt, params, events.emit)
-                    break
-                except EngineClosed:
-                    continue
-            else:
-                raise _unavailable(slot)
-            version = served.version_label
-            metrics.prompt_tokens.labels(version).inc(len(prompt))
+            def start(events: _Events):
+                served, prompt, params = self.prepare(body, chat)
+                return served, served.engine.submit(prompt, params, events.emit), prompt
+
+            served, job, prompt, events = self.submit(start)
+            self.metrics.prompt_tokens.labels(served.version_label).inc(len(prompt))
             reply = _Reply(chat, served.served_as, include_usage=bool(body.stream_options and body.stream_options.include_usage))
 
             def first_token() -> None:
-                metrics.first_token.observe(time.perf_counter() - t0)
+                self.metrics.first_token.observe(time.perf_counter() - t0)
 
             if body.stream:
-                place, release = release, None  # the stream releases its place when it ends
+                place, release = release, None
 
                 def on_close() -> None:
                     served.engine.cancel(job)
                     place()
 
                 return _EventStream(reply.stream(events, first_token), on_close, deadline,
-                                    reply.timeout_tail(limits.timeout_s))
-            watcher = asyncio.create_task(_watch_disconnect(request, events))
-            try:
-                end = await _until_finished(events, deadline, first_token, limits.timeout_s)
-            except _ClientGone:
+                                    reply.timeout_tail(self.limits.timeout_s))
+            end = await self.wait(request, served, job, events, deadline, first_token)
+            if end is None:
                 return Response(status_code=499)  # nginx's "client closed request": no one reads it
-            finally:
-                watcher.cancel()
-                served.engine.cancel(job)
             return JSONResponse(reply.whole(end))
         finally:
             if release is not None:
                 release()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        return await generation(request, body, chat=True)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
-        return await generation(request, body, chat=False)
-
-    @app.post("/v1/classify")
-    async def classify(body: ClassifyBody, request: Request):
+    async def classify(self, request: Request, body: ClassifyBody) -> dict[str, Any] | Response:
         texts = body.texts()
         if not texts:
             raise ApiError(400, "input is empty: give a text or a list of texts", param="input")
-        deadline = asyncio.get_running_loop().time() + limits.timeout_s
-        release = admit()
+        deadline = asyncio.get_running_loop().time() + self.limits.timeout_s
+        release = self.admit()
         try:
-            for _ in range(3):
-                served = current(body.model, "classifier")
-                events = new_events()
-                try:
-                    job = served.engine.submit(texts, events.emit)
-                    break
-                except EngineClosed:
-                    continue
-            else:
-                raise _unavailable(slot)
-            watcher = asyncio.create_task(_watch_disconnect(request, events))
-            try:
-                end = await _until_finished(events, deadline, None, limits.timeout_s)
-            except _ClientGone:
-                return Response(status_code=499)
-            finally:
-                watcher.cancel()
-                served.engine.cancel(job)
+            def start(events: _Events):
+                served = self.current(body.model, "classifier")
+                return served, served.engine.submit(texts, events.emit), None
+
+            served, job, _, events = self.submit(start)
+            end = await self.wait(request, served, job, events, deadline, None)
         finally:
             release()
-        probs = end.probabilities
+        if end is None:
+            return Response(status_code=499)
         labels = served.labels
         data = [
             {"index": i, "label": labels[int(row.argmax())], "score": float(row.max()),
              "scores": {label: float(p) for label, p in zip(labels, row, strict=True)}}
-            for i, row in enumerate(probs)
+            for i, row in enumerate(end.probabilities)
         ]
         return {"object": "list", "model": served.served_as, "data": data}
+
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    slot = service.slot
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await service.generation(request, body, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await service.generation(request, body, chat=False)
+
+    @app.post("/v1/classify")
+    async def classify(body: ClassifyBody, request: Request):
+        return await service.classify(request, body)
 
     @app.get("/v1/models")
     async def models():
@@ -457,7 +469,11 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
     async def prometheus():
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error body: ours, validation, routing, and the unexpected."""
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -488,6 +504,12 @@ def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> Fast
     async def server_error(request: Request, e: Exception):
         return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
+
+def create_app(slot: ModelSlot, limits: Limits, metrics: ServingMetrics) -> FastAPI:
+    """The FastAPI app serving ``slot``'s model (whichever it holds when a request arrives)."""
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    _add_routes(app, _Service(slot, limits, metrics))
+    _add_error_handlers(app)
     routes = {r.path for r in app.routes if hasattr(r, "path")} | {"/v1/models"}
     metrics.watch_engines(
         lambda: sum(m.engine.queue_depth for m in slot.models()),
