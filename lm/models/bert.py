@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.models.transformer import ModelArgs
+from lm.models.transformer import ModelArgs, token_loss
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf), HF's "gelu"
@@ -148,9 +148,7 @@ class BertEncoder(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
-            )
+            loss = token_loss(logits, targets)
         return logits, loss
 
 

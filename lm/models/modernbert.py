@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.models.transformer import ModelArgs, apply_rope, rope_cos_sin
+from lm.models.transformer import ModelArgs, apply_rope, rope_cos_sin, token_loss
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf), HF's "gelu"
@@ -196,7 +196,5 @@ class ModernBertEncoder(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100
-            )
+            loss = token_loss(logits, targets)
         return logits, loss

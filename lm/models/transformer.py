@@ -750,10 +750,13 @@ class _Transformer(nn.Module):
         logits = self.logits(self.hidden_states(idx, attention_mask, cache, document_ids))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
-            )
+            loss = token_loss(logits, targets)
         return logits, loss
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (float32) of logits (..., V) over the targets (...) that are not -100."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
 class Decoder(_Transformer):
