@@ -406,19 +406,20 @@ def attend(
     scale: float | None = None,
     softcap: float = 0.0,
     dropout: float = 0.0,
-    gqa_in_kernel: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T * scale [soft-capped], masked) v. q (B, H, T, D), k and v (B, K, S, D) -> (B, H, T, D).
-    ``mask`` True = read; ``causal`` only when T == S and no mask is given."""
+    ``mask`` True = read; ``causal`` only when T == S and no mask is given. Query head h reads kv head
+    h // (H/K), Hugging Face's repeat_kv order."""
     H, K = q.shape[1], k.shape[1]
-    if K != H and (softcap or not gqa_in_kernel):
-        # Query head h uses kv head h // (H/K), HF's repeat_kv order.
-        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     if not softcap:
+        # SDPA groups the query heads itself: no copy of k and v per query head, in training (where
+        # autograd would keep the copies) nor when decoding (a copy of the whole cache per step).
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None, dropout_p=dropout, scale=scale,
-            enable_gqa=k.shape[1] != H,
+            enable_gqa=K != H,
         )
+    if K != H:
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
     # Gemma 2 caps the scores with cap * tanh(scores / cap) before the mask (Gemma Team 2024, sec. 2):
     # SDPA has no such hook, so this path writes attention out.
     scores = (q * (scale if scale is not None else q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)  # (B, H, T, S)
@@ -469,9 +470,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, K, S, D): every key of the row so far
         y = attend(
-            q, k, v, causal, mask, scale=self.scale, softcap=self.softcap,
-            dropout=self.dropout if self.training else 0.0,
-            gqa_in_kernel=cache is not None,  # SDPA groups the query heads itself: no copy of the cache per step
+            q, k, v, causal, mask, scale=self.scale, softcap=self.softcap, dropout=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
