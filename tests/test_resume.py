@@ -77,3 +77,43 @@ def test_finetuning_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_pat
     assert got["steps"] == expected["steps"] == 36
     assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-6)
     assert got["val/accuracy"] == expected["val/accuracy"]
+
+
+@pytest.mark.slow  # ~25 s a family: three training processes
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_an_imported_family_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path, family):
+    """Resume does not depend on the family: GPT-2 (learned positions, LayerNorm, Conv1D weights) and
+    Phi-3 (fused projections) fine-tune, are killed, and resume to the uninterrupted result."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from lm.models.hf import import_hf
+    from lm.text.shards import TokenIndex
+
+    tokens = make_token_dir(tmp_path / "tokens")
+    ft = make_finetune_dir(tmp_path / "ft")
+    vocab = TokenIndex.load(tokens).vocab_size
+    torch.manual_seed(0)
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=vocab, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=None, eos_token_id=None))
+    else:
+        hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, pad_token_id=None, bos_token_id=None,
+            eos_token_id=None))
+    hf.save_pretrained(tmp_path / "hf")
+    shutil.copy(tokens / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
+    import_hf(tmp_path / "hf", tmp_path / "pre", max_seq_len=32)
+    cfg = tiny_config_yaml(tmp_path / "cfg.yaml", finetune={"max_steps": 36, "ckpt_every": 4, "val_every": 12})
+    run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "ref"))
+    expected = final_metrics(tmp_path / "ref")
+    kill_at_checkpoint(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"), 20)
+    resumed = run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"))
+    assert "resuming from" in resumed.stdout and "not resumable" not in resumed.stderr
+    got = final_metrics(tmp_path / "crashed")
+    assert got["steps"] == expected["steps"] == 36
+    assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-6)
+    assert got["val/accuracy"] == expected["val/accuracy"]
