@@ -33,6 +33,17 @@ ACTIVATIONS = {
 }
 
 
+def init_encoder_weights(module: nn.Module) -> None:
+    """BERT's init, which ModernBERT shares here: N(0, 0.02) weights, zero biases, LayerNorm = identity."""
+    for name, p in module.named_parameters():
+        if "norm" in name:
+            nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+        else:
+            nn.init.normal_(p, 0.0, 0.02)
+
+
 class BertLayer(nn.Module):
     """Post-LN block: x = LN(x + attn(x)); x = LN(x + mlp(x))."""
 
@@ -100,14 +111,7 @@ class BertEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # BERT's init: N(0, 0.02) weights, zero biases, LayerNorm = identity.
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, 0.0, 0.02)
+        init_encoder_weights(self)
 
     def hidden_states(
         self,

@@ -118,8 +118,6 @@ def _load(
         state = fam.from_hf(_read_weights(folder, dtype), args)
     except (KeyError, ValueError, RuntimeError) as e:
         raise ConfigError(f"{folder}: the weights do not fit {CONFIG} ({str(e)[:400]})") from None
-    if "embed_positions.weight" in state:  # seq_len may be capped below max_position_embeddings
-        state["embed_positions.weight"] = state["embed_positions.weight"][: args.position_offset + args.seq_len]
     optional = [re.compile(p) for p in fam.optional]
     with _parameters_on_meta():
         model = build_model(args)

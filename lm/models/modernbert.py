@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lm.models.bert import init_encoder_weights
 from lm.models.transformer import ModelArgs, apply_rope, rope_cos_sin, token_loss
 
 ACTIVATIONS = {
@@ -140,15 +141,8 @@ class ModernBertEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # N(0, 0.02) weights (HF truncates at 2 std; a fresh model here only matters for tests),
-        # zero biases, LayerNorm = identity.
-        for name, p in self.named_parameters():
-            if "norm" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:
-                nn.init.normal_(p, 0.0, 0.02)
+        # HF truncates at 2 std; a fresh model here only matters for tests.
+        init_encoder_weights(self)
 
     def _masks(
         self, T: int, attention_mask: torch.Tensor | None, device
