@@ -12,7 +12,7 @@ Fine-tuning (``--batch`` x ``--seq-len`` random tokens a step, every next token 
 alpha=16, dropout 0 on q/k/v/o; AdamW):
 
 - **lmforge**: ``lm.hf.load_hf`` (our Decoder with Qwen2's switches), ``lm.finetune.lora.apply_lora``,
-  and the real training path: ``SFTModule`` under ``lm.train.fit_and_save`` (Lightning's Trainer,
+  and the real training path: ``SFTModule`` under ``lm.training.child.fit_and_save`` (Lightning's Trainer,
   with lmforge's checkpoint, throughput and progress callbacks; after the last timed step it
   validates once, checkpoints, saves the merged model and the adapter, as a fine-tuning run does:
   untimed);
@@ -26,7 +26,7 @@ memory allocated before). Steps before ``--warmup`` are not timed; the contender
 ``--rounds`` rounds and each keeps its best round (its smallest peak for memory).
 
 Decode: the same model without LoRA, one prompt of 32 random tokens, 128 new tokens, greedy, no
-end-of-text id: ``lm.generate.generate`` against ``model.generate(do_sample=False,
+end-of-text id: ``lm.generation.sampling.generate`` against ``model.generate(do_sample=False,
 min_new_tokens=128)``, in this process, the same alternation.
 
 Clocks: the wall clock (``*_steps_s``, ``*_tokens_s``) and the process's CPU time over all its
@@ -139,7 +139,7 @@ def memory_base(device: torch.device) -> float:
 
 
 def child_lmforge(a, folder: Path, out_dir: Path) -> dict[str, float]:
-    """lmforge's fine-tuning path on the imported folder (what ``lm.train.run_finetune`` does for
+    """lmforge's fine-tuning path on the imported folder (what ``lm.training.child.run_finetune`` does for
     ``finetune.task=sft`` with LoRA, with these batches instead of chat data)."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -148,7 +148,7 @@ def child_lmforge(a, folder: Path, out_dir: Path) -> dict[str, float]:
     from lm.finetune.lora import apply_lora, merge_lora, save_adapter
     from lm.finetune.sft import SFTModule, collate
     from lm.models.hf import load_hf
-    from lm.train import fit_and_save
+    from lm.training.child import fit_and_save
 
     device = torch.device(a.device)
     ids = token_batches(a)
@@ -253,7 +253,7 @@ def bench_decode(a, folder: Path) -> tuple[dict[str, dict[str, float]], bool]:
     """Best tokens/s per contender by each clock, and whether both produced the same tokens."""
     import transformers
 
-    from lm.generate import SamplingParams, generate
+    from lm.generation.sampling import SamplingParams, generate
     from lm.models.hf import load_hf
 
     transformers.logging.set_verbosity_error()
@@ -325,7 +325,7 @@ def main() -> None:
         p.error(f"--warmup must be at least 1 and below --steps ({a.steps}): got {a.warmup}")
     torch.set_num_threads(a.threads)
     if a.device == "cuda":
-        torch.set_float32_matmul_precision("high")  # as lm.train does, for both sides
+        torch.set_float32_matmul_precision("high")  # as lm.training.child does, for both sides
 
     if a.child:
         # Everything either side imports is imported before the memory baseline, on both sides.
@@ -335,7 +335,7 @@ def main() -> None:
 
         import lm.finetune.sft  # noqa: F401
         import lm.models.hf  # noqa: F401
-        import lm.train  # noqa: F401
+        import lm.training.child  # noqa: F401
 
         transformers.logging.set_verbosity_error()
         with tempfile.TemporaryDirectory() as out:

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm.config import load_config  # noqa: E402
-from lm.generate import SamplingParams, generate  # noqa: E402
+from lm.generation.sampling import SamplingParams, generate  # noqa: E402
 from lm.models.folder import build_model, load_model
 from lm.models.hf import hf_config_and_state
 from lm.models.transformer import Decoder, count_params, llama_config_dict, model_args

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Training throughput on one H100/H200: the gpt2-124m preset in bf16 with torch.compile, a few hundred
 # steps on synthetic Zipf-distributed tokens (no data stage needed). Prints tokens/s and MFU (dense
-# bf16 peak from lm.lit.PEAK_FLOPS) for lmforge's Trainer path, the plain PyTorch loop and HF Llama.
+# bf16 peak from lm.training.modules.PEAK_FLOPS) for lmforge's Trainer path, the plain PyTorch loop and HF Llama.
 # Then the tests marked gpu (QLoRA on a 4-bit base, bf16 training) and LoRA fine-tuning of an imported
 # Qwen2-shaped model against transformers + peft (benchmarks/finetune.py) on the GPU.
 # Not run by CI. Usage: benchmarks/gpu.sh [extra benchmarks/train.py flags, e.g. --only lmforge]

@@ -47,9 +47,9 @@ TIMED = ("ingest", "clean", "tokenize")
 def run_data(cfg) -> dict[str, tuple[Path, object, float]]:
     """ingest, clean, base_model (nothing to bring here) and tokenize through their stage rows;
     (folder, result, seconds) per stage."""
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.workspace import stage_dirs
     from lm.stages import STAGES
-    from lm.workspace import stage_dirs
 
     stages = [stage_by_name(STAGES, name) for name in ("ingest", "clean", "base_model", "tokenize")]
     dirs = stage_dirs(cfg, stages)

@@ -183,7 +183,7 @@ def in_process_contenders(
     import torch
     import transformers
 
-    from lm.generate import SamplingParams
+    from lm.generation.sampling import SamplingParams
     from lm.models.hf import hf_config_and_state
     from lm.models.load import load_for_generation
     from lm.models.transformer import llama_config_dict

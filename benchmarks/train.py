@@ -6,7 +6,7 @@ model and data, vs Hugging Face's LlamaForCausalLM of the same shape in a plain 
         --precision bf16-mixed --compile --steps 300 --warmup 50   # see benchmarks/gpu.sh
 
 Each contender trains ``--steps`` optimizer steps on the same synthetic token data (Zipf-distributed
-ids, random windows through lm.datamodule's reader), with AdamW, warmup+cosine and gradient
+ids, random windows through lm.training.pretrain_data's reader), with AdamW, warmup+cosine and gradient
 clipping; tokens/s is timed from step ``--warmup`` to the end (compilation and allocator warm-up
 excluded). Ends with one line of key=value figures.
 """
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lm.config import Config, ModelConfig, PretrainConfig, TrainerConfig  # noqa: E402
-from lm.datamodule import TokenDataModule  # noqa: E402
-from lm.lit import device_peak_flops, param_groups, warmup_cosine  # noqa: E402
 from lm.models.folder import build_model  # noqa: E402
 from lm.models.transformer import count_params, flops_per_token, llama_config_dict, model_args  # noqa: E402
 from lm.text.shards import TokenIndex  # noqa: E402
+from lm.training.modules import device_peak_flops, param_groups, warmup_cosine  # noqa: E402
+from lm.training.pretrain_data import TokenDataModule  # noqa: E402
 
 
 def make_tokens(root: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Path:
@@ -86,7 +86,7 @@ class _Timer:
 def bench_lmforge(a, data_dir: Path, out_dir: Path) -> float:
     import lightning.pytorch as pl
 
-    from lm.train import run_pretrain
+    from lm.training.child import run_pretrain
 
     timer = _Timer(a.warmup, a.steps, torch.device(a.device))
 
@@ -194,7 +194,7 @@ def main() -> None:
     if a.device == "cuda":
         torch.set_float32_matmul_precision(
             "high"
-        )  # as lm.train does: the same TF32 matmuls for every contender
+        )  # as lm.training.child does: the same TF32 matmuls for every contender
     else:
         torch.set_num_threads(1)  # see _Timer: all work on the one thread whose CPU clock is read
     a.tokens_per_step = a.batch_size * a.seq_len

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from lm.config import Config, display_uri, list_presets, load_config
 from lm.errors import LmforgeError
-from lm.stage import Stage
+from lm.pipeline.stage import Stage
 from lm.stages import STAGES, groups, stages_for
 
 # A temporary Prefect server (no PREFECT_API_URL) must start within this many seconds. Prefect's
@@ -99,7 +99,7 @@ def _parser(table: Sequence[Stage]) -> argparse.ArgumentParser:
 
 def registry_command(args: argparse.Namespace, cfg: Config) -> int:
     """``lmforge promote`` / ``lmforge rollback``: one line saying how the alias moved."""
-    from lm import registry
+    from lm.tracking import registry
 
     alias = args.alias or cfg.deploy.alias
     if args.command == "promote":
@@ -113,9 +113,9 @@ def report_command(args: argparse.Namespace, cfg: Config) -> int:
     """A table of the newest pipeline runs of the experiment tracking.experiment (tracking URI from the
     config or MLFLOW_TRACKING_URI): name (with its start time), trigger, documents kept, the promotion
     metric beside the champion's value, other headline metrics, decision, minutes and status."""
-    from lm import tracking
     from lm.errors import ConfigError
-    from lm.report import comparison_table
+    from lm.tracking import runs as tracking
+    from lm.tracking.report import comparison_table
 
     if args.last < 1:
         raise ConfigError(f"--last {args.last}: give a number of runs, 1 or more")
@@ -131,7 +131,7 @@ def report_command(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _generate_args(sp: argparse.ArgumentParser) -> None:
-    # Defaults as lm.generate.SamplingParams's, written out: parsing must not import torch.
+    # Defaults as lm.generation.sampling.SamplingParams's, written out: parsing must not import torch.
     sp.add_argument("prompt", help="the text to continue")
     sp.add_argument("--model", "-m", required=True, metavar="PATH",
                     help="an lmforge decoder or export folder (model.json, tokenizer.json in it or its parent) "
@@ -150,7 +150,7 @@ def _generate_args(sp: argparse.ArgumentParser) -> None:
 def generate_command(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained decoder and print the completion (to the first stop string,
     end-of-text token or --max-new-tokens)."""
-    from lm.generate import SamplingParams, generate_text
+    from lm.generation.sampling import SamplingParams, generate_text
     from lm.models.load import load_for_generation
 
     try:
@@ -249,7 +249,7 @@ def _summary(out: dict, seconds: float, uri: str) -> str:
         lines.append(f"  model {d['outputs']['model_uri']} {promoted} {d['outputs']['alias_uri']}")
         if d.get("tags", {}).get("lmforge.decision_reason"):
             lines.append(f"    {d['tags']['lmforge.decision_reason']}")
-    from lm.tracking import run_page
+    from lm.tracking.runs import run_page
 
     shown = display_uri(uri)
     lines += [

@@ -35,7 +35,7 @@ from flows.pipeline import pipeline
 from flows.watch import PIPELINE_FLOW, new_data_check
 from lm.config import Config, apply_overrides
 from lm.errors import LmforgeError
-from lm.stage import Stage
+from lm.pipeline.stage import Stage
 from lm.stages import STAGES
 
 RETRAIN = "retrain"
@@ -220,7 +220,7 @@ def trigger(name: str, overrides: Sequence[str], echo: Callable[[str], None] = p
     from prefect.utilities.urls import url_for
 
     from flows.watch import parent_run_of
-    from lm.tracking import run_page
+    from lm.tracking.runs import run_page
 
     api = _api_url()
     with get_client(sync_client=True) as client:

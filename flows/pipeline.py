@@ -13,12 +13,12 @@ from typing import Literal
 from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run
 
-from lm import tracking
 from lm.config import Config, display_uri
-from lm.retrain import config_digest, data_digest, digest_cache, source_digests
-from lm.stage import Stage
+from lm.pipeline.retrain import config_digest, data_digest, digest_cache, source_digests
+from lm.pipeline.stage import Stage
+from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES, preflight, stages_for
-from lm.workspace import stage_dirs
+from lm.tracking import runs as tracking
 from tasks.stage import run_in_child_run, stage_task
 
 

@@ -23,7 +23,7 @@ both, in one place, and each check's log in the Prefect UI says why it did or di
 As a deployment it runs where the retrain runs (the same machine or work pool sees the same files).
 
 The MLflow queries below (the last pipeline runs, a run's ingest folder) belong with the others in
-``lm/tracking.py``; they stay here until that module grows a search of pipeline runs.
+``lm/tracking/runs.py``; they stay here until that module grows a search of pipeline runs.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def ingest_folder(uri: str, parent) -> Path | None:
 def should_retrain(cfg: Config) -> tuple[bool, str]:
     """Whether the sources hold enough new data for a retrain of ``cfg``, and why (one line)."""
     from lm.data.ingest import PROVENANCE
-    from lm.retrain import data_digest, digest_cache, new_data, read_provenance, source_digests
+    from lm.pipeline.retrain import data_digest, digest_cache, new_data, read_provenance, source_digests
 
     uri, experiment = cfg.tracking_uri(), cfg.tracking.experiment
     runs = pipeline_runs(uri, experiment, cfg.name)

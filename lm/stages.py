@@ -2,7 +2,7 @@
 
 Each row names a stage once: the ``lm/`` function that does its work, the stages it reads, the
 config keys and files its result depends on, the code it runs, and the files it leaves. From this
-table alone come the output folders and cache keys (``lm.workspace``), the MLflow child runs and
+table alone come the output folders and cache keys (``lm.pipeline.workspace``), the MLflow child runs and
 their params, the Prefect wiring (``flows/pipeline.py``), the CLI subcommands (``flows/cli.py``)
 and the checks made before a run starts (:func:`preflight`). Adding a stage is one row here and,
 if its work is new, one function in ``lm/``.
@@ -21,7 +21,7 @@ from pathlib import Path
 from lm.config import Config
 from lm.errors import ConfigError
 from lm.finetune import DATA, data_builder
-from lm.stage import Stage, StageContext, StageResult, needed
+from lm.pipeline.stage import Stage, StageContext, StageResult, needed
 
 # ---- what each stage runs: its lm/ function, given the stage's inputs ---------------------------
 
@@ -50,7 +50,7 @@ def _clean(ctx: StageContext) -> StageResult:
 def _extending(ctx: StageContext, name: str, varying: tuple[str, ...] = ()):
     """The earlier output of stage ``name`` this run may extend (None: there is none); the stage's
     output is marked with its lineage for the next run."""
-    from lm import workspace
+    from lm.pipeline import workspace
 
     stage = next(s for s in STAGES if s.name == name)
     ident = workspace.lineage(ctx.cfg, stage, varying)
@@ -60,13 +60,13 @@ def _extending(ctx: StageContext, name: str, varying: tuple[str, ...] = ()):
 
 
 def _base_model(ctx: StageContext) -> StageResult:
-    from lm.base_model import prepare_base
+    from lm.pipeline.base_model import prepare_base
 
     return prepare_base(ctx.cfg, out_dir=ctx.out_dir)
 
 
 def _base_model_key(cfg: Config):
-    from lm.base_model import fingerprint
+    from lm.pipeline.base_model import fingerprint
 
     return fingerprint(cfg)
 
@@ -86,9 +86,9 @@ def _finetune_data(ctx: StageContext) -> StageResult:
 
 
 def _pretrain(ctx: StageContext) -> StageResult:
-    from lm.base_model import use_as_pretrained
-    from lm.launch import launch
     from lm.models.source import read_source
+    from lm.pipeline.base_model import use_as_pretrained
+    from lm.training.launch import launch
 
     base = ctx.inputs["base_model"]
     if read_source(base) is None:
@@ -99,7 +99,7 @@ def _pretrain(ctx: StageContext) -> StageResult:
 
 
 def _finetune(ctx: StageContext) -> StageResult:
-    from lm.launch import launch
+    from lm.training.launch import launch
 
     i = ctx.inputs
     return launch("finetune", ctx, ["--data", str(i["finetune_data"]), "--tokens", str(i["tokenize"]),
@@ -107,14 +107,14 @@ def _finetune(ctx: StageContext) -> StageResult:
 
 
 def _evaluate(ctx: StageContext) -> StageResult:
-    from lm.evaluate import evaluate
+    from lm.pipeline.evaluate import evaluate
 
     i = ctx.inputs
     return evaluate(ctx.cfg, i["pretrain"], i["finetune"], i["tokenize"], i["finetune_data"], out_dir=ctx.out_dir)
 
 
 def _export(ctx: StageContext) -> StageResult:
-    from lm.export import export
+    from lm.pipeline.export import export
 
     i = ctx.inputs
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
@@ -123,8 +123,8 @@ def _export(ctx: StageContext) -> StageResult:
 
 
 def _deploy(ctx: StageContext) -> StageResult:
-    from lm.evaluate import EVAL_SETS, digest_for_metric, rescore
-    from lm.registry import deploy
+    from lm.pipeline.evaluate import EVAL_SETS, digest_for_metric, rescore
+    from lm.tracking.registry import deploy
 
     i = ctx.inputs
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
@@ -139,7 +139,7 @@ def _deploy(ctx: StageContext) -> StageResult:
 
 
 def _check_promote_metric(cfg: Config) -> None:
-    from lm.evaluate import metric_directions
+    from lm.pipeline.evaluate import metric_directions
 
     known = metric_directions(cfg)
     metric, mode = cfg.deploy.promote_metric, cfg.deploy.promote_mode
@@ -168,34 +168,34 @@ STAGES: tuple[Stage, ...] = (
           code=("lm.data.clean",), outputs=("train.parquet", "val.parquet"), group="data"),
     Stage("base_model", _base_model, "bring the model to start from (model.init_from) into lmforge's format",
           config=("model.init_from", "model.init_from_fallback", "model.kind"), fingerprint=_base_model_key,
-          code=("lm.base_model",),
+          code=("lm.pipeline.base_model",),
           outputs=("source.json",)),
     Stage("tokenize", _tokenize, "build the tokenizer (or take the base model's) and write token shards",
           inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.text.tokenize",),
           outputs=("tokenizer.json", "index.json"), group="data"),
     Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
-          config=("finetune.task", "finetune.data", "finetune.text_column", "finetune.label_column",
-                  "finetune.prompt_column", "finetune.response_column", "finetune.messages_column",
-                  "finetune.system_prompt", "finetune.num_classes", "finetune.val_fraction",
+          config=("finetune.task", "finetune.data", "finetune.classify.text_column", "finetune.classify.label_column",
+                  "finetune.classify.num_classes", "finetune.sft.prompt_column", "finetune.sft.response_column",
+                  "finetune.sft.messages_column", "finetune.sft.system_prompt", "finetune.val_fraction",
                   "finetune.test_fraction"),
           files=("finetune.data",), code=tuple(sorted({d.partition(":")[0] for d in DATA.values()})), group="data"),
     Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
           inputs=("tokenize", "base_model"), config=("model", "pretrain", "trainer"),
-          code=("lm.train", "lm.base_model"), outputs=("model.safetensors", "model.json", "result.json"),
+          code=("lm.training.child", "lm.pipeline.base_model"), outputs=("model.safetensors", "model.json", "result.json"),
           resumable=True, live_metrics=True),
     Stage("finetune", _finetune, "fine-tune the pretrained model with the method finetune.task",
           inputs=("pretrain", "finetune_data", "tokenize"), config=("finetune", "trainer"),
-          code=("lm.train", "lm.finetune"), outputs=("model.safetensors", "model.json", "result.json"),
+          code=("lm.training.child", "lm.finetune"), outputs=("model.safetensors", "model.json", "result.json"),
           resumable=True, live_metrics=True),
     Stage("evaluate", _evaluate, "evaluate the language model and the fine-tuned model beside baselines",
           inputs=("pretrain", "finetune", "tokenize", "finetune_data"), config=("evaluate",),
-          code=("lm.evaluate", "lm.finetune"), outputs=("metrics.json", "eval_sets.json")),
+          code=("lm.pipeline.evaluate", "lm.finetune"), outputs=("metrics.json", "eval_sets.json")),
     Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
-          inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.export", "lm.finetune"),
+          inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.pipeline.export", "lm.finetune"),
           outputs=("model.safetensors", "model.json", "tokenizer.json")),
     Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion on the same data",
           inputs=("export", "evaluate", "finetune_data", "tokenize"), config=("deploy",),
-          code=("lm.registry", "lm.evaluate"), cached=False,
+          code=("lm.tracking.registry", "lm.pipeline.evaluate"), cached=False,
           check=_check_promote_metric),
 )
 

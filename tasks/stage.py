@@ -1,6 +1,6 @@
 """The one Prefect task every stage runs as, and the MLflow child run around it.
 
-A stage's task calls ``lm.stage.execute`` on its row of the stage table. It is cached across runs by
+A stage's task calls ``lm.pipeline.stage.execute`` on its row of the stage table. It is cached across runs by
 its output folder (itself the hash of all the stage's inputs and code): when the folder is
 complete Prefect reports the task ``Cached`` and skips it. The child run is still created, tagged
 ``lmforge.cached=true``, and gets the stored metrics, so every pipeline run in MLflow shows the
@@ -19,10 +19,10 @@ from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
-from lm import tracking
 from lm.config import Config
-from lm.stage import Stage, StageContext, StageResult, execute, is_complete
-from lm.workspace import config_values
+from lm.pipeline.stage import Stage, StageContext, StageResult, execute, is_complete
+from lm.pipeline.workspace import config_values
+from lm.tracking import runs as tracking
 from tasks.cluster import dask_map
 from tasks.common import stream_subprocess
 

@@ -52,10 +52,10 @@ def make_workdir(tmp_path_factory) -> dict[str, Path]:
 
 
 def export_model(workdir: dict[str, Path], name: str, task: str = "sft", seed: int = 0) -> Path:
-    """An export folder (lm.export.export) of a tiny untrained decoder (sft) or classifier."""
-    from lm.export import export
+    """An export folder (lm.pipeline.export.export) of a tiny untrained decoder (sft) or classifier."""
     from lm.models.folder import build_model, save_model
     from lm.models.transformer import ModelArgs, SequenceClassifier
+    from lm.pipeline.export import export
     from lm.text.chat import ChatFormat
     from lm.text.shards import TokenIndex
 
@@ -132,7 +132,7 @@ def register(uri: str, name: str, folder: Path, work: Path) -> str:
     except mlflow.exceptions.MlflowException:
         experiment = client_.get_experiment_by_name("serve").experiment_id
     model_dir = work / f"pyfunc-{folder.parent.name}"
-    mlflow.pyfunc.save_model(str(model_dir), python_model=str(ROOT / "lm" / "registry_model.py"),
+    mlflow.pyfunc.save_model(str(model_dir), python_model=str(ROOT / "lm" / "tracking" / "pyfunc_model.py"),
                              artifacts={"model": str(folder)}, code_paths=[str(ROOT / "lm")], pip_requirements=[])
     run = client_.create_run(experiment)
     client_.log_artifacts(run.info.run_id, str(model_dir), "model")

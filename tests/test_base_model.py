@@ -10,15 +10,15 @@ import pytest
 import torch
 from train_fixtures import make_finetune_dir, stdlib_texts, tiny_config_yaml
 
-from lm.base_model import prepare_base, use_as_pretrained
 from lm.config import load_config
 from lm.errors import ConfigError
 from lm.models.folder import load_model
 from lm.models.source import read_source
+from lm.pipeline.base_model import prepare_base, use_as_pretrained
 from lm.text.shards import TokenIndex
 from lm.text.tokenize import tokenize
 from lm.text.tokenizer import byte_tokenizer, load_tokenizer
-from lm.train import run_finetune
+from lm.training.child import run_finetune
 
 transformers = pytest.importorskip("transformers")
 
@@ -153,8 +153,8 @@ def test_instruction_tuning_starts_from_a_hugging_face_llama_with_its_own_tokeni
     """The imported tokenizer has no ChatML tokens: the plain-text chat template is stored with it,
     sft trains on the imported weights, and the export's hf/ folder is the tuned Llama again."""
     from lm.data.instruct import build_instruct_data
-    from lm.export import export
     from lm.finetune import sft
+    from lm.pipeline.export import export
 
     _hf_llama(tmp_path / "hf")
     rows = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(80)]

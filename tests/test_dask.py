@@ -10,7 +10,7 @@ import pytest
 from lm.config import CleanConfig, Config, DataConfig
 from lm.data.clean import clean
 from lm.data.ingest import Documents, ingest
-from lm.stage import StageContext, execute, stage_by_name
+from lm.pipeline.stage import StageContext, execute, stage_by_name
 from lm.stages import STAGES
 
 

@@ -19,7 +19,7 @@ import pytest
 from serve_fixtures import client, export_model, free_port, make_workdir, serving, wait_until_up
 from train_fixtures import ROOT, child_env
 
-from lm.generate import SamplingParams
+from lm.generation.sampling import SamplingParams
 from lm.models.load import load_for_generation
 from lm.serving.engine import Delta, Failed, Finished, GenerationEngine
 from lm.serving.process import EngineProcess, stop_ids
@@ -124,7 +124,7 @@ def test_a_killed_engine_process_fails_its_requests_instead_of_leaving_them_wait
 def test_the_engine_process_ends_when_the_server_process_is_killed(model):
     script = textwrap.dedent(f"""
         import queue, sys
-        from lm.generate import SamplingParams
+        from lm.generation.sampling import SamplingParams
         from lm.serving.process import EngineProcess
         e = EngineProcess({str(model)!r})
         e.start()

@@ -14,10 +14,10 @@ from train_fixtures import make_token_dir
 from lm.config import ModelConfig, load_config
 from lm.data.labelled import LABELS, SPLIT_FILES
 from lm.errors import ConfigError
-from lm.evaluate import language_model_metrics, metric_directions
 from lm.finetune import classify
 from lm.models.folder import build_model, save_model
 from lm.models.transformer import Encoder, SequenceClassifier, model_args
+from lm.pipeline.evaluate import language_model_metrics, metric_directions
 from lm.stages import STAGES, preflight
 from lm.text.shards import TokenIndex, TokenShards
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lm.generate import SamplingParams, generate
+from lm.generation.sampling import SamplingParams, generate
 from lm.models.folder import load_model
 from lm.models.hf import export_hf, hf_config_and_state, import_hf, load_hf
 from lm.models.transformer import Decoder

@@ -17,11 +17,11 @@ import pytest
 import torch
 from test_families import hf_model
 
-from lm.base_model import _special_tokens
 from lm.finetune.sft import batch_logits, encode_examples, end_of_turn, summed_nats
-from lm.generate import SamplingParams, generate
+from lm.generation.sampling import SamplingParams, generate
 from lm.models.folder import load_model
 from lm.models.hf import import_hf
+from lm.pipeline.base_model import _special_tokens
 from lm.text.chat import ChatFormat, read_own_config, tokenizer_config
 from lm.text.tokenizer import byte_tokenizer, load_tokenizer
 

@@ -11,9 +11,9 @@ from train_fixtures import make_token_dir, tiny_config_yaml
 from lm import finetune
 from lm.config import load_config
 from lm.errors import ConfigError
-from lm.stage import StageContext, execute, stage_by_name
+from lm.pipeline.stage import StageContext, execute, stage_by_name
 from lm.stages import STAGES, preflight
-from lm.train import run_finetune, run_pretrain
+from lm.training.child import run_finetune, run_pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

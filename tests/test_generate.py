@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from lm.generate import (
+from lm.generation.kv_cache import KVCache
+from lm.generation.sampling import (
     GenerationBatch,
     SamplingParams,
     decode_step,
@@ -19,7 +20,7 @@ from lm.generate import (
 )
 from lm.models.folder import save_model
 from lm.models.hf import hf_config_and_state
-from lm.models.transformer import Decoder, Encoder, KVCache, ModelArgs, _plain_layers, llama_config_dict
+from lm.models.transformer import Decoder, Encoder, ModelArgs, _plain_layers, llama_config_dict
 from lm.text.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

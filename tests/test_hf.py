@@ -10,7 +10,7 @@ import torch
 from hf_fixtures import close, randomise
 
 from lm.errors import ConfigError
-from lm.generate import SamplingParams, generate
+from lm.generation.sampling import SamplingParams, generate
 from lm.models.bert import BertEncoder
 from lm.models.folder import build_model, load_model, save_model
 from lm.models.hf import export_hf, import_hf, is_hf_folder, load_hf

@@ -4,7 +4,7 @@ assignment never changes; a cleaning-config change rebuilds everything; two depl
 better version as champion; a warm start from a champion that does not exist yet starts from scratch.
 
 Small generated corpora through the real stage rows (``lm.stages``), the real work-folder layout
-(``lm.workspace``) and a real MLflow sqlite store."""
+(``lm.pipeline.workspace``) and a real MLflow sqlite store."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lm.config import DeployConfig, load_config
-from lm.stage import StageContext, StageResult, execute, is_complete, stage_by_name
+from lm.pipeline.stage import StageContext, StageResult, execute, is_complete, stage_by_name
+from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES
-from lm.workspace import stage_dirs
 
 COMPARED = {
     "ingest": ("provenance.csv", "doc_digests.npy", "ingest_index.json"),  # and every part of documents/
@@ -216,7 +216,7 @@ def test_two_deploys_at_once_leave_the_better_version_as_champion(store, tmp_pat
     champion while a faster, better one promotes itself; the slow one must not overwrite it."""
     from mlflow.tracking import MlflowClient
 
-    from lm.registry import DECISION_TAG, EVAL_SET_TAG, _decide_and_move, _move_alias
+    from lm.tracking.registry import DECISION_TAG, EVAL_SET_TAG, _decide_and_move, _move_alias
 
     client, name, metric = MlflowClient(store), "guarded", "eval/chrf"
     client.create_registered_model(name)
@@ -252,9 +252,9 @@ def test_two_deploys_at_once_leave_the_better_version_as_champion(store, tmp_pat
 
 
 def test_warm_start_from_a_champion_that_does_not_exist_yet(store, tmp_path):
-    from lm.base_model import prepare_base
     from lm.errors import ConfigError
     from lm.models.source import read_source
+    from lm.pipeline.base_model import prepare_base
 
     overrides = [f"tracking.uri={store}", "model.init_from=models:/not-yet@champion"]
     with pytest.raises(ConfigError, match="not in the registry"):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lm.pipeline.workspace import module_closure
 from lm.stages import STAGES
-from lm.workspace import module_closure
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("lm", "flows", "tasks")
@@ -94,10 +94,10 @@ def test_no_import_loop_in_lm_flows_or_tasks():
 
 
 # Code a stage of each kind must not hash: an edit there must leave the stage cached.
-TRAINING = ("lm.lit", "lm.train", "lm.datamodule", "lm.checkpoint")
-GENERATION = ("lm.generate",)
+TRAINING = ("lm.training.modules", "lm.training.child", "lm.training.pretrain_data", "lm.training.checkpoint")
+GENERATION = ("lm.generation.sampling",)
 SERVING = ("lm.serving",)
-REGISTRY = ("lm.registry", "lm.registry_model", "lm.tracking", "lm.report")
+REGISTRY = ("lm.tracking.registry", "lm.tracking.pyfunc_model", "lm.tracking.runs", "lm.tracking.report")
 MODELS = ("lm.models",)
 
 
@@ -112,7 +112,7 @@ def _hashes(stage_name: str) -> list[str]:
     ("tokenize", TRAINING + GENERATION + SERVING + REGISTRY + ("lm.models.transformer", "lm.models.hf")),
     ("finetune_data", TRAINING + GENERATION + SERVING + REGISTRY + MODELS),
     # base_model reads the registry (models:/NAME@ALIAS) and writes a training result (use_as_pretrained).
-    ("base_model", GENERATION + SERVING + ("lm.lit", "lm.train", "lm.datamodule", "lm.registry_model", "lm.report")),
+    ("base_model", GENERATION + SERVING + ("lm.training.modules", "lm.training.child", "lm.training.pretrain_data", "lm.tracking.pyfunc_model", "lm.tracking.report")),
 ])
 def test_a_data_stage_key_hashes_none_of_the_later_code(stage, foreign):
     hashed = _hashes(stage)
@@ -126,5 +126,5 @@ def test_every_stage_key_is_listed():
     for name, mods in keys.items():
         print(f"{name}: {', '.join(mods)}")
     assert "lm.data.ingest" in keys["ingest"] and "lm.text.tokenize" in keys["tokenize"]
-    assert "lm.train" in keys["pretrain"] and "lm.finetune.sft" in keys["finetune"]
-    assert "lm.registry" in keys["deploy"]
+    assert "lm.training.child" in keys["pretrain"] and "lm.finetune.sft" in keys["finetune"]
+    assert "lm.tracking.registry" in keys["deploy"]

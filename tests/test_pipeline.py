@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from lm.config import load_config
+from lm.pipeline.workspace import config_values
 from lm.stages import STAGES
-from lm.tracking import run_tree
-from lm.workspace import config_values
+from lm.tracking.runs import run_tree
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_the_alias_moves_only_to_a_better_version_in_the_configured_direction(ti
     from mlflow.tracking import MlflowClient
 
     from lm.config import DeployConfig
-    from lm.registry import EVAL_SET_TAG, deploy
+    from lm.tracking.registry import EVAL_SET_TAG, deploy
 
     out = tiny_run["first"]
     uri, export = out["tracking_uri"], Path(out["export"])
@@ -183,7 +183,7 @@ def test_a_version_better_by_less_than_the_margin_stays_challenger(tiny_run):
     from mlflow.tracking import MlflowClient
 
     from lm.config import DeployConfig
-    from lm.registry import HISTORY_TAG, deploy, rollback
+    from lm.tracking.registry import HISTORY_TAG, deploy, rollback
 
     out = tiny_run["first"]
     uri, export, run_id = out["tracking_uri"], Path(out["export"]), _deploy_run_id(out)
@@ -228,9 +228,9 @@ def test_a_champion_measured_on_other_data_is_rescored_on_the_new_evaluation_set
     import pandas as pd
     from mlflow.tracking import MlflowClient
 
-    from lm.evaluate import evaluation_set_digest, rescore
     from lm.finetune import method
-    from lm.registry import deploy
+    from lm.pipeline.evaluate import evaluation_set_digest, rescore
+    from lm.tracking.registry import deploy
 
     out, cfg = tiny_run["first"], tiny_run["cfg"]
     uri, export, run_id = out["tracking_uri"], Path(out["export"]), _deploy_run_id(out)
@@ -367,8 +367,8 @@ def test_the_classifier_export_carries_its_decoder_as_a_hugging_face_folder(tiny
 def test_a_warm_start_from_the_champion_keeps_its_tokens_and_encodes_nothing_again(tiny_run):
     """model.init_from=models:/NAME@champion brings the champion's tokenizer (registry -> base_model
     -> tokenize, the bytes unchanged on the way), so tokenize copies the earlier run's tokens."""
-    from lm.stage import StageContext, StageResult, execute, is_complete, stage_by_name
-    from lm.workspace import stage_dirs
+    from lm.pipeline.stage import StageContext, StageResult, execute, is_complete, stage_by_name
+    from lm.pipeline.workspace import stage_dirs
 
     out = tiny_run["first"]
     cfg = load_config("tiny", [f"workdir={tiny_run['cfg'].workdir}", f"tracking.uri={out['tracking_uri']}",

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from lm.config import load_config
 from lm.fileio import file_sha256
-from lm.tracking import run_tree
+from lm.tracking.runs import run_tree
 
 
 @pytest.mark.slow  # ~60 s: data stages, then two training processes started by Lightning's launcher

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from flows.cli import main
-from lm.registry import DECIDED_BY_TAG, DECISION_TAG, HISTORY_TAG, REASON_TAG
+from lm.tracking.registry import DECIDED_BY_TAG, DECISION_TAG, HISTORY_TAG, REASON_TAG
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def registry(store, request):
     """A registered model with versions 1..3 and @champion on 1, as a first deploy leaves it."""
     from mlflow.tracking import MlflowClient
 
-    from lm.registry import _move_alias
+    from lm.tracking.registry import _move_alias
 
     name = request.node.name.split("[")[0].removeprefix("test_")[:60]
     client = MlflowClient(store)

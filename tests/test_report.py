@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
-from lm.figures import read_loss_history
-from lm.report import comparison_table
-from lm.tracking import run_tree
+from lm.tracking.figures import read_loss_history
+from lm.tracking.report import comparison_table
+from lm.tracking.runs import run_tree
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -148,9 +148,9 @@ def test_scheduled_triggered_and_new_data_retrains_on_a_real_prefect_server(serv
 
     from flows.watch import pipeline_runs
     from lm.config import load_config
-    from lm.retrain import config_digest, data_digest, source_digests
+    from lm.pipeline.retrain import config_digest, data_digest, source_digests
     from lm.stages import STAGES
-    from lm.tracking import run_tree
+    from lm.tracking.runs import run_tree
 
     api, logs = served["api"], served["logs"]
     with _client(api) as client:

@@ -44,7 +44,7 @@ def test_deployments_carry_the_config_as_a_form_and_run_one_at_a_time(prefect_ha
 
 def test_new_data_is_counted_by_content_against_what_ingest_read(tmp_path):
     from lm.config import RetrainConfig
-    from lm.retrain import data_digest, new_data, source_digests
+    from lm.pipeline.retrain import data_digest, new_data, source_digests
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -70,7 +70,7 @@ def test_new_data_is_counted_by_content_against_what_ingest_read(tmp_path):
 
 
 def test_data_digest_follows_contents_not_times_and_config_digest_every_key(tmp_path):
-    from lm.retrain import config_digest, data_digest, source_digests
+    from lm.pipeline.retrain import config_digest, data_digest, source_digests
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -102,8 +102,8 @@ def test_trigger_without_a_reachable_server_is_one_line(tmp_path):
 def test_source_digests_are_cached_by_stat_and_a_file_written_in_place_is_read_again(tmp_path, monkeypatch):
     import os
 
-    from lm import retrain
-    from lm.retrain import source_digests
+    from lm.pipeline import retrain
+    from lm.pipeline.retrain import source_digests
 
     corpus, cache = tmp_path / "corpus", tmp_path / "w" / retrain.DIGEST_CACHE
     corpus.mkdir()

@@ -46,7 +46,7 @@ def server(chat_model) -> Iterator[Server]:
 
 def test_chat_answers_with_the_models_own_greedy_tokens(server, chat_model):
     from lm.finetune.sft import Predictor
-    from lm.generate import SamplingParams, generate
+    from lm.generation.sampling import SamplingParams, generate
 
     reply = client(server).chat.completions.create(model="tiny-chat", messages=HELLO, max_tokens=12, temperature=0)
     predictor = Predictor(chat_model)

@@ -388,8 +388,8 @@ def test_the_demo_config_is_sft_and_its_promotion_metric_is_known():
 def test_sft_trains_evaluates_exports_and_answers(tmp_path, sft_dirs, packing):
     from transformers import AutoTokenizer
 
-    from lm.export import export
-    from lm.train import run_finetune, run_pretrain
+    from lm.pipeline.export import export
+    from lm.training.child import run_finetune, run_pretrain
 
     cfg = tiny_sft_config(tmp_path, sft_dirs, max_steps=20, lr=3e-3, packing=packing)
     tokens, data = sft_dirs["tokens"], sft_dirs["data"]
@@ -451,7 +451,7 @@ def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(sft_pipeline
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from lm.tracking import run_tree
+    from lm.tracking.runs import run_tree
 
     out = sft_pipeline
     tree = run_tree(out["tracking_uri"], out["mlflow_run_id"])

@@ -10,10 +10,10 @@ import pytest
 
 from flows.cli import _parser, main
 from lm.config import load_config
-from lm.stage import Stage, StageContext, StageResult, needed
+from lm.pipeline.stage import Stage, StageContext, StageResult, needed
+from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES, stages_for
-from lm.tracking import run_tree
-from lm.workspace import stage_dirs
+from lm.tracking.runs import run_tree
 
 
 def _count(ctx: StageContext) -> StageResult:
@@ -122,7 +122,7 @@ def test_a_run_that_finishes_second_keeps_the_folder_the_first_published(tmp_pat
     from dataclasses import replace
 
     from lm.config import Config
-    from lm.stage import execute
+    from lm.pipeline.stage import execute
 
     out = tmp_path / "count" / "key"
 

@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 
 from lm.data.labelled import stdlib_definitions
+from lm.pipeline.workspace import _module_code, code_digest, module_closure
 from lm.stages import STAGES
-from lm.workspace import _module_code, code_digest, module_closure
 
 
 def _yield(phase: str, info: dict) -> None:

@@ -13,8 +13,13 @@ import pytest
 import torch
 from train_fixtures import child_env, make_finetune_dir, make_token_dir, pretrain_args, tiny_config_yaml
 
-from lm.base_model import prepare_base
-from lm.checkpoint import (
+from lm.config import PretrainConfig, load_config
+from lm.errors import TrainingError
+from lm.fileio import file_sha256
+from lm.models.folder import load_model, save_model
+from lm.models.transformer import Decoder, SequenceClassifier
+from lm.pipeline.base_model import prepare_base
+from lm.training.checkpoint import (
     StepCheckpoint,
     atomic_torch_save,
     is_valid,
@@ -22,14 +27,9 @@ from lm.checkpoint import (
     list_checkpoints,
     prune_checkpoints,
 )
-from lm.config import PretrainConfig, load_config
-from lm.datamodule import EpochSampler, TokenDataModule, WindowSampler, mask_tokens
-from lm.errors import TrainingError
-from lm.fileio import file_sha256
-from lm.lit import LanguageModelModule, warmup_cosine
-from lm.models.folder import load_model, save_model
-from lm.models.transformer import Decoder, SequenceClassifier
-from lm.train import run_finetune, run_pretrain
+from lm.training.child import run_finetune, run_pretrain
+from lm.training.modules import LanguageModelModule, warmup_cosine
+from lm.training.pretrain_data import EpochSampler, TokenDataModule, WindowSampler, mask_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,7 +204,7 @@ def test_finetune_classifier_on_the_pretrained_backbone(tmp_path, token_dir, pre
     assert 0 < moved < apart, (moved, apart)
 
 
-@pytest.mark.slow  # ~6 s: a fresh `python -m lm.train` process
+@pytest.mark.slow  # ~6 s: a fresh `python -m lm.training.child` process
 def test_nan_loss_stops_the_entry_point_with_one_clear_line(tmp_path, token_dir):
     poisoned = Decoder(load_model_args(token_dir))
     with torch.no_grad():

@@ -13,9 +13,9 @@ import pytest
 
 from lm.config import load_config
 from lm.errors import DataError, StageError
-from lm.stage import Stage, StageContext, StageResult, execute, is_complete
+from lm.pipeline.stage import Stage, StageContext, StageResult, execute, is_complete
+from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES
-from lm.workspace import stage_dirs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def test_a_change_moves_only_the_stages_that_depend_on_it(tmp_path):
 
 
 def test_every_config_key_is_some_stages_input_or_declared_run_only():
-    from lm.workspace import RUN_KEYS, RUN_ONLY_KEYS, _flatten, config_values
+    from lm.pipeline.workspace import RUN_KEYS, RUN_ONLY_KEYS, _flatten, config_values
 
     every: dict = {}
     for section, value in load_config("tiny").model_dump(mode="json").items():
@@ -86,7 +86,7 @@ KEYS = (
     "import json\n"
     "from lm.config import load_config\n"
     "from lm.stages import STAGES\n"
-    "from lm.workspace import stage_keys\n"
+    "from lm.pipeline.workspace import stage_keys\n"
     f"print(json.dumps(stage_keys(load_config({str(ROOT / 'conf' / 'tiny.yaml')!r}), STAGES)))\n"
 )
 

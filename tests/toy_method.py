@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lm.finetune import Recipe
 from lm.finetune.classify import encode_texts
-from lm.lit import OptimisedModule
 from lm.models.folder import load_model
 from lm.models.transformer import SequenceClassifier
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 from lm.text.shards import TokenIndex
 from lm.text.tokenizer import load_tokenizer
+from lm.training.modules import OptimisedModule
 
 METRICS = {"eval/mae": "min"}
 TOKEN_METRICS: frozenset[str] = frozenset()  # measured on the targets, not on tokens

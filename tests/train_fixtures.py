@@ -20,11 +20,11 @@ SOURCES = ["json/encoder.py", "json/decoder.py", "textwrap.py", "shlex.py", "fnm
 
 
 def pretrain_args(cfg: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
-    """``-m lm.train pretrain ...``: the entry point's arguments as the pipeline's task passes them
+    """``-m lm.training.child pretrain ...``: the entry point's arguments as the pipeline's task passes them
     (after ``python`` or after a ``torchrun`` prefix)."""
     return [
         "-m",
-        "lm.train",
+        "lm.training.child",
         "pretrain",
         "--config",
         str(cfg),
@@ -37,10 +37,10 @@ def pretrain_args(cfg: Path, tokens: Path, out: Path, *extra: str) -> list[str]:
 
 
 def finetune_args(cfg: Path, data: Path, tokens: Path, init: Path, out: Path, *extra: str) -> list[str]:
-    """``-m lm.train finetune ...`` as the pipeline's task passes it."""
+    """``-m lm.training.child finetune ...`` as the pipeline's task passes it."""
     return [
         "-m",
-        "lm.train",
+        "lm.training.child",
         "finetune",
         "--config",
         str(cfg),
@@ -179,7 +179,7 @@ def kill_at_checkpoint(args: list[str], step: int, env: dict[str, str] | None = 
             if "saved checkpoint" in line and f"step-{step:08d}.ckpt" in line:
                 # Saving is collective: every rank is up by now.
                 ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                         if "lm.train" in " ".join(p.cmdline())]
+                         if "lm.training.child" in " ".join(p.cmdline())]
                 proc.send_signal(signal.SIGKILL)
                 break
         proc.wait(timeout=60)

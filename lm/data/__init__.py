@@ -2,7 +2,7 @@
 
 ``lm.data.ingest.ingest``, ``lm.data.clean.clean``, ``lm.text.tokenize.tokenize`` and
 ``lm.data.labelled.build_finetune_data`` are the stage functions; each writes into ``out_dir``
-and returns an ``lm.stage.StageResult``.
+and returns an ``lm.pipeline.stage.StageResult``.
 """
 
 # Columns of the documents parts (documents/part-*.parquet), train.parquet and val.parquet.

@@ -58,7 +58,7 @@ from lm.data.ingest import DIGESTS, SCHEMA, Documents, document_digest
 from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.memory import trim_heap
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 TRAIN, VAL = "train.parquet", "val.parquet"
 STATS, DROPPED, HIST = "stats.json", "dropped_samples.jsonl", "length_hist.png"

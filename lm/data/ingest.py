@@ -44,7 +44,7 @@ from lm.config import DataConfig
 from lm.data import sources
 from lm.data.sources import FileReport, SourceFile
 from lm.errors import DataError
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 DOCUMENTS = "documents"  # a folder of parquet parts (PART), read as one sequence by Documents
 PART = "part-{:05d}.parquet"

@@ -40,7 +40,7 @@ from lm.data.labelled import SPLIT_FILES, split_of, unit_hash
 from lm.data.pydefs import stdlib_definitions
 from lm.errors import DataError
 from lm.fileio import file_sha256
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 from lm.text.chat import ROLES, Message
 
 MESSAGES = "messages"

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from lm.config import Config, FinetuneConfig
 from lm.data.pydefs import stdlib_definitions
 from lm.errors import DataError
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
 LABELS = "labels.json"

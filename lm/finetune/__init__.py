@@ -6,8 +6,8 @@ key hashes data code only, not the training, evaluation and serving code a metho
 A method module provides everything else that differs between methods, and nothing more:
 
 - ``build(cfg, backbone, data_dir, tokens_dir) -> Recipe``: its network around the pretrained
-  backbone, its LightningModule (a subclass of ``lm.lit.OptimisedModule``) and its DataModule;
-  training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.train``);
+  backbone, its LightningModule (a subclass of ``lm.training.modules.OptimisedModule``) and its DataModule;
+  training itself (optimiser, checkpoints, resume, strategies, saving) is shared (``lm.training.child``);
 - ``METRICS``: the ``eval/`` metrics its ``evaluate`` reports, each with the direction that is better;
   ``TOKEN_METRICS``: those of its metrics measured per token, which only compare between models
   that share a tokenizer (the others are measured on text or labels; a method without it has all
@@ -61,7 +61,7 @@ def method(task: str) -> ModuleType:
 class Recipe:
     """What a method hands the shared training loop."""
 
-    module: Any  # an lm.lit.OptimisedModule subclass; module.net is the network that is saved
+    module: Any  # an lm.training.modules.OptimisedModule subclass; module.net is the network that is saved
     datamodule: Any  # a LightningDataModule
     tokens_per_batch: int  # tokens in one micro-batch (throughput, MFU)
     describe: str  # one line for the log: what is trained on what

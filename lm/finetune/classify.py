@@ -21,14 +21,14 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from lm.config import Config, EvaluateConfig
 from lm.data.labelled import LABELS, SPLIT_FILES
-from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import DataError
 from lm.finetune import Recipe
-from lm.lit import OptimisedModule
 from lm.models.folder import load_model
 from lm.models.transformer import SequenceClassifier, count_params
 from lm.text.shards import TokenIndex
 from lm.text.tokenizer import load_tokenizer
+from lm.training.modules import OptimisedModule
+from lm.training.pretrain_data import EpochSampler, ResumableDataModule, ResumableLoader
 
 METRICS = {"eval/accuracy": "max", "eval/macro_f1": "max"}
 TOKEN_METRICS: frozenset[str] = frozenset()  # labels are compared, not tokens
@@ -171,7 +171,7 @@ def class_probabilities(
 
 
 # scikit-learn and matplotlib are imported inside the evaluation functions: the registered model
-# imports this module to predict, and its requirements (lm/registry.py: REQUIREMENTS) have neither.
+# imports this module to predict, and its requirements (lm/tracking/registry.py: REQUIREMENTS) have neither.
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:

@@ -33,14 +33,14 @@ from torch.utils.data import DataLoader, Subset
 from lm.config import Config, EvaluateConfig
 from lm.data.instruct import read_split
 from lm.data.labelled import SPLIT_FILES
-from lm.datamodule import EpochSampler, ResumableDataModule, ResumableLoader
 from lm.errors import ConfigError, DataError
-from lm.evaluate import GENERATIONS
 from lm.finetune import Recipe
-from lm.lit import OptimisedModule
 from lm.models.folder import load_model
 from lm.models.transformer import count_params
+from lm.pipeline.evaluate import GENERATIONS
 from lm.text.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
+from lm.training.modules import OptimisedModule
+from lm.training.pretrain_data import EpochSampler, ResumableDataModule, ResumableLoader
 
 METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max"}
 # Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
@@ -127,7 +127,7 @@ def collate(pad_id: int):
 class InstructionDataModule(ResumableDataModule):
     """``train/val.parquet`` conversations -> (ids (B,T), targets (B,T)) or, packed, (ids, targets,
     document (B,T)). Training examples come in a new seeded order each epoch, split over ranks,
-    resumable mid-epoch (lm.datamodule.EpochSampler)."""
+    resumable mid-epoch (lm.training.pretrain_data.EpochSampler)."""
 
     def __init__(
         self, data_dir: Path, fmt: ChatFormat, seq_len: int, batch_size: int, seed: int, pad_id: int, packing: bool
@@ -416,7 +416,7 @@ def end_of_turn(config: dict[str, Any], tokenizer) -> str:
 def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
     """README.md of the Hugging Face folder: what export knows of the model, its data and its training."""
     from lm.fileio import file_sha256
-    from lm.launch import RESULT
+    from lm.training.launch import RESULT
 
     a, meta = model.args, model.meta
     ft = meta.get("finetune", {})
@@ -544,7 +544,7 @@ class Predictor:
 
     def answer(self, conversations: list[list[Message]], params: dict[str, Any] | None = None) -> pd.DataFrame:
         """The model's next assistant turn in each conversation (see :meth:`predict`)."""
-        from lm.generate import SamplingParams, generate
+        from lm.generation.sampling import SamplingParams, generate
 
         params = {k: v for k, v in (params or {}).items() if v is not None}
         off = {"top_k": 0, "seed": -1}

@@ -1,7 +1,7 @@
 """Serving a model over HTTP (``lmforge serve``).
 
 - :mod:`lm.serving.engine`: one thread per model owns it and batches every request (continuous
-  batching over the KV cache of :class:`lm.generate.GenerationBatch`; classifiers: one forward pass
+  batching over the KV cache of :class:`lm.generation.sampling.GenerationBatch`; classifiers: one forward pass
   for the texts of every waiting request), streaming each request's text as it grows;
 - :mod:`lm.serving.models`: loading what ``--model`` names (a folder or a registered model), the
   slot new requests read their model from, and the thread that follows a registry alias;

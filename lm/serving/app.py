@@ -327,7 +327,7 @@ class _Service:
             served.engine.cancel(job)
 
     def sampling(self, body, served: ServedModel, prompt: list[int], what: str):
-        from lm.generate import SamplingParams
+        from lm.generation.sampling import SamplingParams
 
         limits = self.limits
         n = len(prompt)

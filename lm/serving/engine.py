@@ -1,6 +1,6 @@
 """The serving engine: one thread owns a model and serves every request given to it, batched.
 
-A :class:`GenerationEngine` drives one :class:`lm.generate.GenerationBatch` (continuous batching,
+A :class:`GenerationEngine` drives one :class:`lm.generation.sampling.GenerationBatch` (continuous batching,
 as Orca, Yu et al. 2022, and vLLM do): between two decode steps, the requests that arrived join the
 running batch (their prompts read in one prefill per group of equal sampling settings) and the rows
 that finished or were cancelled leave it, so a short request never waits for a long one. After
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lm.generate import GenerationBatch, SamplingParams
+from lm.generation.sampling import GenerationBatch, SamplingParams
 
 log = logging.getLogger(__name__)
 

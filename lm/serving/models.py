@@ -152,7 +152,7 @@ def load_served(
 ) -> ServedModel:
     """Load what ``--model`` names: a folder, or a registered model (downloaded to a temporary folder,
     which is removed once the model is in memory)."""
-    from lm.registry import download_registered
+    from lm.tracking.registry import download_registered
 
     registered = registered_name(source)
     if registered is None:
@@ -230,7 +230,7 @@ class RegistryFollower:
 
     def check(self) -> bool:
         """One poll: swap if the alias moved -> whether it swapped."""
-        from lm.registry import resolve_registered
+        from lm.tracking.registry import resolve_registered
 
         try:
             version = resolve_registered(self.source, self.uri)["version"]

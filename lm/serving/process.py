@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lm.errors import LmforgeError
-from lm.generate import SamplingParams
+from lm.generation.sampling import SamplingParams
 from lm.serving.engine import Delta, EngineClosed, Event, Failed, Finished, Request, TextRequest
 
 log = logging.getLogger(__name__)

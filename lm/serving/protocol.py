@@ -63,7 +63,7 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 # The engine samples in float32: the settings are kept where it means what the client asked
 # (logits / 1e-300 is inf, top_p = 1e-300 rounds to 0, a penalty of 1e300 is inf; these once stopped
-# the engine for every request, lm.generate now guards them too), and a seed within the 64 bits of
+# the engine for every request, lm.generation.sampling now guards them too), and a seed within the 64 bits of
 # torch.Generator.manual_seed (beyond them it raised in the engine).
 MIN_TEMPERATURE = 1e-6  # above 0 (greedy)
 MIN_TOP_P = 1e-6

@@ -34,7 +34,7 @@ from lm.config import Config, TokenizerConfig
 from lm.data.batching import char_bounded
 from lm.errors import DataError
 from lm.memory import trim_heap
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 from lm.text.chat import write_tokenizer_config
 from lm.text.shards import INDEX, TokenIndex, TokenShards
 from lm.text.tokenizer import TOKENIZER, byte_tokenizer, load_tokenizer, special_ids, train_bpe

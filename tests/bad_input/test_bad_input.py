@@ -205,7 +205,7 @@ def test_a_bad_config_is_refused_in_one_line_before_anything_runs(case: Case, tm
 
 def _ingest_and_clean(tmp: Path, *overrides: str):
     """The ingest and clean stages on the case's ``src`` folder, as the pipeline runs them."""
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
 
     cfg = load_config(
         "tiny",
@@ -377,7 +377,7 @@ FINETUNE_CASES = [
 
 @pytest.mark.parametrize("name,filename,rows,expect", FINETUNE_CASES, ids=[c[0] for c in FINETUNE_CASES])
 def test_bad_fine_tuning_data_is_named(name, filename, rows, expect, tmp_path):
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
 
     path = tmp_path / filename
     _write(path, "\n".join(json.dumps(r) for r in rows) if rows is not None else "some text")
@@ -399,7 +399,7 @@ SFT_CASES = [
 
 @pytest.mark.parametrize("name,rows,expect", SFT_CASES, ids=[c[0] for c in SFT_CASES])
 def test_bad_instruction_data_is_named_with_its_line(name, rows, expect, tmp_path):
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
 
     path = tmp_path / "chat.jsonl"
     _write(path, "\n".join(json.dumps(r) for r in rows) if rows is not None else '{"prompt": "a", "response": "b"}\n{oops')
@@ -409,7 +409,7 @@ def test_bad_instruction_data_is_named_with_its_line(name, rows, expect, tmp_pat
 
 
 def test_empty_responses_and_prompts_are_skipped_and_counted(tmp_path):
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
 
     rows = [{"prompt": f"What is {i}?", "response": f"It is the number {i}."} for i in range(60)]
     rows += [{"prompt": "Empty?", "response": "  "}, {"prompt": "", "response": "no question"}]
@@ -428,7 +428,7 @@ def _falcon_folder(folder: Path) -> None:
 
 
 def test_a_hugging_face_folder_of_another_architecture_says_what_it_found(tmp_path):
-    from lm.stage import StageContext, execute, stage_by_name
+    from lm.pipeline.stage import StageContext, execute, stage_by_name
 
     _falcon_folder(tmp_path / "falcon")
     cfg = load_config("tiny", [f"model.init_from={tmp_path / 'falcon'}"])

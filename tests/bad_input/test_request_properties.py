@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from lm.generate import SamplingParams, sample_next
+from lm.generation.sampling import SamplingParams, sample_next
 from lm.serving.protocol import ChatCompletionRequest, ClassifyBody, CompletionRequest
 
 # What json.loads gives (it reads NaN and Infinity too, so a client can send them).

@@ -32,7 +32,7 @@ class _RunsCode:
 def test_a_crafted_pickle_checkpoint_is_refused_without_running_it(tmp_path):
     from lm.models.folder import build_model
     from lm.models.transformer import model_args
-    from lm.train import load_weights_into
+    from lm.training.child import load_weights_into
 
     marker = tmp_path / "pwned"
     torch.save({"state_dict": {}, "payload": _RunsCode(marker)}, tmp_path / "model.ckpt")

@@ -12,9 +12,9 @@ import pytest
 from train_fixtures import ROOT, child_env, start_lmforge
 
 from lm.config import load_config
-from lm.stage import is_complete
+from lm.pipeline.stage import is_complete
+from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES, stages_for
-from lm.workspace import stage_dirs
 
 
 @pytest.mark.slow  # ~40 s: two lmforge processes, each with Prefect's temporary server

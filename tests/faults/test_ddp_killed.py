@@ -40,7 +40,7 @@ def _kill_after_checkpoint(args: list[str], step: int) -> None:
     if not ended:  # only when the assertion below fails: the suite leaves nothing running
         with contextlib.suppress(psutil.NoSuchProcess):
             ranks[0].kill()
-    # At once: the kernel killed it with its parent (PR_SET_PDEATHSIG, lm/train.py). Left to itself it
+    # At once: the kernel killed it with its parent (PR_SET_PDEATHSIG, lm/training/child.py). Left to itself it
     # would have gone on until a collective noticed the lost peer (about 1.5 s later here, when it
     # was waiting in one; longer if it was not).
     assert ended, f"rank 1 outlived the killed launcher: {ranks[0].cmdline()}"

@@ -11,7 +11,7 @@ import pytest
 
 from lm.config import load_config
 from lm.errors import StageError, TrainingError
-from lm.stage import StageContext, execute, is_complete, stage_by_name
+from lm.pipeline.stage import StageContext, execute, is_complete, stage_by_name
 from lm.stages import STAGES
 
 
@@ -51,7 +51,7 @@ def test_a_full_disk_fails_the_stage_in_one_line_publishes_nothing_and_the_rerun
 def test_a_checkpoint_folder_that_cannot_be_written_fails_before_training(tmp_path):
     from train_fixtures import make_token_dir, tiny_config_yaml
 
-    from lm.train import run_pretrain
+    from lm.training.child import run_pretrain
 
     tokens = make_token_dir(tmp_path / "tokens")
     cfg = load_config(tiny_config_yaml(tmp_path / "cfg.yaml", pretrain={"max_steps": 1000}))

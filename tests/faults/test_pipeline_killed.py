@@ -30,7 +30,7 @@ def test_killed_pipeline_leaves_no_training_behind_and_the_rerun_takes_over(tmp_
         for line in first.stdout:
             if trainer is None and "lmforge: pretrain decoder" in line:
                 children = psutil.Process(first.pid).children(recursive=True)
-                trainer = [p for p in children if "lm.train" in " ".join(p.cmdline())]
+                trainer = [p for p in children if "lm.training.child" in " ".join(p.cmdline())]
                 # The run's temporary Prefect server (flows/ephemeral.py).
                 orphans = [p for p in children if "prefect.server" in " ".join(p.cmdline())]
             if "saved checkpoint" in line and "step-00000020.ckpt" in line:

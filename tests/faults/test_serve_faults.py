@@ -256,11 +256,11 @@ def test_a_reader_too_slow_for_its_stream_is_cut_at_the_timeout_with_an_error_ev
 
 def test_sampling_settings_past_float32_neither_fail_their_request_nor_the_others(chat_model):
     """SamplingParams accepts a top_p or temperature that rounds to 0 in float32 (the app refuses
-    them; lm.generate and mlflow's pyfunc do not): the likeliest token stays, and the request is
+    them; lm.generation.sampling and mlflow's pyfunc do not): the likeliest token stays, and the request is
     answered beside the others (it used to fail every running request and end the engine)."""
     import threading
 
-    from lm.generate import SamplingParams
+    from lm.generation.sampling import SamplingParams
     from lm.models.load import load_for_generation
     from lm.serving.engine import Failed, Finished, GenerationEngine
 

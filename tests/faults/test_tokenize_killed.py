@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lm.config import load_config
-from lm.stage import StageContext, execute, is_complete, stage_by_name
+from lm.pipeline.stage import StageContext, execute, is_complete, stage_by_name
 from lm.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,7 +22,7 @@ TOKENIZE = (
     "import sys\n"
     "from pathlib import Path\n"
     "from lm.config import load_config\n"
-    "from lm.stage import StageContext, execute, stage_by_name\n"
+    "from lm.pipeline.stage import StageContext, execute, stage_by_name\n"
     "from lm.stages import STAGES\n"
     "cfg = load_config('tiny', sys.argv[3:])\n"
     "inputs = {'clean': Path(sys.argv[1]), 'base_model': Path(sys.argv[1]).parent / 'base_model'}\n"

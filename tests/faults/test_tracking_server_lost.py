@@ -4,7 +4,7 @@ could not send are sent once the server is back, or kept in the stage's folder (
 said in one line) and sent when the stage's results are logged; the stage's own logging fails in one
 line naming the server while it is away, and its output stays complete for the rerun.
 
-The stage's side is driven with the calls ``tasks/stage.py`` makes (``lm.tracking`` and the training
+The stage's side is driven with the calls ``tasks/stage.py`` makes (``lm.tracking.runs`` and the training
 entry point the stage launches), without Prefect, whose temporary server would double the time."""
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from mlflow.tracking import MlflowClient
 from serve_fixtures import free_port, mlflow_server
 from train_fixtures import ROOT, child_env, make_token_dir, pretrain_args, tiny_config_yaml
 
-from lm import tracking
 from lm.config import load_config
 from lm.errors import TrackingError
-from lm.launch import LOSS_HISTORY, training_result
-from lm.stage import stage_by_name
+from lm.pipeline.stage import stage_by_name
+from lm.pipeline.workspace import config_values
 from lm.stages import STAGES
-from lm.workspace import config_values
+from lm.tracking import runs as tracking
+from lm.training.launch import LOSS_HISTORY, training_result
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ class Stage:
         self.stderr = tmp / "train.stderr"
 
     def start_training(self) -> subprocess.Popen:
-        """``python -m lm.train pretrain`` as the stage launches it (lm.train.launch)."""
+        """``python -m lm.training.child pretrain`` as the stage launches it (lm.training.child.launch)."""
         with self.stderr.open("w") as err:
             return subprocess.Popen(
                 [sys.executable, *pretrain_args(self.cfg_path, self.tokens, self.out, "--run-id", self.run_id)],

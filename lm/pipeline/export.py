@@ -20,7 +20,7 @@ import torch
 
 from lm.models.folder import MODEL_JSON, MODEL_WEIGHTS, load_model
 from lm.models.transformer import count_params
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 from lm.text.shards import TokenIndex
 from lm.text.tokenizer import TOKENIZER, load_tokenizer
 

@@ -1,4 +1,4 @@
-"""Every MLflow run-tracking call of lmforge lives here (the registry lives in ``lm/registry.py``).
+"""Every MLflow run-tracking call of lmforge lives here (the registry lives in ``lm/tracking/registry.py``).
 
 One parent run per pipeline run, one nested child run per stage. Run ids are passed explicitly
 (``MlflowClient``, never the fluent API's global "active run"): Prefect runs tasks in threads, and
@@ -26,7 +26,7 @@ from typing import Any
 from lm.config import Config, display_uri
 from lm.errors import TrackingError
 from lm.fileio import atomic_write, exclusive_lock, process_alive
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ def experiment_id(uri: str, name: str) -> str:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    root = root or Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
@@ -380,7 +380,7 @@ UNSENT_METRICS = "unsent_metrics.jsonl"  # in the stage's folder: points the ser
 FLUSH_SECONDS = 10.0  # how long a finished training waits for the server to take what is left
 
 
-# How the training process's MLflow client retries (set by its entry point, lm.train, unless the user
+# How the training process's MLflow client retries (set by its entry point, lm.training.child, unless the user
 # set them): one quick failure per try instead of MLflow's default backoff (7 retries, up to 2 minutes
 # a sleep, about 4 minutes a call). MetricSender tries again every RETRY_SECONDS for as long as
 # training lasts, and a call stuck in a long backoff would hold the points back long after the
@@ -587,12 +587,12 @@ MODEL_VERSION_TAG = "lmforge.model_version"  # models:/<name>/<version> this pip
 @_user_errors
 def summarize_pipeline_run(uri: str, parent_run_id: str) -> str:
     """Give the parent run what its stages' child runs hold, where a reviewer looks first: the key
-    metrics (lm.report.parent_metrics), the datasets the stages logged, the model version deploy
+    metrics (lm.tracking.report.parent_metrics), the datasets the stages logged, the model version deploy
     registered (tags, a link, the logged model as the run's output) and the markdown description.
     Returns the description."""
     from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelOutput
 
-    from lm import report
+    from lm.tracking import report
 
     client = _client(uri)
     tree = run_tree(uri, parent_run_id)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lm.config import TrainingConfig
 from lm.errors import TrainingError
-from lm.generate import SamplingParams, generate
+from lm.generation.sampling import SamplingParams, generate
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -249,11 +249,11 @@ class LossHistory(Logger):
 
 class TrackedMetrics(Logger):
     """The training scalars to the stage's MLflow run (rank 0), through a queue that never makes
-    training wait for the tracking server (``lm.tracking.MetricSender``): what it does not take is
+    training wait for the tracking server (``lm.tracking.runs.MetricSender``): what it does not take is
     sent again when it is back; :meth:`close` says what it never took and where that is kept."""
 
     def __init__(self, uri: str, run_id: str, out_dir: Path) -> None:
-        from lm.tracking import UNSENT_METRICS, MetricSender
+        from lm.tracking.runs import UNSENT_METRICS, MetricSender
 
         super().__init__()
         self.run_id = run_id

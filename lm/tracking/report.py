@@ -2,7 +2,7 @@
 comparison table of recent runs (``lmforge report``).
 
 Plain data in, text out: the MLflow side (reading the run tree, writing the parent run, listing
-runs) is ``lm.tracking``'s.
+runs) is ``lm.tracking.runs``'s.
 """
 
 from __future__ import annotations

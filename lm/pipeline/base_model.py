@@ -27,7 +27,7 @@ from lm.config import Config
 from lm.errors import ConfigError
 from lm.fileio import atomic_write, file_sha256
 from lm.models.source import SOURCE, check_tokenizer_fits, read_source
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 REGISTERED_PREFIX = "models:/"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -40,7 +40,7 @@ def fingerprint(cfg: Config) -> Any:
     if spec is None:
         return None
     if spec.startswith(REGISTERED_PREFIX):
-        from lm.registry import resolve_registered
+        from lm.tracking.registry import resolve_registered
 
         found = resolve_registered(spec, cfg.tracking_uri(), missing_ok=cfg.model.init_from_fallback == "scratch")
         return found if found is not None else {"scratch": f"{spec} is not registered yet"}
@@ -136,7 +136,7 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
     out_dir = Path(out_dir)
     spec = cfg.model.init_from
     if spec is not None and spec.startswith(REGISTERED_PREFIX) and cfg.model.init_from_fallback == "scratch":
-        from lm.registry import resolve_registered
+        from lm.tracking.registry import resolve_registered
 
         if resolve_registered(spec, cfg.tracking_uri(), missing_ok=True) is None:  # the first run of a retrain loop
             atomic_write(out_dir / SOURCE, json.dumps({"kind": "scratch", "fallback_from": spec}, indent=2))
@@ -148,7 +148,7 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
         return StageResult(params={"base_model.kind": "scratch"}, artifacts=[SOURCE], outputs={"source": SOURCE})
     source: dict[str, Any] = {"spec": spec}
     if spec.startswith(REGISTERED_PREFIX):
-        from lm.registry import download_registered
+        from lm.tracking.registry import download_registered
 
         download = out_dir / ".registered"
         folder, version = download_registered(spec, cfg.tracking_uri(), download)
@@ -191,9 +191,9 @@ def prepare_base(cfg: Config, *, out_dir: Path) -> StageResult:
 def use_as_pretrained(base_dir: Path, tokens_dir: Path, out_dir: Path) -> StageResult:
     """The pretrain stage when pretraining is skipped: the base model, as the pretrained model, with
     the token ids of the tokenizer it came with; the same files training would leave."""
-    from lm.launch import RESULT, training_result
     from lm.models.folder import MODEL_WEIGHTS, load_model, save_model
     from lm.text.shards import TokenIndex
+    from lm.training.launch import RESULT, training_result
 
     source = read_source(base_dir)
     if source is None or source["kind"] == "checkpoint":

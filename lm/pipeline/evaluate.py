@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from lm.config import Config
-from lm.figures import LOSS_CURVES, plot_loss_curves
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
+from lm.tracking.figures import LOSS_CURVES, plot_loss_curves
 
 LM_METRICS = {
     "decoder": {"eval/loss": "min", "eval/ppl": "min", "eval/bpb": "min"},
@@ -52,10 +52,10 @@ def language_model_metrics(
     model_dir: Path, tokens_dir: Path, max_batches: int, batch_size: int = 8
 ) -> dict[str, float]:
     """The pretrained model on the held-out split: decoder or encoder (see the module docstring)."""
-    from lm.datamodule import TokenWindows
     from lm.models.folder import load_model
     from lm.text.shards import TokenShards
     from lm.text.tokenizer import load_tokenizer
+    from lm.training.pretrain_data import TokenWindows
 
     model = load_model(model_dir)
     seq_len = model.args.seq_len
@@ -187,9 +187,9 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
     under another tokenizer."""
     from lm.data.labelled import LABELS
     from lm.errors import DataError
-    from lm.export import LM_DIR
     from lm.finetune import method
     from lm.models.folder import read_model_json
+    from lm.pipeline.export import LM_DIR
     from lm.text.shards import TokenIndex
     from lm.text.tokenizer import TOKENIZER
 

@@ -3,7 +3,7 @@ it beats the version that holds the alias now (a promotion gate, not a blind ove
 
 Every new version takes the alias ``challenger``; it takes ``deploy.alias`` (``champion``) only if
 its ``deploy.promote_metric`` beats the champion's by ``deploy.promote_margin`` on the same frozen
-evaluation set (a digest of the held-out files and settings, ``lm.evaluate.evaluation_set_digest``).
+evaluation set (a digest of the held-out files and settings, ``lm.pipeline.evaluate.evaluation_set_digest``).
 A champion measured on other data is first re-scored on this run's (issue 10). Both numbers and the
 decision are tags of the version; people move the alias with :func:`promote` and :func:`rollback`,
 and each alias keeps its history on the registered model.
@@ -24,7 +24,7 @@ made it.
 
 The registered model is self-contained: the export folder, lmforge's own ``lm`` package as code
 (it is not published on PyPI), and pip requirements pinned to the versions it was made with. It
-loads with ``mlflow.pyfunc.load_model`` through a models-from-code entry (``registry_model.py``),
+loads with ``mlflow.pyfunc.load_model`` through a models-from-code entry (``pyfunc_model.py``),
 so loading never unpickles anything (CVE-2024-37052).
 """
 
@@ -49,7 +49,7 @@ from pathlib import Path
 from lm.config import DeployConfig, display_uri
 from lm.errors import ConfigError, DataError, RegistryError, TrackingError
 from lm.fileio import exclusive_lock
-from lm.stage import StageResult
+from lm.pipeline.stage import StageResult
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,13 @@ def _save_pyfunc(export_dir: Path, work: Path) -> Path:
 
     code = work / "code" / "lm"
     # The package's sources only: compiled .pyc files carry the absolute path they were built from.
-    shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(Path(__file__).parents[1], code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     predictor = method(read_model_json(export_dir)["task"]).Predictor(export_dir)
     example = predictor.input_example()
     model_dir = work / "model"
     mlflow.pyfunc.save_model(
         path=str(model_dir),
-        python_model=str(Path(__file__).with_name("registry_model.py")),
+        python_model=str(Path(__file__).with_name("pyfunc_model.py")),
         artifacts={"model": str(export_dir)},
         code_paths=[str(code)],
         pip_requirements=pip_requirements(),

@@ -37,7 +37,7 @@ from typing import Any
 
 from lm.config import Config
 from lm.data import sources
-from lm.stage import MANIFEST, Stage, is_complete
+from lm.pipeline.stage import MANIFEST, Stage, is_complete
 
 # Keys that say where or how a stage runs, never what it produces: no key includes them. (The
 # others are each some stage's input: tests/test_workspace.py checks that none is forgotten.)
@@ -58,12 +58,12 @@ NEUTRAL_MODULES = frozenset(
         "lm",
         "lm.config",
         "lm.errors",
-        "lm.stage",
+        "lm.pipeline.stage",
         "lm.stages",
         "lm.fileio",
         "lm.memory",
-        "lm.tracking",
-        "lm.workspace",
+        "lm.tracking.runs",
+        "lm.pipeline.workspace",
     }
 )
 
@@ -114,7 +114,7 @@ def files_fingerprint(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-LM_ROOT = Path(__file__).resolve().parent
+LM_ROOT = Path(__file__).resolve().parent.parent  # the lm package
 
 
 def _module_file(name: str) -> Path | None:

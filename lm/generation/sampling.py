@@ -2,7 +2,7 @@
 one-shot ``generate``.
 
 Layers, lowest first:
-- ``lm.models.transformer.KVCache`` and ``Decoder.forward(idx, attention_mask, cache=...)``: read more tokens per row;
+- ``lm.generation.kv_cache.KVCache`` and ``Decoder.forward(idx, attention_mask, cache=...)``: read more tokens per row;
 - :func:`prefill` / :func:`decode_step`: next-token logits for prompts / for one new token per row;
 - :func:`sample_next`: the next token per row (repetition penalty, temperature, top-k, top-p);
 - :class:`GenerationBatch`: rows that join (``add``) and leave (done, ``cancel``) between steps, each
@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.models.transformer import KVCache, _Transformer
+from lm.generation.kv_cache import KVCache
+from lm.models.transformer import _Transformer
 
 
 class TextTokenizer(Protocol):

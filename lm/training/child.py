@@ -1,11 +1,11 @@
-"""The training entry point: ``python -m lm.train pretrain|finetune ...``, one process per rank.
+"""The training entry point: ``python -m lm.training.child pretrain|finetune ...``, one process per rank.
 
 Run as its own process (not inside a Prefect task) because Lightning's ddp launcher re-executes
 ``sys.argv`` for each extra rank (Lightning-AI/pytorch-lightning#7699). Under ``torchrun`` or SLURM
 Lightning detects the external launcher and the same command line works unchanged:
 
-    python -m lm.train pretrain --config OUT/config.yaml --data TOKENS --out OUT [--run-id ID --tracking-uri URI]
-    python -m lm.train finetune --config OUT/config.yaml --data FT --tokens TOKENS --init PRETRAIN_OUT --out OUT
+    python -m lm.training.child pretrain --config OUT/config.yaml --data TOKENS --out OUT [--run-id ID --tracking-uri URI]
+    python -m lm.training.child finetune --config OUT/config.yaml --data FT --tokens TOKENS --init PRETRAIN_OUT --out OUT
 
 Pretraining and every fine-tuning method share one fit-and-save path (:func:`fit_and_save`): the
 stage's training block (``pretrain.*`` or ``finetune.*``, one type) sets steps, optimiser,
@@ -36,8 +36,8 @@ from torch import nn
 from lm.config import Config, TrainerConfig, TrainingConfig, load_config
 from lm.errors import ConfigError, LmforgeError, TrainingError
 from lm.fileio import atomic_write, file_sha256, remove_abandoned
-from lm.launch import CONFIG, LOSS_HISTORY, RESULT
 from lm.lifetime import die_with_parent, parent_gone
+from lm.training.launch import CONFIG, LOSS_HISTORY, RESULT
 
 PROMPTS = ["def ", "The ", "import ", "class "]
 
@@ -133,8 +133,8 @@ def weights_digest(net: nn.Module) -> str:
 def _trainer(t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbacks: list):
     import lightning.pytorch as pl
 
-    from lm.checkpoint import AtomicCheckpointIO
-    from lm.lit import ProgressBar
+    from lm.training.checkpoint import AtomicCheckpointIO
+    from lm.training.modules import ProgressBar
 
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls autocast leaves alone
@@ -156,7 +156,7 @@ def _trainer(t: TrainerConfig, out_dir: Path, *, max_steps: int, logger, callbac
             num_sanity_val_steps=0,
             check_val_every_n_epoch=None,
             val_check_interval=1,  # set once accumulation and the epoch length are known
-            # Our samplers split the data over ranks themselves, and stay resumable (lm.datamodule).
+            # Our samplers split the data over ranks themselves, and stay resumable (lm.training.pretrain_data).
             use_distributed_sampler=False,
             default_root_dir=str(out_dir),
             enable_model_summary=False,
@@ -191,7 +191,7 @@ def _check_writable(folder: Path) -> None:
 
 
 def _checkpoint_to_resume(train: TrainingConfig, section: str, ckpt_dir: Path) -> Path | None:
-    from lm.checkpoint import latest_valid_checkpoint
+    from lm.training.checkpoint import latest_valid_checkpoint
 
     if train.resume == "never":
         return None
@@ -228,10 +228,10 @@ def fit_and_save(
     weights; on rank 0 save model.safetensors + model.json (``meta`` added) and result.json.
     ``to_save(net)``: the network to save instead of ``module.net`` (LoRA merged); ``also_save(net, out_dir)``:
     what else rank 0 writes from the trained ``module.net`` (the LoRA adapter itself). Returns the final metrics."""
-    from lm.checkpoint import CKPT_DIR, StepCheckpoint
-    from lm.lit import LossHistory, ThroughputMonitor
     from lm.models.folder import save_model
     from lm.models.transformer import count_params, flops_per_token
+    from lm.training.checkpoint import CKPT_DIR, StepCheckpoint
+    from lm.training.modules import LossHistory, ThroughputMonitor
 
     train: TrainingConfig = getattr(cfg, section)
     out_dir = Path(out_dir)
@@ -251,7 +251,7 @@ def fit_and_save(
     loggers: list = []
     tracked = None
     if run_id:  # first: trainer.logger is the MLflow run (SampleWriter logs its texts there)
-        from lm.lit import TrackedMetrics
+        from lm.training.modules import TrackedMetrics
 
         # Not Lightning's MLFlowLogger: its calls block training while the server is away, and the
         # last failed one ends it. An explicit URI always (MLflow 3 refuses file:./mlruns, mlflow#23637).
@@ -345,11 +345,11 @@ def run_pretrain(
     ``extra_callbacks``: Lightning callbacks added to the Trainer (benchmarks, tests)."""
     import lightning.pytorch as pl
 
-    from lm.datamodule import TokenDataModule
-    from lm.lit import LanguageModelModule, SampleWriter
     from lm.models.folder import build_model
     from lm.models.transformer import count_params, model_args
     from lm.text.shards import TokenIndex
+    from lm.training.modules import LanguageModelModule, SampleWriter
+    from lm.training.pretrain_data import TokenDataModule
 
     p, data_dir = cfg.pretrain, Path(data_dir)
     index = TokenIndex.load(data_dir)
@@ -485,7 +485,7 @@ def _quiet_lightning_tips() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lm.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lm.training.child", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("pretrain", "finetune"):
         sp = sub.add_parser(name, help=f"{name} (see module docstring)")
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--init", default=None, help="the base_model stage's folder (continued pretraining)")
     a = parser.parse_args(argv)
     _die_with_parent()
-    from lm.tracking import SENDER_HTTP_SETTINGS
+    from lm.tracking.runs import SENDER_HTTP_SETTINGS
 
     for name, value in SENDER_HTTP_SETTINGS.items():  # this process's only MLflow caller is its MetricSender
         os.environ.setdefault(name, value)

@@ -1,5 +1,5 @@
 """The pipeline's side of training: the pretrain and finetune stages start the training child
-(``python -m lm.train``, a process of its own: Lightning's DDP launcher re-executes it per rank) and
+(``python -m lm.training.child``, a process of its own: Lightning's DDP launcher re-executes it per rank) and
 read what it leaves (``result.json``). The names of those files are the contract between the two."""
 
 from __future__ import annotations
@@ -10,19 +10,19 @@ from pathlib import Path
 
 from lm.errors import StageError
 from lm.fileio import atomic_write
-from lm.stage import StageContext, StageResult
+from lm.pipeline.stage import StageContext, StageResult
 
 RESULT = "result.json"  # the child's final metrics and weight digest
-LOSS_HISTORY = "loss_history.csv"  # train/val loss by step: the loss-curve figure reads it (lm.figures)
+LOSS_HISTORY = "loss_history.csv"  # train/val loss by step: the loss-curve figure reads it (lm.tracking.figures)
 CONFIG = "config.yaml"  # the stage's config, the child's only input besides its folders
 
 
 def launch(kind: str, ctx: StageContext, args: list[str]) -> StageResult:
-    """Write the stage's config.yaml, run ``python -m lm.train KIND`` (through ``ctx.launch``, which
+    """Write the stage's config.yaml, run ``python -m lm.training.child KIND`` (through ``ctx.launch``, which
     streams its output), and turn the result.json it wrote into the stage's result."""
     out = Path(ctx.out_dir)
     atomic_write(out / CONFIG, ctx.cfg.to_yaml())
-    cmd = [sys.executable, "-m", "lm.train", kind, "--config", str(out / CONFIG), "--out", str(out), *args]
+    cmd = [sys.executable, "-m", "lm.training.child", kind, "--config", str(out / CONFIG), "--out", str(out), *args]
     env = {}
     if ctx.run_id:
         # The URI through the environment, not the command line, which every user of the machine sees.
@@ -34,7 +34,7 @@ def launch(kind: str, ctx: StageContext, args: list[str]) -> StageResult:
 
 def training_result(kind: str, out: Path) -> StageResult:
     """The stage result of a finished training process: its result.json, under MLflow's metric names."""
-    from lm.checkpoint import CKPT_DIR, latest_valid_checkpoint
+    from lm.training.checkpoint import CKPT_DIR, latest_valid_checkpoint
 
     path = Path(out) / RESULT
     if not path.is_file():

@@ -14,7 +14,7 @@ LOSS_CURVES = "loss_curves.png"
 
 
 def read_loss_history(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``loss_history.csv`` (lm.lit.LossHistory) -> metric -> [(step, value)], sorted by step. A step
+    """``loss_history.csv`` (lm.training.modules.LossHistory) -> metric -> [(step, value)], sorted by step. A step
     logged twice (a killed run's steps after its last checkpoint, then the resumed run's) keeps the
     later value; a missing file is an empty history."""
     if not Path(path).is_file():
@@ -31,7 +31,7 @@ def plot_loss_curves(pretrain_dir: Path, finetune_dir: Path, path: Path) -> None
     things: next-token loss, then the fine-tuning task's), training and validation loss by step."""
     from matplotlib.figure import Figure
 
-    from lm.launch import LOSS_HISTORY
+    from lm.training.launch import LOSS_HISTORY
 
     fig = Figure(figsize=(11, 4), layout="constrained")
     axes = fig.subplots(1, 2)
