@@ -335,40 +335,65 @@ class LoraConfig(Section):
         return self
 
 
+class MethodConfig(Section):
+    """The settings of one fine-tuning method: a block under ``finetune`` named for the method, which
+    ``finetune.task`` picks (``lm.finetune.METHODS`` has its module under the same name)."""
+
+
+class ClassifyConfig(MethodConfig):
+    """``finetune.classify``: a linear head on the pretrained backbone (lm.finetune.classify)."""
+
+    text_column: str = "text"  # columns of a labelled .csv/.jsonl/.parquet finetune.data
+    label_column: str = "label"
+    num_classes: int = Field(8, ge=2)  # for finetune.data=stdlib: the most frequent packages
+    freeze_backbone: bool = False  # train the head alone
+
+
+class SFTConfig(MethodConfig):
+    """``finetune.sft``: instruction tuning of a decoder (lm.finetune.sft, lm.data.instruct)."""
+
+    prompt_column: str = "prompt"  # prompt/response pairs ...
+    response_column: str = "response"
+    messages_column: str = "messages"  # ... or chat messages [{role, content}, ...] (used when present)
+    system_prompt: str | None = None  # a system message put before every conversation without one
+    # Several short examples share one window (attention never crosses an example's boundary).
+    packing: bool = False
+
+
 class FinetuneConfig(TrainingConfig):
-    # The fine-tuning method (lm.finetune.METHODS): its data, training, metrics, export, prediction.
+    # The fine-tuning method: the name of one of the method blocks below.
     task: str = "classify"
     # ``stdlib``: a task derived from the same corpus (classify: docstring -> stdlib package;
     # sft: a function's signature and a question -> its docstring's summary line);
-    # else a .csv/.jsonl/.parquet file with the columns named below.
+    # else a .csv/.jsonl/.parquet file with the columns its method block names.
     data: str = "stdlib"
-    text_column: str = "text"  # classify
-    label_column: str = "label"  # classify
-    prompt_column: str = "prompt"  # sft: prompt/response pairs ...
-    response_column: str = "response"
-    messages_column: str = "messages"  # ... or chat messages [{role, content}, ...] (used when present)
-    system_prompt: str | None = None  # sft: a system message put before every conversation without one
-    # sft: several short examples share one window (attention never crosses an example's boundary).
-    packing: bool = False
     lora: LoraConfig = Field(default_factory=LoraConfig)
-    num_classes: int = Field(8, ge=2)  # for the stdlib task: the most frequent packages
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
-    freeze_backbone: bool = False
     # Fine-tuning's own defaults (a pretrained network needs fewer, gentler steps).
     max_steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(20, ge=0)
+    # One block per method, read only by that method.
+    classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        """The values ``finetune.task`` may take: the names of the method blocks."""
+        return tuple(
+            name
+            for name, field in cls.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, MethodConfig)
+        )
 
     @field_validator("task")
     @classmethod
     def _known_task(cls, task: str) -> str:
-        from lm.finetune import METHODS
-
-        if task not in METHODS:
-            raise ValueError(f"finetune.task={task!r} is not available: choose one of {', '.join(METHODS)}")
+        if task not in cls.methods():
+            raise ValueError(f"finetune.task={task!r} is not available: choose one of {', '.join(cls.methods())}")
         return task
 
     @model_validator(mode="after")
@@ -379,6 +404,18 @@ class FinetuneConfig(TrainingConfig):
                 "leaves nothing to train on: keep their sum below 1"
             )
         return self
+
+
+def method_key(key: str) -> str | None:
+    """Where a method's setting given directly under ``finetune`` now lives (``finetune.text_column``
+    -> ``finetune.classify.text_column``), or None when ``key`` is no method's setting."""
+    section, _, name = key.partition(".")
+    if section != "finetune" or "." in name:
+        return None
+    for method in FinetuneConfig.methods():
+        if name in FinetuneConfig.model_fields[method].annotation.model_fields:
+            return f"finetune.{method}.{name}"
+    return None
 
 
 class TrainerConfig(Section):
@@ -508,7 +545,10 @@ def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden":
+        moved = method_key(key) if e["type"] == "extra_forbidden" else None
+        if moved:  # a setting of a method, given where all of them were until each had its own block
+            lines.append(f"{key} in {source} moved: use {moved}")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{key}' in {source}: remove it or check its spelling")
         else:
             got = e.get("input")

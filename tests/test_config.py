@@ -121,3 +121,74 @@ def test_a_binary_config_file_is_named(tmp_path):
     path.write_bytes(bytes(range(256)))
     with pytest.raises(ConfigError, match="model.bin is not a text file"):
         load_config(path)
+
+
+# Each fine-tuning method's settings moved from finetune.* into the method's own block (issue #19).
+MOVED_KEYS = {
+    "finetune.text_column": "finetune.classify.text_column",
+    "finetune.label_column": "finetune.classify.label_column",
+    "finetune.num_classes": "finetune.classify.num_classes",
+    "finetune.freeze_backbone": "finetune.classify.freeze_backbone",
+    "finetune.prompt_column": "finetune.sft.prompt_column",
+    "finetune.response_column": "finetune.sft.response_column",
+    "finetune.messages_column": "finetune.sft.messages_column",
+    "finetune.system_prompt": "finetune.sft.system_prompt",
+    "finetune.packing": "finetune.sft.packing",
+}
+
+
+VALUES = {"text_column": "review", "label_column": "stars", "num_classes": 5, "freeze_backbone": True,
+          "prompt_column": "q", "response_column": "a", "messages_column": "chat", "system_prompt": "Be brief.",
+          "packing": True}
+
+
+@pytest.mark.parametrize("old,new", MOVED_KEYS.items())
+def test_a_method_setting_in_its_old_place_names_its_new_one(old, new, tmp_path):
+    name = old.split(".")[1]
+    value = str(VALUES[name]).lower() if isinstance(VALUES[name], bool) else VALUES[name]
+    f = tmp_path / "old.yaml"
+    f.write_text(f"finetune:\n  task: sft\n  {name}: {value}\n")
+    with pytest.raises(ConfigError) as in_file:
+        load_config(f)
+    assert str(in_file.value) == f"{old} in {f} moved: use {new}"
+    with pytest.raises(ConfigError) as on_command_line:
+        load_config("tiny", [f"{old}={value}"])
+    assert str(on_command_line.value).splitlines() == [
+        f"{old} in {CONF_DIR / 'tiny.yaml'} (with command-line overrides) moved: use {new}"
+    ]
+    assert load_config("tiny", [f"{new}={value}"]).value(new) == VALUES[name]
+
+
+def test_the_command_line_says_where_a_moved_key_lives(capsys):
+    from flows.cli import main
+
+    assert main(["config", "--config", "tiny", "finetune.text_column=review"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"lmforge: error: finetune.text_column in {CONF_DIR / 'tiny.yaml'} (with command-line overrides) "
+        "moved: use finetune.classify.text_column"
+    ]
+    assert main(["config", "--config", "tiny", "finetune.classify.text_column=review", "finetune.sft.packing=true"]) == 0
+    printed = capsys.readouterr().out
+    assert "  classify:\n    text_column: review\n" in printed and "  sft:\n" in printed
+
+
+def test_each_method_reads_its_own_block_and_the_defaults_stay():
+    cfg = load_config("tiny", ["finetune.classify.label_column=stars", "finetune.sft.system_prompt=Be brief."])
+    assert cfg.finetune.classify.label_column == "stars" and cfg.finetune.sft.system_prompt == "Be brief."
+    assert cfg.finetune.classify.num_classes == 4  # the preset's, in its new place
+    default = Config().finetune
+    assert (default.classify.text_column, default.classify.label_column, default.classify.num_classes) == ("text", "label", 8)
+    assert not default.classify.freeze_backbone and not default.sft.packing and default.sft.system_prompt is None
+    assert (default.sft.prompt_column, default.sft.response_column, default.sft.messages_column) == (
+        "prompt", "response", "messages")
+
+
+def test_reading_a_config_imports_neither_torch_nor_the_methods():
+    import subprocess
+    import sys
+
+    code = ("import sys, lm.config as c; c.load_config('classify'); "
+            "print(sorted(m for m in ('torch', 'lightning', 'lm.finetune') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

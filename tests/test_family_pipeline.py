@@ -69,7 +69,7 @@ def qwen_run(prefect_harness, tmp_path_factory) -> dict:
     return _run(tmp, "tiny-qwen2", [
         f"model.init_from={tmp / 'qwen2'}", "model.seq_len=256", "finetune.task=sft", "finetune.max_steps=8",
         "finetune.val_every=4", "finetune.lora.enabled=true",
-        "finetune.system_prompt=Be brief.", "evaluate.generate_prompts=4", "evaluate.max_new_tokens=8",
+        "finetune.sft.system_prompt=Be brief.", "evaluate.generate_prompts=4", "evaluate.max_new_tokens=8",
         "deploy.promote_metric=eval/chrf",
     ])
 

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from lm.config import Config, FinetuneConfig
+from lm.config import ClassifyConfig, Config, FinetuneConfig
 from lm.data.labelled import build_finetune_data, stdlib_definitions
 from lm.errors import DataError
 
@@ -17,7 +17,7 @@ def test_stdlib_task_is_real_deterministic_and_beatable(tmp_path):
     for name in ("a", "b"):
         out = tmp_path / name
         out.mkdir()
-        result = build_finetune_data(Config(finetune=FinetuneConfig(num_classes=6)), out_dir=out)
+        result = build_finetune_data(Config(finetune=FinetuneConfig(classify=ClassifyConfig(num_classes=6))), out_dir=out)
         outs.append(out)
     m = result.metrics
     labels = json.loads((outs[0] / "labels.json").read_text())
@@ -48,11 +48,11 @@ def test_user_file_with_named_columns(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     out.mkdir()
-    cfg = Config(finetune=FinetuneConfig(data=str(path), text_column="review", label_column="stars"))
+    cfg = Config(finetune=FinetuneConfig(data=str(path), classify=ClassifyConfig(text_column="review", label_column="stars")))
     result = build_finetune_data(cfg, out_dir=out)
     assert json.loads((out / "labels.json").read_text()) == ["neg", "pos"]
     total = sum(result.metrics[f"finetune_data/{s}"] for s in ("train", "val", "test"))
     assert total == 200
-    bad = Config(finetune=FinetuneConfig(data=str(path), text_column="body", label_column="stars"))
+    bad = Config(finetune=FinetuneConfig(data=str(path), classify=ClassifyConfig(text_column="body", label_column="stars")))
     with pytest.raises(DataError, match=r"no column 'body'.*review, stars"):
         build_finetune_data(bad, out_dir=out)

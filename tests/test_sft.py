@@ -13,7 +13,7 @@ import pytest
 import torch
 from train_fixtures import make_token_dir, tiny_config_yaml
 
-from lm.config import SPECIAL_TOKENS, Config, FinetuneConfig, load_config
+from lm.config import SPECIAL_TOKENS, Config, FinetuneConfig, SFTConfig, load_config
 from lm.data.instruct import QUESTIONS, build_instruct_data, read_split, stdlib_instructions
 from lm.errors import ConfigError, DataError
 from lm.finetune import sft
@@ -43,7 +43,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def build(tmp_path: Path, data: Path, **keys) -> tuple[dict, Path]:
     out = tmp_path / "out"
     out.mkdir(parents=True, exist_ok=True)
-    cfg = Config(finetune=FinetuneConfig(task="sft", data=str(data), **keys))
+    cfg = Config(finetune=FinetuneConfig(task="sft", data=str(data), sft=SFTConfig(**keys)))
     return build_instruct_data(cfg, out_dir=out).metrics, out
 
 
@@ -75,7 +75,7 @@ def test_prompt_response_rows_become_conversations_split_deterministically(tmp_p
     again = tmp_path / "again"
     again.mkdir()
     build_instruct_data(
-        Config(finetune=FinetuneConfig(task="sft", data=str(data), system_prompt="Answer in one sentence.")),
+        Config(finetune=FinetuneConfig(task="sft", data=str(data), sft=SFTConfig(system_prompt="Answer in one sentence."))),
         out_dir=again,
     )
     for split in ("train", "val", "test"):
@@ -391,7 +391,7 @@ def test_sft_trains_evaluates_exports_and_answers(tmp_path, sft_dirs, packing):
     from lm.pipeline.export import export
     from lm.training.child import run_finetune, run_pretrain
 
-    cfg = tiny_sft_config(tmp_path, sft_dirs, max_steps=20, lr=3e-3, packing=packing)
+    cfg = tiny_sft_config(tmp_path, sft_dirs, max_steps=20, lr=3e-3, sft={"packing": packing})
     tokens, data = sft_dirs["tokens"], sft_dirs["data"]
     run_pretrain(cfg, tokens, tmp_path / "pre")
     metrics = run_finetune(cfg, data, tokens, tmp_path / "pre", tmp_path / "ft")

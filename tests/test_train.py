@@ -194,7 +194,8 @@ def test_finetune_classifier_on_the_pretrained_backbone(tmp_path, token_dir, pre
     # The backbone started from the pretrained weights: with it frozen, it ends exactly as pretrained
     # (a fresh initialisation would not); unfrozen, it moved from them, less than a fresh one lies apart.
     pre = load_model(pretrained[0]).state_dict()
-    frozen_cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"freeze_backbone": True})})
+    head_only = cfg.finetune.classify.model_copy(update={"freeze_backbone": True})
+    frozen_cfg = cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"classify": head_only})})
     run_finetune(frozen_cfg, ft, token_dir, pretrained[0], tmp_path / "frozen")
     frozen = load_model(tmp_path / "frozen").backbone.state_dict()
     assert all(torch.equal(frozen[k], pre[k]) for k in pre)

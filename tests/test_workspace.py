@@ -43,7 +43,7 @@ def test_a_change_moves_only_the_stages_that_depend_on_it(tmp_path):
     assert moved("tokenizer.vocab_size=600") == {"tokenize"} | after_pretrain
     assert moved("data.clean.min_chars=50") == {"clean", "tokenize"} | after_pretrain
     assert moved("finetune.lr=0.1") == {"finetune", "evaluate", "export", "deploy"}
-    assert moved("finetune.num_classes=5") == {"finetune_data", "finetune", "evaluate", "export", "deploy"}
+    assert moved("finetune.classify.num_classes=5") == {"finetune_data", "finetune", "evaluate", "export", "deploy"}
     assert moved("evaluate.max_batches=9") == {"evaluate", "export", "deploy"}  # the model card carries the metrics
     # Where and how a stage runs changes nothing it produces.
     assert moved("data.workers=1", "trainer.log_every=3", "pretrain.resume=never") == set()

@@ -1,7 +1,8 @@
 """A fine-tuning method that exists only in the tests: regress the length of a line of code
 (log10 of its characters) from the pretrained backbone. It implements the interface of
 ``lm/finetune`` in one module and is registered by two lines (``METHODS["length"] = __name__``,
-``DATA["length"] = f"{__name__}:prepare_data"``); nothing else in lmforge knows it."""
+``DATA["length"] = f"{__name__}:prepare_data"``) and a config block of its own (``finetune.length``,
+tests/test_finetune_methods.py); nothing else in lmforge knows it."""
 
 from __future__ import annotations
 

@@ -8,10 +8,10 @@ assistant), whatever it came as:
   it does (one of :data:`QUESTIONS`), the response is the first sentence of its docstring, e.g.
   "What does `json.dumps(obj, *, skipkeys=False, ...)` do?" -> "Serialize ``obj`` to a JSON
   formatted ``str``." Short answers, so exact match is sometimes meaningful.
-- a .jsonl / .csv / .parquet file (optionally .gz) with a ``finetune.messages_column`` of chat
-  messages (a list, or a JSON string of one in a CSV), else ``finetune.prompt_column`` and
-  ``finetune.response_column``. ``finetune.system_prompt`` is put before every conversation that
-  has no system message.
+- a .jsonl / .csv / .parquet file (optionally .gz) with a ``finetune.sft.messages_column`` of chat
+  messages (a list, or a JSON string of one in a CSV), else ``finetune.sft.prompt_column`` and
+  ``finetune.sft.response_column``. ``finetune.sft.system_prompt`` is put before every conversation
+  that has no system message.
 
 A conversation is kept up to its last assistant turn (what follows has nothing to learn from).
 Input a user must fix stops the stage with the file and the line or row (a message with an
@@ -206,32 +206,32 @@ def conversation_of(
 
 def read_conversations(ft: FinetuneConfig) -> tuple[list[list[Message]], Counter, str]:
     """(conversations, skipped examples per reason, the file's format) of ``finetune.data``."""
-    path = Path(ft.data)
+    path, sft = Path(ft.data), ft.sft
     if not path.is_file():
         raise DataError(f"finetune.data={ft.data!r} is neither 'stdlib' nor an existing file")
     records, columns = read_records(path)
-    if ft.messages_column in columns:
+    if sft.messages_column in columns:
         fmt = "messages"
-    elif ft.prompt_column in columns and ft.response_column in columns:
+    elif sft.prompt_column in columns and sft.response_column in columns:
         fmt = "prompt_response"
     else:
         raise DataError(
-            f"{path} has neither a {ft.messages_column!r} column of chat messages nor {ft.prompt_column!r} and "
-            f"{ft.response_column!r} columns; its columns are: {', '.join(columns) or '(none)'}. Set "
-            "finetune.messages_column, or finetune.prompt_column and finetune.response_column"
+            f"{path} has neither a {sft.messages_column!r} column of chat messages nor {sft.prompt_column!r} and "
+            f"{sft.response_column!r} columns; its columns are: {', '.join(columns) or '(none)'}. Set "
+            "finetune.sft.messages_column, or finetune.sft.prompt_column and finetune.sft.response_column"
         )
     conversations, skipped = [], Counter()
     for where, record in records:
         if fmt == "messages":
-            messages = parse_messages(record.get(ft.messages_column), path, where, ft.messages_column)
+            messages = parse_messages(record.get(sft.messages_column), path, where, sft.messages_column)
         else:
-            prompt = _text(record.get(ft.prompt_column), path, where, ft.prompt_column)
+            prompt = _text(record.get(sft.prompt_column), path, where, sft.prompt_column)
             if not prompt.strip():
                 skipped["empty_prompt"] += 1
                 continue
-            response = _text(record.get(ft.response_column), path, where, ft.response_column)
+            response = _text(record.get(sft.response_column), path, where, sft.response_column)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        conversation, reason = conversation_of(messages, ft.system_prompt)
+        conversation, reason = conversation_of(messages, sft.system_prompt)
         if reason:
             skipped[reason] += 1
         else:
@@ -249,7 +249,7 @@ def build_instruct_data(cfg: Config, *, out_dir: Path) -> StageResult:
         conversations, skipped, fmt = [], Counter(), "stdlib"
         for prompt, response in stdlib_instructions():
             conversation, _ = conversation_of(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ft.system_prompt
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ft.sft.system_prompt
             )
             conversations.append(conversation)
     else:

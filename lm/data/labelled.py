@@ -68,11 +68,11 @@ def stdlib_classification(num_classes: int) -> tuple[list[str], list[int], list[
     return texts, labels, names
 
 
-def read_labelled_file(cfg: FinetuneConfig) -> tuple[list[str], list[int], list[str]]:
+def read_labelled_file(ft: FinetuneConfig) -> tuple[list[str], list[int], list[str]]:
     """(texts, labels, label names) from a .csv/.jsonl/.parquet file; labels sorted by name."""
-    path = Path(cfg.data)
+    path, text_column, label_column = Path(ft.data), ft.classify.text_column, ft.classify.label_column
     if not path.is_file():
-        raise DataError(f"finetune.data={cfg.data!r} is neither 'stdlib' nor an existing file")
+        raise DataError(f"finetune.data={ft.data!r} is neither 'stdlib' nor an existing file")
     suffix = "".join(path.suffixes[-2:]) if path.suffix in (".gz", ".zst") else path.suffix
     try:
         if suffix.startswith(".csv"):
@@ -85,19 +85,19 @@ def read_labelled_file(cfg: FinetuneConfig) -> tuple[list[str], list[int], list[
             raise DataError(f"{path}: finetune data must be .csv, .jsonl or .parquet")
     except ValueError as e:
         raise DataError(f"{path} could not be read: {e}") from None
-    for col in (cfg.text_column, cfg.label_column):
+    for col in (text_column, label_column):
         if col not in df.columns:
             raise DataError(
                 f"{path}: there is no column {col!r}; its columns are: {', '.join(map(str, df.columns))}. "
-                "Set finetune.text_column / finetune.label_column."
+                "Set finetune.classify.text_column / finetune.classify.label_column."
             )
-    df = df[[cfg.text_column, cfg.label_column]].dropna()
-    texts = df[cfg.text_column].astype(str).tolist()
-    raw = df[cfg.label_column].astype(str).tolist()
+    df = df[[text_column, label_column]].dropna()
+    texts = df[text_column].astype(str).tolist()
+    raw = df[label_column].astype(str).tolist()
     names = sorted(set(raw))
     if len(names) < 2:
         raise DataError(
-            f"{path}: column {cfg.label_column!r} has {len(names)} distinct label(s); need at least 2"
+            f"{path}: column {label_column!r} has {len(names)} distinct label(s); need at least 2"
         )
     label_of = {n: i for i, n in enumerate(names)}
     return texts, [label_of[r] for r in raw], names
@@ -108,7 +108,7 @@ def build_finetune_data(cfg: Config, *, out_dir: Path) -> StageResult:
     out_dir = Path(out_dir)
     ft = cfg.finetune
     if ft.data == "stdlib":
-        texts, labels, names = stdlib_classification(ft.num_classes)
+        texts, labels, names = stdlib_classification(ft.classify.num_classes)
     else:
         texts, labels, names = read_labelled_file(ft)
     if not texts:

@@ -20,8 +20,11 @@ A method module provides everything else that differs between methods, and nothi
 - ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;
   ``Predictor.input_example()`` is what the registry shows as the model's input.
 
-Adding a method is a new module and one line in :data:`METHODS` (and in :data:`DATA`). Methods are imported only when
-used, so reading a config does not import torch.
+A method's settings are its own block of the config, ``finetune.<name>`` (a ``lm.config.MethodConfig``
+field of ``FinetuneConfig``, whose names are the values ``finetune.task`` may take).
+
+Adding a method is a new module, one line in :data:`METHODS` (and in :data:`DATA`), and its settings
+block in ``lm.config``. Methods are imported only when used, so reading a config does not import torch.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         backbone.lm_head.weight.requires_grad_(False)
     n_train = len(dm.split("train"))
     return Recipe(
-        module=ClassifierModule(net, f, freeze_backbone=f.freeze_backbone),
+        module=ClassifierModule(net, f, freeze_backbone=f.classify.freeze_backbone),
         datamodule=dm,
         tokens_per_batch=f.batch_size * args.seq_len,
         describe=f"{len(dm.label_names)}-class classifier, {count_params(net) / 1e6:.2f}M params, "

@@ -6,7 +6,7 @@ is rendered with the tokenizer's chat template and encoded with, per token, whet
 an assistant turn (:class:`lm.text.chat.ChatFormat`); only those tokens are learned and scored
 (targets -100 elsewhere). A conversation longer than the model's context keeps its start and is
 counted as truncated; one whose prompt alone fills the context teaches nothing and is skipped and
-counted. ``finetune.packing`` puts several conversations in one window, each attending only to
+counted. ``finetune.sft.packing`` puts several conversations in one window, each attending only to
 itself (a block-diagonal causal mask: the decoder's ``document_ids``).
 
 Metrics (test split): the response loss of the tuned and of the pretrained model, and for the
@@ -233,13 +233,13 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         check_quantize(f.lora, cfg.trainer.accelerator)
     index = TokenIndex.load(tokens_dir)
     fmt = ChatFormat.load(tokens_dir)
-    dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.packing)
+    dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.sft.packing)
     train = dm.split("train")
     dm.split("val")
     if f.lora.enabled and f.lora.quantize == "4bit":
         backbone = quantize_4bit(backbone)
     net = apply_lora(backbone, f.lora) if f.lora.enabled else backbone
-    tokens = args.seq_len if f.packing else round(sum(len(x) for x, *_ in train) / len(train))
+    tokens = args.seq_len if f.sft.packing else round(sum(len(x) for x, *_ in train) / len(train))
     for split in ("train", "val"):
         if dm.counts[f"{split}_truncated"] or dm.counts[f"{split}_skipped"]:
             print(
@@ -254,17 +254,17 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         datamodule=dm,
         tokens_per_batch=f.batch_size * tokens,
         describe=f"instruction tuning, {what}{trainable_params(net) / 1e6:.2f}M of {count_params(net) / 1e6:.2f}M "
-        f"params trained, {len(train)} train {'windows' if f.packing else 'conversations'}",
+        f"params trained, {len(train)} train {'windows' if f.sft.packing else 'conversations'}",
         meta={
             "tokenizer_config": fmt.config,
-            "system_prompt": f.system_prompt,
+            "system_prompt": f.sft.system_prompt,
             "truncated_examples": dm.counts["train_truncated"],
             "skipped_examples": dm.counts["train_skipped"],
             "finetune": {
                 "data": f.data if f.data == "stdlib" else Path(f.data).name,  # no path of this machine
                 "max_steps": f.max_steps,
                 "lr": f.lr,
-                "packing": f.packing,
+                "packing": f.sft.packing,
                 "lora": f.lora.model_dump() if f.lora.enabled else None,
             },
         },
