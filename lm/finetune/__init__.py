@@ -21,7 +21,8 @@ A method module provides everything else that differs between methods, and nothi
   ``Predictor.input_example()`` is what the registry shows as the model's input.
 
 A method's settings are its own block of the config, ``finetune.<name>`` (a ``lm.config.MethodConfig``
-field of ``FinetuneConfig``, whose names are the values ``finetune.task`` may take).
+field of ``FinetuneConfig``, whose names are the values ``finetune.task`` may take); the DataModule
+batching a method's train/val splits is shared (:mod:`lm.finetune.splits`).
 
 Adding a method is a new module, one line in :data:`METHODS` (and in :data:`DATA`), and its settings
 block in ``lm.config``. Methods are imported only when used, so reading a config does not import torch.

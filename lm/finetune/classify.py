@@ -17,18 +17,18 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from lm.config import Config, EvaluateConfig
 from lm.data.labelled import LABELS, SPLIT_FILES
 from lm.errors import DataError
 from lm.finetune import Recipe
+from lm.finetune.splits import SplitDataModule
 from lm.models.folder import load_model
 from lm.models.transformer import SequenceClassifier, count_params
 from lm.text.shards import TokenIndex
 from lm.text.tokenizer import load_tokenizer
 from lm.training.modules import OptimisedModule
-from lm.training.pretrain_data import EpochSampler, ResumableDataModule, ResumableLoader
 
 METRICS = {"eval/accuracy": "max", "eval/macro_f1": "max"}
 TOKEN_METRICS: frozenset[str] = frozenset()  # labels are compared, not tokens
@@ -52,48 +52,27 @@ def read_labels(data_dir: Path) -> list[str]:
     return json.loads(path.read_text())
 
 
-class ClassificationDataModule(ResumableDataModule):
-    """``train/val.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,)).
-    Training examples come in a new seeded order each epoch, split over ranks, resumable mid-epoch."""
+class ClassificationDataModule(SplitDataModule):
+    """``train/val.parquet`` (text, label) -> (ids (B,T), attention_mask (B,T) bool, labels (B,))."""
 
     def __init__(self, data_dir: Path, tokenizer, seq_len: int, batch_size: int, seed: int, pad_id: int):
-        super().__init__()
-        self.data_dir, self.tokenizer = Path(data_dir), tokenizer
-        self.seq_len, self.batch_size, self.seed, self.pad_id = seq_len, batch_size, seed, pad_id
+        super().__init__(data_dir, batch_size, seed)
+        self.tokenizer, self.seq_len, self.pad_id = tokenizer, seq_len, pad_id
         self.label_names = read_labels(self.data_dir)
-        self._sets: dict[str, TensorDataset] = {}
 
-    def split(self, name: str) -> TensorDataset:
-        if name not in self._sets:
-            path = self.data_dir / SPLIT_FILES[name]
-            if not path.is_file():
-                raise DataError(f"{path} does not exist")
-            df = pd.read_parquet(path)
-            for col in ("text", "label"):
-                if col not in df.columns:
-                    raise DataError(f"{path} has no column {col!r} (columns: {list(df.columns)})")
-            labels = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
-            if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
-                raise DataError(f"{path}: labels must lie in [0, {len(self.label_names)}) ({LABELS})")
-            ids, mask = encode_texts(
-                self.tokenizer, df["text"].astype(str).tolist(), self.seq_len, self.pad_id
-            )
-            self._sets[name] = TensorDataset(ids, mask, labels)
-        return self._sets[name]
-
-    def setup(self, stage: str | None = None) -> None:
-        self.split("train")
-        self.split("val")
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()
-        self.train_sampler = EpochSampler(len(self.split("train")), self.seed, rank, world)
-        return ResumableLoader(self.split("train"), batch_size=self.batch_size, sampler=self.train_sampler)
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()  # every example once over all ranks; the module sums over ranks
-        val = self.split("val")
-        return DataLoader(Subset(val, range(rank, len(val), world)), batch_size=self.batch_size)
+    def encode(self, name: str) -> TensorDataset:
+        path = self.data_dir / SPLIT_FILES[name]
+        if not path.is_file():
+            raise DataError(f"{path} does not exist")
+        df = pd.read_parquet(path)
+        for col in ("text", "label"):
+            if col not in df.columns:
+                raise DataError(f"{path} has no column {col!r} (columns: {list(df.columns)})")
+        labels = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.label_names)):
+            raise DataError(f"{path}: labels must lie in [0, {len(self.label_names)}) ({LABELS})")
+        ids, mask = encode_texts(self.tokenizer, df["text"].astype(str).tolist(), self.seq_len, self.pad_id)
+        return TensorDataset(ids, mask, labels)
 
 
 class ClassifierModule(OptimisedModule):

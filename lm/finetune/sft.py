@@ -28,19 +28,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from lm.config import Config, EvaluateConfig
 from lm.data.instruct import read_split
 from lm.data.labelled import SPLIT_FILES
 from lm.errors import ConfigError, DataError
 from lm.finetune import Recipe
+from lm.finetune.splits import SplitDataModule
 from lm.models.folder import load_model
 from lm.models.transformer import count_params
 from lm.pipeline.evaluate import GENERATIONS
 from lm.text.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
 from lm.training.modules import OptimisedModule
-from lm.training.pretrain_data import EpochSampler, ResumableDataModule, ResumableLoader
 
 METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max"}
 # Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
@@ -124,50 +123,27 @@ def collate(pad_id: int):
     return fn
 
 
-class InstructionDataModule(ResumableDataModule):
+class InstructionDataModule(SplitDataModule):
     """``train/val.parquet`` conversations -> (ids (B,T), targets (B,T)) or, packed, (ids, targets,
-    document (B,T)). Training examples come in a new seeded order each epoch, split over ranks,
-    resumable mid-epoch (lm.training.pretrain_data.EpochSampler)."""
+    document (B,T))."""
 
     def __init__(
         self, data_dir: Path, fmt: ChatFormat, seq_len: int, batch_size: int, seed: int, pad_id: int, packing: bool
     ):
-        super().__init__()
-        self.data_dir, self.fmt, self.seq_len, self.batch_size = Path(data_dir), fmt, seq_len, batch_size
-        self.seed, self.pad_id, self.packing = seed, pad_id, packing
-        self._sets: dict[str, list] = {}
+        super().__init__(data_dir, batch_size, seed)
+        self.fmt, self.seq_len, self.pad_id, self.packing = fmt, seq_len, pad_id, packing
+        self.collate_fn = collate(pad_id)
         self.counts: Counter = Counter()
 
-    def split(self, name: str) -> list[tuple[torch.Tensor, ...]]:
-        if name not in self._sets:
-            examples = encode_examples(self.fmt, read_split(self.data_dir, name), self.seq_len)
-            if not examples.items:
-                raise DataError(
-                    f"{self.data_dir / SPLIT_FILES[name]}: no conversation has an assistant token within the model's "
-                    f"{self.seq_len}-token context: shorten the prompts or use a longer model.seq_len"
-                )
-            self.counts[f"{name}_truncated"], self.counts[f"{name}_skipped"] = examples.truncated, examples.skipped
-            items = examples.items
-            self._sets[name] = pack(items, self.seq_len, self.pad_id) if self.packing else items
-        return self._sets[name]
-
-    def setup(self, stage: str | None = None) -> None:
-        self.split("train")
-        self.split("val")
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()
-        self.train_sampler = EpochSampler(len(self.split("train")), self.seed, rank, world)
-        return ResumableLoader(
-            self.split("train"), batch_size=self.batch_size, sampler=self.train_sampler, collate_fn=collate(self.pad_id)
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self.rank_world()  # every example once over all ranks; the module sums over ranks
-        val = self.split("val")
-        return DataLoader(
-            Subset(val, range(rank, len(val), world)), batch_size=self.batch_size, collate_fn=collate(self.pad_id)
-        )
+    def encode(self, name: str) -> list[tuple[torch.Tensor, ...]]:
+        examples = encode_examples(self.fmt, read_split(self.data_dir, name), self.seq_len)
+        if not examples.items:
+            raise DataError(
+                f"{self.data_dir / SPLIT_FILES[name]}: no conversation has an assistant token within the model's "
+                f"{self.seq_len}-token context: shorten the prompts or use a longer model.seq_len"
+            )
+        self.counts[f"{name}_truncated"], self.counts[f"{name}_skipped"] = examples.truncated, examples.skipped
+        return pack(examples.items, self.seq_len, self.pad_id) if self.packing else examples.items
 
 
 # ---- the network's forward ----------------------------------------------------------------------
