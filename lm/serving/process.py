@@ -18,8 +18,10 @@ process goes away (its command pipe closes).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +31,16 @@ from typing import Any
 
 from lm.errors import LmforgeError
 from lm.generation.sampling import SamplingParams
-from lm.serving.engine import Delta, EngineClosed, Event, Failed, Finished, Request, TextRequest
+from lm.serving.engine import (
+    Delta,
+    EngineClosed,
+    Event,
+    Failed,
+    Finished,
+    GenerationEngine,
+    Request,
+    TextRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +241,31 @@ class EngineProcess:
 
 
 def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int, commands, events) -> None:
-    import signal
+    """The engine process: load the model, say what it is, then run the server's commands until it
+    closes us or goes away; finish the requests running, and say that this process has exited."""
+    _set_up_process(threads)
+    send = _sender(events)
+    loaded = _load_decoder(folder, send)
+    if loaded is None:
+        return
+    gm, info = loaded
+    relay = _Relay(send)
+    engine = GenerationEngine(gm.model, gm.tokenizer, info.eos_ids, max_batch_size=max_batch_size, seed=seed,
+                              on_step=relay.step, name="lmforge-engine")
+    engine.start()
+    send(("ready", info))
+    try:
+        _run_commands(commands, engine, relay)
+    finally:
+        engine.close()
+        engine.join()
+        if relay.pending:
+            send(("events", relay.pending))
+        send(("exited",))
 
+
+def _set_up_process(threads: int) -> None:
+    """Decode with ``threads`` threads, and leave stop signals to the server's process."""
     import torch
 
     torch.set_num_threads(threads)
@@ -239,74 +273,82 @@ def _child_main(folder: str, max_batch_size: int, seed: int | None, threads: int
     # the service: the server's process decides when this one ends (it closes it, or goes away).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _sender(events) -> Callable[[tuple], None]:
+    """send(message) on the event pipe, from either thread; nothing once the server is gone."""
     send_lock = threading.Lock()
 
     def send(message: tuple) -> None:
         with send_lock, contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the server is gone
             events.send(message)
 
+    return send
+
+
+def _load_decoder(folder: str, send: Callable[[tuple], None]) -> tuple[Any, DecoderInfo] | None:
+    """Load the model for generation -> (it, what the server needs to know of it); on failure, send
+    why and return None."""
     try:
         from lm.models.load import load_for_generation
-        from lm.serving.engine import GenerationEngine
 
         gm = load_for_generation(folder)
-        eos_ids = stop_ids(gm)
-        info = DecoderInfo(gm.model.args.seq_len, eos_ids, gm.tokenizer.to_str(), gm.chat_template,
+        info = DecoderInfo(gm.model.args.seq_len, stop_ids(gm), gm.tokenizer.to_str(), gm.chat_template,
                            dict(gm.special_tokens), dict(getattr(gm.model, "meta", {}) or {}))
     except LmforgeError as e:  # said for a person already
         send(("failed", str(e)))
-        return
+        return None
     except Exception as e:  # noqa: BLE001 - the server's process words it
         send(("failed", f"{folder}: {type(e).__name__}: {e}"))
-        return
-    pending: list[tuple[int, Event]] = []  # this step's events, sent together once it ends
-    jobs: dict[int, TextRequest] = {}  # the requests the engine has, by the server's id
+        return None
+    return gm, info
 
-    def emit(rid: int, event: Event) -> None:
+
+@dataclass
+class _Relay:
+    """Between the engine and the server's process: the requests the engine has, and their events on
+    the way back (a step's deltas and finishes together once the step ends, a failure at once)."""
+
+    send: Callable[[tuple], None]
+    pending: list[tuple[int, Event]] = field(default_factory=list)  # this step's events
+    jobs: dict[int, TextRequest] = field(default_factory=dict)  # by the server's id
+
+    def emit(self, rid: int, event: Event) -> None:
         if isinstance(event, Delta):
-            pending.append((rid, event))  # from the engine thread, inside a step
+            self.pending.append((rid, event))  # from the engine thread, inside a step
             return
-        jobs.pop(rid, None)
+        self.jobs.pop(rid, None)
         if isinstance(event, Finished):
-            pending.append((rid, event))
+            self.pending.append((rid, event))
         else:
-            send(("events", [(rid, event)]))
+            self.send(("events", [(rid, event)]))
 
-    def step(rows: int) -> None:
-        nonlocal pending
-        batch, pending = pending, []
-        send(("step", rows, batch))
+    def step(self, rows: int) -> None:
+        batch, self.pending = self.pending, []
+        self.send(("step", rows, batch))
 
-    engine = GenerationEngine(gm.model, gm.tokenizer, eos_ids, max_batch_size=max_batch_size, seed=seed,
-                              on_step=step, name="lmforge-engine")
-    engine.start()
-    send(("ready", info))
-    try:
-        while True:
-            if not commands.poll(0.5):
-                if engine.exited:  # the engine thread failed (a bug): end, and the server starts another
-                    break
-                continue
+
+def _run_commands(commands, engine: GenerationEngine, relay: _Relay) -> None:
+    """Submit and cancel as the server asks, until it says close, goes away, or the engine thread fails."""
+    while True:
+        if not commands.poll(0.5):
+            if engine.exited:  # the engine thread failed (a bug): end, and the server starts another
+                return
+            continue
+        try:
+            message = commands.recv()
+        except EOFError:  # the server's process is gone: finish what is running, then go
+            return
+        kind = message[0]
+        if kind == "submit":
+            rid, prompt, params = message[1:]
             try:
-                message = commands.recv()
-            except EOFError:  # the server's process is gone: finish what is running, then go
-                break
-            kind = message[0]
-            if kind == "submit":
-                rid, prompt, params = message[1:]
-                try:
-                    jobs[rid] = engine.submit(prompt, params, lambda event, rid=rid: emit(rid, event))
-                except EngineClosed:  # the engine thread failed (it said so to every request it had)
-                    send(("events", [(rid, Failed("the engine failed"))]))
-            elif kind == "cancel":
-                job = jobs.pop(message[1], None)
-                if job is not None:
-                    engine.cancel(job)
-            elif kind == "close":
-                break
-    finally:
-        engine.close()
-        engine.join()
-        if pending:
-            send(("events", pending))
-        send(("exited",))
+                relay.jobs[rid] = engine.submit(prompt, params, functools.partial(relay.emit, rid))
+            except EngineClosed:  # the engine thread failed (it said so to every request it had)
+                relay.send(("events", [(rid, Failed("the engine failed"))]))
+        elif kind == "cancel":
+            job = relay.jobs.pop(message[1], None)
+            if job is not None:
+                engine.cancel(job)
+        elif kind == "close":
+            return

@@ -28,12 +28,14 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from lm.config import Config, TrainerConfig, TrainingConfig, load_config
+from lm.config import Config, PretrainConfig, TrainerConfig, TrainingConfig, load_config
 from lm.errors import ConfigError, LmforgeError, TrainingError
 from lm.fileio import atomic_write, file_sha256, remove_abandoned
 from lm.lifetime import die_with_parent, parent_gone
@@ -205,6 +207,16 @@ def _checkpoint_to_resume(train: TrainingConfig, section: str, ckpt_dir: Path) -
     return path
 
 
+@dataclass
+class _Fit:
+    """The Trainer, and the callbacks and logger whose state the steps after training read."""
+
+    trainer: Any
+    checkpoints: Any  # StepCheckpoint: its last_path is the final checkpoint (FSDP exports from it)
+    throughput: Any  # ThroughputMonitor: the tokens and seconds trained
+    tracked: Any  # TrackedMetrics, or None without an MLflow run
+
+
 def fit_and_save(
     cfg: Config,
     section: str,
@@ -228,26 +240,77 @@ def fit_and_save(
     weights; on rank 0 save model.safetensors + model.json (``meta`` added) and result.json.
     ``to_save(net)``: the network to save instead of ``module.net`` (LoRA merged); ``also_save(net, out_dir)``:
     what else rank 0 writes from the trained ``module.net`` (the LoRA adapter itself). Returns the final metrics."""
-    from lm.models.folder import save_model
-    from lm.models.transformer import count_params, flops_per_token
-    from lm.training.checkpoint import CKPT_DIR, StepCheckpoint
-    from lm.training.modules import LossHistory, ThroughputMonitor
+    from lm.models.transformer import count_params
+    from lm.training.checkpoint import CKPT_DIR
 
     train: TrainingConfig = getattr(cfg, section)
     out_dir = Path(out_dir)
+    _prepare_out_dir(cfg, out_dir)
+    if train.compile:
+        compile_network(module.net, cfg.trainer.strategy)
+    fit = _build_fit(cfg, train, module, out_dir, tokens_per_batch, callbacks, run_id, tracking_uri)
+    accum = _set_intervals(fit.trainer, module, cfg, train, tokens_per_batch, train_examples)
+    ckpt_path = _checkpoint_to_resume(train, section, out_dir / CKPT_DIR)
+    n_params = count_params(module.net)  # before fit, while the network is whole (FSDP shards it)
+    _announce(fit.trainer, section, describe, train, tokens_per_batch, accum, ckpt_path)
+    elapsed = _train(fit, module, datamodule, ckpt_path)
+    if print_weight_digest and not _is_fsdp(fit.trainer):
+        digest = weights_digest(module.net)
+        print(f"lmforge: rank {fit.trainer.global_rank} weights sha256 {digest}", flush=True)
+    metrics = _final_metrics(fit, module, n_params, elapsed)
+    if fit.trainer.is_global_zero:
+        _save_outputs(fit, module, out_dir, meta, metrics, to_save, also_save)
+    return metrics
+
+
+def _prepare_out_dir(cfg: Config, out_dir: Path) -> None:
+    """Create the output folder; rank 0 checks that checkpoints can be written, clears a killed run's
+    half-written ones and writes config.yaml if the stage did not."""
+    from lm.training.checkpoint import CKPT_DIR
+
     out_dir.mkdir(parents=True, exist_ok=True)
     if _is_rank_zero():
         _check_writable(out_dir / CKPT_DIR)
         remove_abandoned(out_dir / CKPT_DIR)  # half-written checkpoints of a killed earlier run
         if not (out_dir / CONFIG).exists():  # the stage wrote it when it launched us
             atomic_write(out_dir / CONFIG, cfg.to_yaml())
-    net = module.net
-    if train.compile:
-        compile_network(net, cfg.trainer.strategy)
+
+
+def _build_fit(
+    cfg: Config,
+    train: TrainingConfig,
+    module,
+    out_dir: Path,
+    tokens_per_batch: int,
+    callbacks: list | None,
+    run_id: str | None,
+    tracking_uri: str | None,
+) -> _Fit:
+    """The step checkpoints, the throughput monitor, the loggers and the Trainer that runs them."""
+    from lm.models.transformer import flops_per_token
+    from lm.training.checkpoint import CKPT_DIR, StepCheckpoint
+    from lm.training.modules import ThroughputMonitor
+
     ckpt_cb = StepCheckpoint(
         out_dir / CKPT_DIR, train.ckpt_every, train.keep_last, before_save=module.raise_if_diverged
     )
+    net = module.net
     throughput = ThroughputMonitor(tokens_per_batch, flops_per_token(net.args), window=cfg.trainer.log_every)
+    loggers, tracked = _loggers(cfg, out_dir, run_id, tracking_uri)
+    trainer = _trainer(
+        cfg.trainer,
+        out_dir,
+        max_steps=train.max_steps,
+        logger=loggers,
+        callbacks=[ckpt_cb, throughput, *(callbacks or [])],
+    )
+    return _Fit(trainer, ckpt_cb, throughput, tracked)
+
+
+def _loggers(cfg: Config, out_dir: Path, run_id: str | None, tracking_uri: str | None) -> tuple[list, Any]:
+    """The MLflow run's logger (if there is a run) and the loss history; -> (loggers, the MLflow one)."""
+    from lm.training.modules import LossHistory
+
     loggers: list = []
     tracked = None
     if run_id:  # first: trainer.logger is the MLflow run (SampleWriter logs its texts there)
@@ -258,13 +321,14 @@ def fit_and_save(
         tracked = TrackedMetrics(tracking_uri or cfg.tracking_uri(), run_id, out_dir)
         loggers.append(tracked)
     loggers.append(LossHistory(out_dir / LOSS_HISTORY))
-    trainer = _trainer(
-        cfg.trainer,
-        out_dir,
-        max_steps=train.max_steps,
-        logger=loggers,
-        callbacks=[ckpt_cb, throughput, *(callbacks or [])],
-    )
+    return loggers, tracked
+
+
+def _set_intervals(
+    trainer, module, cfg: Config, train: TrainingConfig, tokens_per_batch: int, train_examples: int | None
+) -> int:
+    """Set gradient accumulation (from ``tokens_per_step``), the validation interval and how often the
+    module checks for divergence; -> the accumulation."""
     world = trainer.world_size
     accum = 1
     if train.tokens_per_step:
@@ -275,51 +339,77 @@ def fit_and_save(
         interval = min(interval, max(1, math.ceil(train_examples // world / train.batch_size)))
     trainer.val_check_interval = interval
     module.check_every = math.gcd(cfg.trainer.log_every, train.ckpt_every)
+    return accum
 
-    ckpt_path = _checkpoint_to_resume(train, section, out_dir / CKPT_DIR)
-    n_params = count_params(net)
-    if trainer.is_global_zero:
-        print(
-            f"lmforge: {section} {describe}, world {world}, micro-batch {train.batch_size}, accumulation "
-            f"{accum} ({tokens_per_batch * world * accum} tokens/step), {train.max_steps} steps"
-            + (f", resuming from {ckpt_path}" if ckpt_path else ""),
-            flush=True,
-        )
+
+def _announce(
+    trainer,
+    section: str,
+    describe: str,
+    train: TrainingConfig,
+    tokens_per_batch: int,
+    accum: int,
+    ckpt_path: Path | None,
+) -> None:
+    """Rank 0's first line: what trains, on how many ranks, how big a step is, and where it resumes from."""
+    if not trainer.is_global_zero:
+        return
+    world = trainer.world_size
+    print(
+        f"lmforge: {section} {describe}, world {world}, micro-batch {train.batch_size}, accumulation "
+        f"{accum} ({tokens_per_batch * world * accum} tokens/step), {train.max_steps} steps"
+        + (f", resuming from {ckpt_path}" if ckpt_path else ""),
+        flush=True,
+    )
+
+
+def _train(fit: _Fit, module, datamodule, ckpt_path: Path | None) -> float:
+    """Fit (resuming from ``ckpt_path``), then validate the final weights if the last validation was
+    earlier; close the MLflow logger either way. -> the seconds it took."""
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            trainer.fit(
-                module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True
-            )
-            if module.last_val_step != trainer.global_step:  # metrics report the weights that are saved
-                trainer.validate(module, datamodule=datamodule, verbose=False)
-        elapsed = time.perf_counter() - t0
+            resume = str(ckpt_path) if ckpt_path else None
+            fit.trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+            if module.last_val_step != fit.trainer.global_step:  # metrics report the weights that are saved
+                fit.trainer.validate(module, datamodule=datamodule, verbose=False)
+        return time.perf_counter() - t0
     finally:
-        unsent = tracked.close() if tracked is not None else None
-        if unsent and trainer.is_global_zero:
+        unsent = fit.tracked.close() if fit.tracked is not None else None
+        if unsent and fit.trainer.is_global_zero:
             print(f"lmforge: warning: {unsent}", flush=True)
-    if print_weight_digest and not _is_fsdp(trainer):
-        print(f"lmforge: rank {trainer.global_rank} weights sha256 {weights_digest(module.net)}", flush=True)
+
+
+def _final_metrics(fit: _Fit, module, n_params: int, elapsed: float) -> dict[str, float]:
+    """The run's final numbers: losses, throughput, steps, size, time, ranks."""
+    throughput = fit.throughput
     tokens_per_s = throughput.total_tokens / throughput.total_time if throughput.total_time else float("nan")
-    metrics = {
+    return {
         "train/loss": module.last_train_loss,
         **module.last_val,
         "tokens_per_s": tokens_per_s,
-        "steps": float(trainer.global_step),
+        "steps": float(fit.trainer.global_step),
         "params": float(n_params),
         "train_seconds": elapsed,
-        "world_size": float(world),
+        "world_size": float(fit.trainer.world_size),
     }
-    if trainer.is_global_zero:
-        saved = module.net if to_save is None else to_save(module.net)
-        weights = save_model(saved, out_dir, extra=meta, state=_full_state(trainer, ckpt_cb.last_path))
-        if also_save is not None:
-            also_save(module.net, out_dir)
-        result = {"metrics": metrics, "weights_sha256": file_sha256(weights)}
-        atomic_write(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True))
-        print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
-    return metrics
+
+
+def _save_outputs(
+    fit: _Fit, module, out_dir: Path, meta: dict, metrics: dict[str, float], to_save, also_save
+) -> None:
+    """Rank 0: the model folder (plus what ``also_save`` writes), then result.json, then the ``done`` line."""
+    from lm.models.folder import save_model
+
+    saved = module.net if to_save is None else to_save(module.net)
+    state = _full_state(fit.trainer, fit.checkpoints.last_path)
+    weights = save_model(saved, out_dir, extra=meta, state=state)
+    if also_save is not None:
+        also_save(module.net, out_dir)
+    result = {"metrics": metrics, "weights_sha256": file_sha256(weights)}
+    atomic_write(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True))
+    print(f"lmforge: done {json.dumps(metrics, sort_keys=True)}", flush=True)
 
 
 def _is_fsdp(trainer) -> bool:
@@ -345,45 +435,17 @@ def run_pretrain(
     ``extra_callbacks``: Lightning callbacks added to the Trainer (benchmarks, tests)."""
     import lightning.pytorch as pl
 
-    from lm.models.folder import build_model
-    from lm.models.transformer import count_params, model_args
+    from lm.models.transformer import count_params
     from lm.text.shards import TokenIndex
-    from lm.training.modules import LanguageModelModule, SampleWriter
+    from lm.training.modules import LanguageModelModule
     from lm.training.pretrain_data import TokenDataModule
 
     p, data_dir = cfg.pretrain, Path(data_dir)
     index = TokenIndex.load(data_dir)
     pl.seed_everything(p.seed, workers=True, verbose=False)
-    source = None
-    if init is not None:
-        from lm.models.source import read_source
-
-        source = read_source(init)
-    if source is not None and source["kind"] != "checkpoint":
-        # Continued pretraining of a model brought from elsewhere: its own shape, whatever model.* says.
-        from lm.models.source import check_tokenizer_fits
-
-        net = load_backbone(init)
-        args = net.args
-        check_tokenizer_fits(index.vocab_size, args.vocab_size, source["spec"])
-    else:
-        args = model_args(cfg.model, index.vocab_size)
-        net = build_model(args)
-        if source is not None:
-            load_weights_into(net, source["path"])
-    callbacks = list(extra_callbacks or [])
-    tokenizer = data_dir / index.tokenizer
-    if args.kind == "decoder" and tokenizer.is_file():
-        callbacks.append(
-            SampleWriter(
-                tokenizer,
-                Path(out_dir) / "samples.txt",
-                PROMPTS,
-                eot_id=index.eot_id,
-                every=p.sample_every,
-                seed=p.seed,
-            )
-        )
+    net = _pretrain_network(cfg, index, init)
+    args = net.args
+    callbacks = [*(extra_callbacks or []), *_sample_writers(p, args, index, data_dir, Path(out_dir))]
     dm = TokenDataModule(
         data_dir,
         args.seq_len,
@@ -407,6 +469,43 @@ def run_pretrain(
         tracking_uri=tracking_uri,
         print_weight_digest=print_weight_digest,
     )
+
+
+def _pretrain_network(cfg: Config, index, init: str | os.PathLike | None) -> nn.Module:
+    """The network to pretrain: the configured one, freshly initialised or with ``init``'s checkpoint
+    weights, or (continued pretraining) the model ``init`` brought from elsewhere, in its own shape."""
+    from lm.models.folder import build_model
+    from lm.models.transformer import model_args
+
+    source = None
+    if init is not None:
+        from lm.models.source import read_source
+
+        source = read_source(init)
+    if source is not None and source["kind"] != "checkpoint":
+        # Continued pretraining of a model brought from elsewhere: its own shape, whatever model.* says.
+        from lm.models.source import check_tokenizer_fits
+
+        net = load_backbone(init)
+        check_tokenizer_fits(index.vocab_size, net.args.vocab_size, source["spec"])
+        return net
+    net = build_model(model_args(cfg.model, index.vocab_size))
+    if source is not None:
+        load_weights_into(net, source["path"])
+    return net
+
+
+def _sample_writers(p: PretrainConfig, args, index, data_dir: Path, out_dir: Path) -> list:
+    """[the SampleWriter of samples.txt] for a decoder whose tokenizer is at hand, else []."""
+    from lm.training.modules import SampleWriter
+
+    tokenizer = data_dir / index.tokenizer
+    if args.kind != "decoder" or not tokenizer.is_file():
+        return []
+    writer = SampleWriter(
+        tokenizer, out_dir / "samples.txt", PROMPTS, eot_id=index.eot_id, every=p.sample_every, seed=p.seed
+    )
+    return [writer]
 
 
 def load_backbone(init: str | os.PathLike) -> nn.Module:
