@@ -398,18 +398,48 @@ def _open_earlier(folder: Path, cfg: DataConfig, documents: Path) -> Earlier | N
     return Earlier(folder, records, kept, match, docs)
 
 
+@dataclass
+class Merged:
+    """Every document's records in this corpus's order, the earlier clean's where a document matches,
+    and where each passed document's signature and cleaned text come from."""
+
+    records: Records  # (N,)
+    old_docs: np.ndarray  # int64: the documents the earlier clean cleaned (positions in this corpus)
+    earlier_rows: np.ndarray  # int64: the rows of those that passed in the earlier signatures
+    src: np.ndarray  # int64 (passed,): which of the old then new passed documents each passed one is
+    num_passed_new: int
+
+
 def _extend(
     cfg: DataConfig, earlier: Earlier, map_parts: MapParts, scratch: Path, *, out_dir: Path,
     start: float,
 ) -> StageResult:
     """Clean only the documents the earlier clean did not see, take the rest of its records, and
     reduce over all of them (see the module docstring)."""
-    docs = earlier.docs
-    group_rows = docs.group_rows
-    group_start = np.concatenate(([0], np.cumsum(group_rows)))
+    group_start = np.concatenate(([0], np.cumsum(earlier.docs.group_rows)))
     new_docs = np.flatnonzero(earlier.match < 0)
+    tasks, positions = _new_document_tasks(earlier.docs, group_start, new_docs, scratch)
+    results = list(map_parts(tasks, cfg))
+    new = Records.concat([Records.of(r) for r in results]) if results else earlier.records.take(new_docs)
+    samples = _new_samples(results, positions)
+    merged = _merge_records(earlier, new, new_docs)
+    _gather_signatures(cfg, earlier.folder / SIGNATURES, merged.earlier_rows,
+                       [r.signatures for r in results if r.signatures is not None], merged.src, out_dir / SIGNATURES)
+    table, pool_rows = _text_pool(cfg, earlier, merged, tasks)
+    passed_start = _passed_start(merged.records, group_start)
+    texts = Texts(partial(_pool_part, table, pool_rows, passed_start),
+                  partial(_extended_samples, earlier, merged.records, samples, group_start))
+    result = _reduce(cfg, merged.records, np.diff(passed_start), texts, out_dir=out_dir,
+                     start=start, reuse=(len(merged.old_docs), len(new_docs)))
+    if len(merged.old_docs):
+        result.tags["lmforge.extends"] = str(earlier.folder)
+    return result
 
-    # A task per row group holding new documents, for those rows only.
+
+def _new_document_tasks(
+    docs: Documents, group_start: np.ndarray, new_docs: np.ndarray, scratch: Path
+) -> tuple[list[PartTask], list[np.ndarray]]:
+    """A task per row group holding new documents, for those rows only; and the rows' positions."""
     group = np.searchsorted(group_start, new_docs, side="right") - 1
     tasks, positions = [], []
     for g in np.unique(group):
@@ -417,34 +447,39 @@ def _extend(
         tasks.append(PartTask(len(tasks), *_located(docs, int(g)), str(scratch / f"new_{g:05d}.parquet"),
                               rows=(rows - group_start[g]).tolist()))
         positions.append(rows)
-    results = list(map_parts(tasks, cfg))
-    new = Records.concat([Records.of(r) for r in results]) if results else earlier.records.take(new_docs)
+    return tasks, positions
+
+
+def _new_samples(results: list[PartResult], positions: list[np.ndarray]) -> dict[int, dict]:
+    """The dropped samples of the new documents' tasks, by document position in this corpus."""
     samples: dict[int, dict] = {}
     for res, pos in zip(results, positions, strict=True):
         for items in res.samples.values():
             samples.update({int(pos[item["row"]]): item for item in items})
+    return samples
 
-    # Every document's records, in this corpus's order: the earlier ones' where they match.
+
+def _merge_records(earlier: Earlier, new: Records, new_docs: np.ndarray) -> Merged:
+    """Every document's records, in this corpus's order: the earlier ones' where they match."""
     old_docs = np.flatnonzero(earlier.match >= 0)
     old = earlier.records.take(earlier.match[old_docs])
     order = np.argsort(np.concatenate((old_docs, new_docs)), kind="stable")
-    both = Records.concat([old, new])
-    records = both.take(order)
-    passed = records.passed
+    records = Records.concat([old, new]).take(order)
     # Each passed document (in this corpus's order): which of the old then new passed documents it is.
     num_passed_old, num_passed_new = int(old.passed.sum()), int(new.passed.sum())
     src = np.concatenate((np.arange(num_passed_old), num_passed_old + np.arange(num_passed_new)))
     src = src[np.argsort(np.concatenate((old_docs[old.passed], new_docs[new.passed])), kind="stable")]
     earlier_passed = np.cumsum(earlier.records.passed) - 1
     earlier_rows = earlier_passed[earlier.match[old_docs][old.passed]]  # their rows in the earlier signatures
-    _gather_signatures(cfg, earlier.folder / SIGNATURES, earlier_rows,
-                       [r.signatures for r in results if r.signatures is not None], src, out_dir / SIGNATURES)
+    return Merged(records, old_docs, earlier_rows, src, num_passed_new)
 
-    # Cleaned texts: the earlier train/val/duplicates rows of the documents it cleaned (each passed
-    # document is in one of them, in order), then the new part files.
+
+def _text_pool(cfg: DataConfig, earlier: Earlier, merged: Merged, tasks: list[PartTask]) -> tuple[pa.Table, np.ndarray]:
+    """Cleaned texts: the earlier train/val/duplicates rows of the documents it cleaned (each passed
+    document is in one of them, in order), then the new part files; and each passed document's row."""
     pool = [pq.read_table(earlier.folder / name) for name in (TRAIN, VAL, DUPLICATES)]
     pool += [pq.read_table(t.out_path) for t in tasks]
-    earlier_val = earlier.records.split.astype(np.float64) / 2.0**64 < cfg.val_fraction
+    earlier_val = _in_val(earlier.records.split, cfg.val_fraction)
     kept_e = earlier.kept[earlier.records.passed]
     row_in_pool = np.select(
         [kept_e & ~earlier_val, kept_e & earlier_val],
@@ -452,35 +487,38 @@ def _extend(
         pool[0].num_rows + pool[1].num_rows + np.cumsum(~kept_e) - 1,
     )
     offset = sum(t.num_rows for t in pool[:3])
-    pool_rows = np.concatenate((row_in_pool[earlier_rows], offset + np.arange(num_passed_new)))[src]
-    table = pa.concat_tables(pool)
-    passed_docs = np.flatnonzero(passed)
-    part_of_passed = np.searchsorted(group_start, passed_docs, side="right") - 1
-    passed_start = np.searchsorted(part_of_passed, np.arange(len(group_rows) + 1))
+    pool_rows = np.concatenate((row_in_pool[merged.earlier_rows], offset + np.arange(merged.num_passed_new)))[merged.src]
+    return pa.concat_tables(pool), pool_rows
 
-    def part_rows(part: int) -> pa.Table:
-        """Slices of the pool, a run of consecutive rows at a time (no copy: what is written is
-        copied once, when it is filtered)."""
-        rows = pool_rows[passed_start[part] : passed_start[part + 1]]
-        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
-        return pa.concat_tables([table.slice(int(run[0]), run.size) for run in runs]) if runs else table.slice(0, 0)
 
-    def sample_texts(positions: list[int]) -> dict[int, dict]:
-        out = {p: samples[p] for p in positions if p in samples}
-        known = _earlier_samples(earlier.folder)
-        for p in positions:
-            if p not in out and (records.reason[p], records.doc_id[p]) in known:
-                out[p] = known[records.reason[p], records.doc_id[p]]
-        rest = [p for p in positions if p not in out]
-        for p, text in zip(rest, _raw_texts(docs, group_start, rest), strict=True):
-            out[p] = {"reason": records.reason[p], "doc_id": records.doc_id[p], "chars": len(text), "text": text[:SAMPLE_CHARS]}
-        return out
+def _passed_start(records: Records, group_start: np.ndarray) -> np.ndarray:
+    """Per part (row group of the ingested documents): its first passed document; the count last."""
+    part_of_passed = np.searchsorted(group_start, np.flatnonzero(records.passed), side="right") - 1
+    return np.searchsorted(part_of_passed, np.arange(len(group_start)))
 
-    result = _reduce(cfg, records, np.diff(passed_start), Texts(part_rows, sample_texts), out_dir=out_dir,
-                     start=start, reuse=(len(old_docs), len(new_docs)))
-    if len(old_docs):
-        result.tags["lmforge.extends"] = str(earlier.folder)
-    return result
+
+def _pool_part(table: pa.Table, pool_rows: np.ndarray, passed_start: np.ndarray, part: int) -> pa.Table:
+    """A part's cleaned rows: slices of the pool, a run of consecutive rows at a time (no copy: what
+    is written is copied once, when it is filtered)."""
+    rows = pool_rows[passed_start[part] : passed_start[part + 1]]
+    runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1) if rows.size else []
+    return pa.concat_tables([table.slice(int(run[0]), run.size) for run in runs]) if runs else table.slice(0, 0)
+
+
+def _extended_samples(
+    earlier: Earlier, records: Records, samples: dict[int, dict], group_start: np.ndarray, positions: list[int]
+) -> dict[int, dict]:
+    """The samples of dropped documents ``positions``: this run's, else the earlier clean's, else
+    made from the ingested text."""
+    out = {p: samples[p] for p in positions if p in samples}
+    known = _earlier_samples(earlier.folder)
+    for p in positions:
+        if p not in out and (records.reason[p], records.doc_id[p]) in known:
+            out[p] = known[records.reason[p], records.doc_id[p]]
+    rest = [p for p in positions if p not in out]
+    for p, text in zip(rest, _raw_texts(earlier.docs, group_start, rest), strict=True):
+        out[p] = {"reason": records.reason[p], "doc_id": records.doc_id[p], "chars": len(text), "text": text[:SAMPLE_CHARS]}
+    return out
 
 
 def _gather_signatures(
@@ -526,12 +564,24 @@ def _raw_texts(docs: Documents, group_start: np.ndarray, positions: list[int]) -
     return [out[p] for p in positions]
 
 
-def _keepers(records: Records, cfg: DataConfig, sig_path: Path) -> tuple:
-    """Exact then near duplicates over the passed documents. Returns (keeper of each, -1 if kept;
-    the exact keepers; the near keepers; exact dups, exact clusters, near dups, near clusters). In
-    every cluster the first document in corpus order survives: the order of data.sources, then of
-    the paths ingest lists (sorted), so a full clean and an extended one, which see the same order,
-    keep the same copy, whatever order the parts are cleaned in."""
+@dataclass
+class Duplicates:
+    """What the duplicate search decided, per passed document in corpus order, and its counts."""
+
+    keeper: np.ndarray  # int64 (passed,): the document kept in its place, or -1 if it is kept
+    exact_keeper: np.ndarray  # int64 (passed,): the same for exact duplicates only
+    near_keeper: np.ndarray  # int64 (passed,): the same for near duplicates only
+    exact_dups: int
+    exact_clusters: int
+    near_dups: int
+    near_clusters: int
+
+
+def _keepers(records: Records, cfg: DataConfig, sig_path: Path) -> Duplicates:
+    """Exact then near duplicates over the passed documents. In every cluster the first document in
+    corpus order survives: the order of data.sources, then of the paths ingest lists (sorted), so a
+    full clean and an extended one, which see the same order, keep the same copy, whatever order
+    the parts are cleaned in."""
     n = len(records.exact)
     keeper = np.full(n, -1, dtype=np.int64)
     exact_dups = exact_clusters = 0
@@ -552,7 +602,38 @@ def _keepers(records: Records, cfg: DataConfig, sig_path: Path) -> tuple:
         )
         del sigs
     keeper = np.where(near_keeper >= 0, near_keeper, exact_keeper)
-    return keeper, exact_keeper, near_keeper, exact_dups, exact_clusters, int((near_keeper >= 0).sum()), near_clusters
+    return Duplicates(
+        keeper, exact_keeper, near_keeper, exact_dups, exact_clusters, int((near_keeper >= 0).sum()), near_clusters
+    )
+
+
+@dataclass
+class FilterSummary:
+    """What the filters did over the whole corpus."""
+
+    reasons: Counter  # documents dropped per reason, in order of first appearance
+    counts: Counter  # what the filters counted in the documents (PII, control characters)
+    hist_in: np.ndarray  # int64 (len(HIST_BINS) - 1,): ingested document lengths
+
+    @classmethod
+    def of(cls, records: Records) -> FilterSummary:
+        counts: Counter = Counter()
+        for c in records.counts:
+            if c:
+                counts.update(json.loads(c))
+        return cls(
+            Counter(r for r in records.reason if r is not None), counts, np.histogram(records.chars, bins=HIST_BINS)[0]
+        )
+
+
+@dataclass
+class WrittenSplits:
+    """What :func:`_write_splits` wrote."""
+
+    docs: dict[str, int]  # documents per output file (TRAIN, VAL, DUPLICATES)
+    bytes_out: int  # UTF-8 bytes of the kept documents' text
+    hist_out: np.ndarray  # int64 (len(HIST_BINS) - 1,): kept document lengths
+    snippets: dict[int, tuple[str, str]]  # passed document -> (doc_id, head of text), for the dedup sample
 
 
 def _reduce(
@@ -569,27 +650,47 @@ def _reduce(
     clean and an extended one."""
     start = time.perf_counter() if start is None else start
     out_dir = Path(out_dir)
-    bands, rows = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
-    passed = records.passed
-    docs_in = len(records.doc_id)
-    n = int(passed.sum())
-    reasons = Counter(r for r in records.reason if r is not None)  # in order of first appearance
-    counts: Counter = Counter()
-    for c in records.counts:
-        if c:
-            counts.update(json.loads(c))
-    hist_in = np.histogram(records.chars, bins=HIST_BINS)[0]
-    first_dropped = [int(i) for reason in reasons
-                     for i in np.flatnonzero(records.reason == reason)[: cfg.clean.dropped_samples]]
+    lsh = lsh_params(cfg.dedup.threshold, cfg.dedup.num_perm)
+    filtered = FilterSummary.of(records)
+    _write_dropped_samples(out_dir / DROPPED, records, filtered.reasons, texts, cfg.clean.dropped_samples)
+    _check_some_passed(records, filtered.reasons, cfg)
+    # Dedup over the whole corpus, then the split by content hash.
+    is_val = _in_val(records.split, cfg.val_fraction)
+    dups = _keepers(records, cfg, out_dir / SIGNATURES)
+    pairs = _dedup_pairs(dups, out_dir / SIGNATURES, cfg.dedup.num_perm)
+    written = _write_splits(out_dir, texts, passed_per_part, dups.keeper >= 0, is_val, pairs)
+    _write_dedup_samples(out_dir / DEDUP_PAIRS, pairs, written.snippets)
+    _write_index(out_dir / INDEX, records, dups.keeper < 0, cfg)
+    pa.default_memory_pool().release_unused()  # the next stage may run in this process
+    trim_heap()
+    _check_training_left(records, dups, written, cfg)
+    metrics = _metrics(records, filtered, dups, written, reuse, time.perf_counter() - start)
+    _write_stats_and_figures(out_dir, cfg, lsh, metrics, filtered, dups, written)
+    return _clean_result(out_dir, lsh, metrics)
+
+
+def _in_val(split: np.ndarray, val_fraction: float) -> np.ndarray:
+    """Which documents go to validation, by their split hash (:func:`split_hash`)."""
+    return split.astype(np.float64) / 2.0**64 < val_fraction
+
+
+def _write_dropped_samples(path: Path, records: Records, reasons: Counter, texts: Texts, per_reason: int) -> None:
+    """``dropped_samples.jsonl``: the first ``per_reason`` documents the filters dropped for each reason."""
+    first_dropped = [int(i) for reason in reasons for i in np.flatnonzero(records.reason == reason)[:per_reason]]
     sample_of = texts.samples(first_dropped)
     samples: dict[str, list[dict]] = {}
     for i in sorted(first_dropped):
         item = {k: v for k, v in sample_of[i].items() if k != "row"}
         samples.setdefault(item["reason"], []).append(item)
-    _write_samples(out_dir / DROPPED, samples)
+    _write_samples(path, samples)
+
+
+def _check_some_passed(records: Records, reasons: Counter, cfg: DataConfig) -> None:
+    """Fail, saying what to change, when there are no documents or the filters dropped them all."""
+    docs_in = len(records.doc_id)
     if docs_in == 0:
         raise DataError("the documents file holds no documents")
-    if n == 0:
+    if int(records.passed.sum()) == 0:
         top = ", ".join(f"{r}: {c}" for r, c in reasons.most_common())
         hint = "" if cfg.clean.preset == "code" else " (for source code: data.clean.preset=code)"
         if reasons.most_common(1)[0][0] == "too_long":
@@ -602,32 +703,31 @@ def _reduce(
             f"the data.clean thresholds named there{hint}; {DROPPED} shows what was dropped."
         )
 
-    # Dedup over the whole corpus, then the split by content hash.
-    is_val = records.split.astype(np.float64) / 2.0**64 < cfg.val_fraction
-    keeper, exact_keeper, near_keeper, exact_dups, exact_clusters, near_dups, near_clusters = _keepers(
-        records, cfg, out_dir / SIGNATURES
-    )
-    drop = keeper >= 0
-    pairs: list[dict] = []  # a sample of (dropped, kept) pairs for a person to judge the dedup
-    if near_dups:
-        sigs = np.memmap(out_dir / SIGNATURES, dtype=np.uint32, mode="r", shape=(n, cfg.dedup.num_perm))
-        for i in np.flatnonzero(near_keeper >= 0)[:DEDUP_SAMPLES]:
-            j = int(near_keeper[i])
+
+def _dedup_pairs(dups: Duplicates, sig_path: Path, num_perm: int) -> list[dict]:
+    """A sample of (dropped, kept) pairs, near then exact, for a person to judge the dedup."""
+    pairs: list[dict] = []
+    if dups.near_dups:
+        sigs = np.memmap(sig_path, dtype=np.uint32, mode="r", shape=(len(dups.keeper), num_perm))
+        for i in np.flatnonzero(dups.near_keeper >= 0)[:DEDUP_SAMPLES]:
+            j = int(dups.near_keeper[i])
             pairs.append(
                 {"kind": "near", "dropped": int(i), "kept": j, "jaccard": float(np.mean(sigs[i] == sigs[j]))}
             )
         del sigs
-    for i in np.flatnonzero(exact_keeper >= 0)[:DEDUP_SAMPLES]:
-        pairs.append({"kind": "exact", "dropped": int(i), "kept": int(exact_keeper[i]), "jaccard": 1.0})
-    shown = {p["dropped"] for p in pairs} | {p["kept"] for p in pairs}
-    snippets: dict[int, tuple[str, str]] = {}
+    for i in np.flatnonzero(dups.exact_keeper >= 0)[:DEDUP_SAMPLES]:
+        pairs.append({"kind": "exact", "dropped": int(i), "kept": int(dups.exact_keeper[i]), "jaccard": 1.0})
+    return pairs
 
-    # Stream part by part into train/val (and the duplicates): one row group per part and split, as
-    # a full clean writes them.
+
+def _write_splits(
+    out_dir: Path, texts: Texts, passed_per_part: np.ndarray, drop: np.ndarray, is_val: np.ndarray, pairs: list[dict]
+) -> WrittenSplits:
+    """Stream part by part into train/val (and the duplicates): one row group per part and split, as
+    a full clean writes them. Keeps the texts of the documents in ``pairs`` on the way."""
+    shown = {p["dropped"] for p in pairs} | {p["kept"] for p in pairs}
     outputs = {name: pq.ParquetWriter(out_dir / name, SCHEMA, compression="zstd") for name in (TRAIN, VAL, DUPLICATES)}
-    docs = {TRAIN: 0, VAL: 0, DUPLICATES: 0}
-    bytes_out = 0
-    hist_out = np.zeros(len(HIST_BINS) - 1, dtype=np.int64)
+    written = WrittenSplits({TRAIN: 0, VAL: 0, DUPLICATES: 0}, 0, np.zeros(len(HIST_BINS) - 1, dtype=np.int64), {})
     offset = 0
     for part, k in enumerate(passed_per_part.tolist()):
         table = texts.part(part)
@@ -635,20 +735,27 @@ def _reduce(
         val = is_val[offset : offset + k]
         for i in sorted(i for i in shown if offset <= i < offset + k):
             row = i - offset
-            snippets[i] = (table.column("doc_id")[row].as_py(), table.column("text")[row].as_py()[:SAMPLE_CHARS])
+            written.snippets[i] = (
+                table.column("doc_id")[row].as_py(), table.column("text")[row].as_py()[:SAMPLE_CHARS]
+            )
         offset += k
         for name, mask in ((TRAIN, keep & ~val), (VAL, keep & val), (DUPLICATES, ~keep)):
             rows_ = table.filter(pa.array(mask)).combine_chunks()
             if rows_.num_rows:
                 outputs[name].write_table(rows_)
-                docs[name] += rows_.num_rows
+                written.docs[name] += rows_.num_rows
         kept_text = table.filter(pa.array(keep)).column("text")  # lengths in Arrow: no Python strings
-        bytes_out += int(pc.sum(pc.binary_length(kept_text)).as_py() or 0)
-        hist_out += np.histogram(pc.utf8_length(kept_text).to_numpy(), bins=HIST_BINS)[0]
+        written.bytes_out += int(pc.sum(pc.binary_length(kept_text)).as_py() or 0)
+        written.hist_out += np.histogram(pc.utf8_length(kept_text).to_numpy(), bins=HIST_BINS)[0]
         del table, kept_text
     for w in outputs.values():
         w.close()
-    with open(out_dir / DEDUP_PAIRS, "w", encoding="utf-8") as f:
+    return written
+
+
+def _write_dedup_samples(path: Path, pairs: list[dict], snippets: dict[int, tuple[str, str]]) -> None:
+    """``dedup_samples.jsonl``: the sampled (dropped, kept) pairs with their ids and texts."""
+    with open(path, "w", encoding="utf-8") as f:
         for p in pairs:
             (dropped_id, dropped_text), (kept_id, kept_text) = snippets[p["dropped"]], snippets[p["kept"]]
             item = {
@@ -660,60 +767,77 @@ def _reduce(
                 "kept_text": kept_text,
             }
             f.write(json.dumps(item, ensure_ascii=False) + "\n")
-    _write_index(out_dir / INDEX, records, ~drop, cfg)
-    pa.default_memory_pool().release_unused()  # the next stage may run in this process
-    trim_heap()
-    if docs[TRAIN] == 0:
-        raise DataError(
-            f"no training documents are left: {n} passed the filters, {exact_dups} exact and {near_dups} "
-            f"near duplicates removed, {docs[VAL]} went to validation (data.val_fraction={cfg.val_fraction})"
-        )
-    elapsed = time.perf_counter() - start
 
+
+def _check_training_left(records: Records, dups: Duplicates, written: WrittenSplits, cfg: DataConfig) -> None:
+    if written.docs[TRAIN] == 0:
+        raise DataError(
+            f"no training documents are left: {int(records.passed.sum())} passed the filters, {dups.exact_dups} "
+            f"exact and {dups.near_dups} near duplicates removed, {written.docs[VAL]} went to validation "
+            f"(data.val_fraction={cfg.val_fraction})"
+        )
+
+
+def _metrics(
+    records: Records, filtered: FilterSummary, dups: Duplicates, written: WrittenSplits, reuse: tuple[int, int],
+    elapsed: float,
+) -> dict[str, float]:
+    docs_in = len(records.doc_id)
     metrics: dict[str, float] = {
         "clean/docs_in": docs_in,
-        "clean/docs_out": docs[TRAIN] + docs[VAL],
+        "clean/docs_out": written.docs[TRAIN] + written.docs[VAL],
         "clean/bytes_in": int(records.bytes.sum()),
-        "clean/bytes_out": bytes_out,
-        "clean/docs_filtered": docs_in - n,
+        "clean/bytes_out": written.bytes_out,
+        "clean/docs_filtered": docs_in - int(records.passed.sum()),
         "clean/docs_reused": reuse[0],  # cleaned by the earlier run this one extends
         "clean/docs_new": reuse[1],  # new or changed: through the filters and MinHash in this run
-        "dedup/exact_dups": exact_dups,
-        "dedup/exact_clusters": exact_clusters,
-        "dedup/near_dups": near_dups,
-        "dedup/clusters": near_clusters,
-        "clean/train_docs": docs[TRAIN],
-        "clean/val_docs": docs[VAL],
+        "dedup/exact_dups": dups.exact_dups,
+        "dedup/exact_clusters": dups.exact_clusters,
+        "dedup/near_dups": dups.near_dups,
+        "dedup/clusters": dups.near_clusters,
+        "clean/train_docs": written.docs[TRAIN],
+        "clean/val_docs": written.docs[VAL],
         "clean/seconds": elapsed,
         "clean/mb_per_s": int(records.bytes.sum()) / 2**20 / max(elapsed, 1e-9),
     }
-    for reason, count in reasons.items():
+    for reason, count in filtered.reasons.items():
         metrics[f"clean/dropped/{reason}"] = count
-    for kind, count in counts.items():
+    for kind, count in filtered.counts.items():
         metrics[kind if "/" in kind else f"clean/{kind}"] = count
     for kind in ("email", "phone", "ip"):
         metrics.setdefault(f"pii/{kind}", 0)
         metrics[f"clean/pii/{kind}"] = metrics.pop(f"pii/{kind}")
-    metrics = {k: float(v) for k, v in metrics.items()}
-    settings = cfg.clean.model_dump()
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _write_stats_and_figures(
+    out_dir: Path, cfg: DataConfig, lsh: tuple[int, int], metrics: dict[str, float], filtered: FilterSummary,
+    dups: Duplicates, written: WrittenSplits,
+) -> None:
+    """``stats.json``, the length histogram and the dropped-by-reason figure."""
+    bands, rows = lsh
     stats = {
         "metrics": metrics,
-        "dropped": dict(reasons.most_common()),
-        "filters": settings,
+        "dropped": dict(filtered.reasons.most_common()),
+        "filters": cfg.clean.model_dump(),
         "dedup": {**cfg.dedup.model_dump(), "bands": bands, "rows": rows},
         "length_histogram": {
             "bins": HIST_BINS.tolist(),
-            "in": hist_in.tolist(),
-            "out": hist_out.tolist(),
+            "in": filtered.hist_in.tolist(),
+            "out": written.hist_out.tolist(),
         },
     }
     (out_dir / STATS).write_text(json.dumps(stats, indent=2))
-    _plot_lengths(out_dir / HIST, hist_in, hist_out)
+    _plot_lengths(out_dir / HIST, filtered.hist_in, written.hist_out)
     _plot_dropped(
         out_dir / DROPPED_PLOT,
-        {**reasons, "exact duplicate": exact_dups, "near duplicate": near_dups},
-        kept=docs[TRAIN] + docs[VAL],
+        {**filtered.reasons, "exact duplicate": dups.exact_dups, "near duplicate": dups.near_dups},
+        kept=written.docs[TRAIN] + written.docs[VAL],
     )
+
+
+def _clean_result(out_dir: Path, lsh: tuple[int, int], metrics: dict[str, float]) -> StageResult:
+    bands, rows = lsh
     return StageResult(
         metrics=metrics,
         params={"dedup.bands": bands, "dedup.rows": rows},  # the thresholds in force are the run's config params

@@ -448,6 +448,25 @@ class Provenance:
         self._f.close()
 
 
+@dataclass
+class IngestRun:
+    """What an ingest writes to, and what it has done so far."""
+
+    writer: DocumentWriter
+    provenance: Provenance
+    earlier: Earlier | None  # an earlier ingest whose unchanged files are copied, not read
+    limit: int | None  # data.max_docs
+    seen: set[tuple[int, int]] | None  # (device, inode) of the files read, with several sources
+    index_files: list[dict] = field(default_factory=list)  # per file, its entry of INDEX
+    files_read: int = 0
+    files_reused: int = 0
+
+    @property
+    def full(self) -> bool:
+        """Whether data.max_docs documents are written."""
+        return self.limit is not None and self.writer.documents >= self.limit
+
+
 def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> StageResult:
     """Read every source in ``cfg.sources`` into ``documents.parquet`` and ``provenance.csv``.
 
@@ -458,101 +477,138 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
     out_dir = Path(out_dir)
     start = time.perf_counter()
     earlier = Earlier.open(Path(previous), cfg) if previous is not None and cfg.max_docs is None else None
-    index_files: list[dict] = []
-    files_read = files_reused = 0
     if not cfg.sources:
         raise DataError("data.sources is empty: give at least one file, directory, glob or 'stdlib'")
-    # Walk every source once first (counting its files, keeping none) so that a missing path fails
-    # before any work is done.
+    total_files, listed = _walk_sources(cfg)
+    run = IngestRun(
+        DocumentWriter(out_dir / DOCUMENTS, int(cfg.row_group_mb * 2**20)),
+        Provenance(out_dir / PROVENANCE),
+        earlier,
+        cfg.max_docs,
+        # Doc ids must be unique, so a file listed by two sources (by the same path, a link or a
+        # symlink: the same device and inode) is read once. One source never lists a file twice: the
+        # set is needed (and grows, a pair of ints a file) only with several.
+        set() if len(cfg.sources) > 1 else None,
+    )
+    _read_sources(cfg, run, listed, total_files)
+    run.writer.close()
+    run.provenance.close()
+    _write_index_and_digests(out_dir, cfg, run)
+    elapsed = time.perf_counter() - start
+    _check_documents(cfg, run.provenance, run.writer)
+    return _ingest_result(cfg, run, elapsed)
+
+
+def _walk_sources(cfg: DataConfig) -> tuple[int, dict[str, list[SourceFile]]]:
+    """Walk every source once (counting its files, keeping none) so that a missing path fails before
+    any work is done. Returns the number of files, and the stdlib's files (a list already, walked once)."""
     total_files = 0
-    listed: dict[str, list[SourceFile]] = {}  # the stdlib's files: a list already, walked once
+    listed: dict[str, list[SourceFile]] = {}
     for spec in cfg.sources:
         files = _source_files(spec, cfg)
         if isinstance(files, list):
             listed[spec] = files
         total_files += 1 if files is None else sum(1 for _ in files)
-    writer = DocumentWriter(out_dir / DOCUMENTS, int(cfg.row_group_mb * 2**20))
-    provenance = Provenance(out_dir / PROVENANCE)
-    # Doc ids must be unique, so a file listed by two sources (by the same path, a link or a symlink:
-    # the same device and inode) is read once. One source never lists a file twice: the set is
-    # needed (and grows, a pair of ints a file) only with several.
-    seen: set[tuple[int, int]] | None = set() if len(cfg.sources) > 1 else None
-    limit = cfg.max_docs
+    return total_files, listed
+
+
+def _read_sources(cfg: DataConfig, run: IngestRun, listed: dict[str, list[SourceFile]], total_files: int) -> None:
+    """Every source's files, in order, into the run's documents, provenance and index."""
     bar = _progress(total_files, "ingest")
-
-    def add(doc_id: str, spec: str, text: str, report: FileReport) -> bool:
-        """Write a document (cut into pieces if it is too long); False once max_docs is reached."""
-        for piece_id, piece in sources.split_document(doc_id, text, cfg.max_doc_chars, report):
-            writer.add(piece_id, spec, piece)
-            report.documents += 1
-            if limit is not None and writer.documents >= limit:
-                return False
-        return True
-
     try:
         for spec in cfg.sources:
             files = listed[spec] if spec in listed else _source_files(spec, cfg)
             if files is None:
-                report = FileReport(source=spec, path=spec)
-                for doc_id, text in sources.read_hf(spec, report, cfg.text_field, limit):
-                    if not add(doc_id, spec, text, report):
-                        break
-                bar.update(1)
-                files_read += 1
-                _check_bad_fraction(report, cfg.max_bad_fraction)
-                provenance.add(report)
-                writer.end_part()
+                _ingest_hf(cfg, run, spec, bar)
                 continue
             for sf in files:
-                if limit is not None and writer.documents >= limit:
+                if run.full:
                     break
-                stat = sf.path.stat()
-                if seen is not None:
-                    if (stat.st_dev, stat.st_ino) in seen:
-                        continue
-                    seen.add((stat.st_dev, stat.st_ino))
-                first, first_bytes = writer.documents, writer.bytes
-                entry = None if earlier is None else earlier.reusable(spec, sf, stat)
-                if entry is not None:
-                    writer.copy(earlier, entry["first"], entry["count"], entry["bytes"])
-                    report = FileReport(**entry["report"])
-                    files_reused += 1
-                else:
-                    report = FileReport(source=spec, path=str(sf.path))
-                    for doc_id, text in _read(sf, report, cfg):
-                        if not add(doc_id, spec, text, report):
-                            break
-                    files_read += 1
-                _check_bad_fraction(report, cfg.max_bad_fraction)
-                provenance.add(report)
-                index_files.append({
-                    "source": spec, "path": str(sf.path), "name": sf.name, "size": stat.st_size,
-                    "mtime_ns": stat.st_mtime_ns, "first": first, "count": writer.documents - first,
-                    "bytes": writer.bytes - first_bytes,
-                    "report": {**vars(report), "first_bad_lines": list(report.first_bad_lines)},
-                })
-                bar.update(1)
-                if ends_part(sf.name) or writer.part_bytes >= PART_GROUPS * writer.group_bytes:
-                    writer.end_part()
+                _ingest_file(cfg, run, spec, sf, bar)
     except BaseException:
         # The files are abandoned (the stage's folder is not published): closing them must not hide
         # why (a full disk fails the close as well, with a less useful message).
         with contextlib.suppress(Exception):
-            writer.abort()
+            run.writer.abort()
         with contextlib.suppress(Exception):
-            provenance.close()
+            run.provenance.close()
         raise
     finally:
         bar.close()
-    writer.close()
-    provenance.close()
-    np.save(out_dir / DIGESTS, writer.all_digests())
-    (out_dir / INDEX).write_text(
-        json.dumps({"version": INDEX_VERSION, "settings": _reuse_settings(cfg), "files": index_files})
-    )
-    elapsed = time.perf_counter() - start
 
-    totals = provenance.totals
+
+def _ingest_hf(cfg: DataConfig, run: IngestRun, spec: str, bar) -> None:
+    """A Hugging Face dataset: one provenance row, and a part of its own."""
+    report = FileReport(source=spec, path=spec)
+    for doc_id, text in sources.read_hf(spec, report, cfg.text_field, run.limit):
+        if not _add_document(cfg, run, doc_id, spec, text, report):
+            break
+    bar.update(1)
+    run.files_read += 1
+    _check_bad_fraction(report, cfg.max_bad_fraction)
+    run.provenance.add(report)
+    run.writer.end_part()
+
+
+def _ingest_file(cfg: DataConfig, run: IngestRun, spec: str, sf: SourceFile, bar) -> None:
+    """One source file (skipped if another source listed it already): its documents, provenance row
+    and index entry; the part ends after it if its name or the part's size says so."""
+    stat = sf.path.stat()
+    if run.seen is not None:
+        if (stat.st_dev, stat.st_ino) in run.seen:
+            return
+        run.seen.add((stat.st_dev, stat.st_ino))
+    writer = run.writer
+    first, first_bytes = writer.documents, writer.bytes
+    report = _copy_or_read(cfg, run, spec, sf, stat)
+    _check_bad_fraction(report, cfg.max_bad_fraction)
+    run.provenance.add(report)
+    run.index_files.append({
+        "source": spec, "path": str(sf.path), "name": sf.name, "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns, "first": first, "count": writer.documents - first,
+        "bytes": writer.bytes - first_bytes,
+        "report": {**vars(report), "first_bad_lines": list(report.first_bad_lines)},
+    })
+    bar.update(1)
+    if ends_part(sf.name) or writer.part_bytes >= PART_GROUPS * writer.group_bytes:
+        writer.end_part()
+
+
+def _copy_or_read(cfg: DataConfig, run: IngestRun, spec: str, sf: SourceFile, stat: os.stat_result) -> FileReport:
+    """A file's documents into the writer: copied if the earlier ingest read it unchanged, else read."""
+    entry = None if run.earlier is None else run.earlier.reusable(spec, sf, stat)
+    if entry is not None:
+        run.writer.copy(run.earlier, entry["first"], entry["count"], entry["bytes"])
+        run.files_reused += 1
+        return FileReport(**entry["report"])
+    report = FileReport(source=spec, path=str(sf.path))
+    for doc_id, text in _read(sf, report, cfg):
+        if not _add_document(cfg, run, doc_id, spec, text, report):
+            break
+    run.files_read += 1
+    return report
+
+
+def _add_document(cfg: DataConfig, run: IngestRun, doc_id: str, spec: str, text: str, report: FileReport) -> bool:
+    """Write a document (cut into pieces if it is too long); False once max_docs is reached."""
+    for piece_id, piece in sources.split_document(doc_id, text, cfg.max_doc_chars, report):
+        run.writer.add(piece_id, spec, piece)
+        report.documents += 1
+        if run.full:
+            return False
+    return True
+
+
+def _write_index_and_digests(out_dir: Path, cfg: DataConfig, run: IngestRun) -> None:
+    """What a retrain extends this ingest by: the documents' digests and the per-file index."""
+    np.save(out_dir / DIGESTS, run.writer.all_digests())
+    (out_dir / INDEX).write_text(
+        json.dumps({"version": INDEX_VERSION, "settings": _reuse_settings(cfg), "files": run.index_files})
+    )
+
+
+def _check_documents(cfg: DataConfig, provenance: Provenance, writer: DocumentWriter) -> None:
+    """Fail, saying what to do, when most files are not UTF-8 or no document was read."""
     if provenance.files and provenance.not_utf8 / provenance.files > cfg.max_invalid_utf8_fraction:
         raise DataError(
             f"{provenance.not_utf8} of {provenance.files} source files are not UTF-8 text (first: "
@@ -561,21 +617,22 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
             f"(now {cfg.max_invalid_utf8_fraction}) to read them with replacement characters."
         )
     if writer.documents == 0:
+        totals = provenance.totals
         raise DataError(
             f"no documents were read from data.sources={cfg.sources}: {provenance.files} files, "
             f"{totals['binary_skipped']} binary files skipped, {totals['bad_lines']} malformed records. "
             f"See the sources' contents or add text files."
         )
-    digest = provenance.digest
-    digest.update(
-        f"text_field={cfg.text_field};max_docs={cfg.max_docs};max_doc_chars={cfg.max_doc_chars}".encode()
-    )
+
+
+def _ingest_metrics(run: IngestRun, elapsed: float) -> dict[str, float]:
+    writer, provenance, totals = run.writer, run.provenance, run.provenance.totals
     metrics = {
         "ingest/documents": writer.documents,
         "ingest/bytes": writer.bytes,
         "ingest/files": provenance.files,
-        "ingest/files_read": files_read,  # read and parsed by this run
-        "ingest/files_reused": files_reused,  # unchanged since the earlier ingest: copied from it
+        "ingest/files_read": run.files_read,  # read and parsed by this run
+        "ingest/files_reused": run.files_reused,  # unchanged since the earlier ingest: copied from it
         "ingest/parts": writer.parts,  # part files of documents/
         "ingest/parts_linked": writer.linked,  # parts of the earlier ingest taken as they were
         "ingest/file_bytes": totals["size"],
@@ -586,19 +643,27 @@ def ingest(cfg: DataConfig, *, out_dir: Path, previous: Path | None = None) -> S
         "ingest/seconds": elapsed,
         "ingest/mb_per_s": writer.bytes / 2**20 / max(elapsed, 1e-9),
     }
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _ingest_result(cfg: DataConfig, run: IngestRun, elapsed: float) -> StageResult:
+    digest = run.provenance.digest
+    digest.update(
+        f"text_field={cfg.text_field};max_docs={cfg.max_docs};max_doc_chars={cfg.max_doc_chars}".encode()
+    )
     return StageResult(
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics=_ingest_metrics(run, elapsed),
         params={
             "sources": ",".join(cfg.sources),
             "text_field": cfg.text_field,
             "max_docs": cfg.max_docs,
             "max_doc_chars": cfg.max_doc_chars,
             # Where the skipped records are, for a person to look (full list in provenance.csv).
-            "bad_lines_first": provenance.bad_lines_first[:BAD_LINES_PARAM_CHARS],
+            "bad_lines_first": run.provenance.bad_lines_first[:BAD_LINES_PARAM_CHARS],
         },
         artifacts=[PROVENANCE],
         outputs={"documents": DOCUMENTS, "provenance": PROVENANCE, "index": INDEX, "digests": DIGESTS},
-        tags={"lmforge.extends": str(earlier.folder)} if files_reused else {},
+        tags={"lmforge.extends": str(run.earlier.folder)} if run.files_reused else {},
         datasets=[
             {
                 "name": "documents",

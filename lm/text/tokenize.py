@@ -296,6 +296,16 @@ def encoding_pieces(text: str, max_chars: int | None) -> Iterator[tuple[int, int
 _CUT_AFTER = re.compile(r"(?<=\S)\n")
 
 
+@dataclass
+class ChosenTokenizer:
+    """The tokenizer a tokenize uses, and where its special tokens and own configuration come from."""
+
+    tok: Tokenizer
+    specials: list[str]
+    own_dir: Path | None  # the folder of its own tokenizer_config.json, if it brings one
+    from_base: bool  # the base model's (model.init_from), used as it is
+
+
 def tokenize(
     cfg: Config, clean_dir: Path, *, out_dir: Path, base_dir: Path | None = None, previous: Path | None = None
 ) -> StageResult:
@@ -305,44 +315,24 @@ def tokenize(
     ``previous``: an earlier tokenize's folder (only read); if it was made with the same tokenizer
     (a retrain that warm-starts from the champion keeps the champion's), the documents it encoded
     are copied from its shards and only new or changed ones are encoded."""
-    from lm.models.source import read_source
-
     clean_dir, out_dir = Path(clean_dir), Path(out_dir)
-    for name in SPLITS.values():
-        if not (clean_dir / name).is_file():
-            raise DataError(f"{clean_dir / name} does not exist: run the clean stage first")
+    _check_clean_splits(clean_dir)
     t0 = time.perf_counter()
-    source = read_source(base_dir) if base_dir is not None else None
-    own_dir = Path(cfg.tokenizer.path).parent if cfg.tokenizer.kind == "file" else None  # its own config
-    from_base = source is not None and bool(source.get("tokenizer"))
-    if from_base:
-        tok = load_tokenizer(Path(base_dir) / TOKENIZER)
-        specials, own_dir = source["special_tokens"], Path(base_dir)
-    else:
-        tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
-        specials = cfg.tokenizer.special_tokens
+    chosen = _choose_tokenizer(cfg, clean_dir, base_dir)
     train_seconds = time.perf_counter() - t0
+    tok = chosen.tok
     tok.save(str(out_dir / TOKENIZER))
     # Hugging Face's companion file, with the chat template instruction tuning and serving render with.
-    chat_config = write_tokenizer_config(out_dir, tok, specials, own_dir)
+    chat_config = write_tokenizer_config(out_dir, tok, chosen.specials, chosen.own_dir)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
-    ids = special_ids(tok, specials)
+    ids = special_ids(tok, chosen.specials)
     # Text that happens to contain "<|endoftext|>" is encoded as plain text, never as the special
     # token: only the stage itself places document boundaries.
     tok.encode_special_tokens = True
-
     earlier = EarlierTokens.open(None if previous is None else Path(previous), out_dir / TOKENIZER, dtype)
-    splits, written = {}, {}
-    for split, name in SPLITS.items():
-        writer = ShardWriter(out_dir, split, dtype, cfg.tokenizer.shard_tokens)
-        written[split] = encode_split(tok, clean_dir / name, writer, ids["eot_id"], earlier.get(split))
-        writer.close()
-        splits[split] = {"files": writer.files, "tokens": writer.tokens, "documents": len(written[split].counts)}
-    for split, w in written.items():
-        docs = np.empty(len(w.counts), dtype=DOC_DTYPE)
-        docs["digest"], docs["tokens"] = w.digests, w.counts
-        np.save(out_dir / DOC_INDEX.format(split=split), docs)
+    splits, written = _encode_splits(cfg.tokenizer, tok, clean_dir, out_dir, dtype, ids["eot_id"], earlier)
+    _write_doc_indexes(out_dir, written)
     if splits["train"]["tokens"] == 0:
         raise DataError(f"{clean_dir / SPLITS['train']} holds no documents: nothing to train on")
     index = TokenIndex(
@@ -351,20 +341,68 @@ def tokenize(
         **ids,
         splits=splits,
         tokenizer=TOKENIZER,
-        kind="base_model" if from_base else cfg.tokenizer.kind,
+        kind="base_model" if chosen.from_base else cfg.tokenizer.kind,
     )
     index.save(out_dir)
+    return _tokenize_result(cfg, index, written, chat_config, train_seconds, time.perf_counter() - t0, previous)
+
+
+def _check_clean_splits(clean_dir: Path) -> None:
+    for name in SPLITS.values():
+        if not (clean_dir / name).is_file():
+            raise DataError(f"{clean_dir / name} does not exist: run the clean stage first")
+
+
+def _choose_tokenizer(cfg: Config, clean_dir: Path, base_dir: Path | None) -> ChosenTokenizer:
+    """The base model's tokenizer if it brings one, else the one the tokenizer section builds."""
+    from lm.models.source import read_source
+
+    source = read_source(base_dir) if base_dir is not None else None
+    own_dir = Path(cfg.tokenizer.path).parent if cfg.tokenizer.kind == "file" else None  # its own config
+    if source is not None and bool(source.get("tokenizer")):
+        return ChosenTokenizer(load_tokenizer(Path(base_dir) / TOKENIZER), source["special_tokens"], Path(base_dir), True)
+    tok = build_tokenizer(cfg.tokenizer, clean_dir / SPLITS["train"])
+    return ChosenTokenizer(tok, cfg.tokenizer.special_tokens, own_dir, False)
+
+
+def _encode_splits(
+    cfg: TokenizerConfig, tok: Tokenizer, clean_dir: Path, out_dir: Path, dtype: np.dtype, eot_id: int,
+    earlier: dict[str, EarlierTokens],
+) -> tuple[dict[str, dict], dict[str, SplitTokens]]:
+    """Each split's shards. Returns per split its index entry (files, tokens, documents) and what
+    :func:`encode_split` wrote."""
+    splits, written = {}, {}
+    for split, name in SPLITS.items():
+        writer = ShardWriter(out_dir, split, dtype, cfg.shard_tokens)
+        written[split] = encode_split(tok, clean_dir / name, writer, eot_id, earlier.get(split))
+        writer.close()
+        splits[split] = {"files": writer.files, "tokens": writer.tokens, "documents": len(written[split].counts)}
+    return splits, written
+
+
+def _write_doc_indexes(out_dir: Path, written: dict[str, SplitTokens]) -> None:
+    """Per split, :data:`DOC_INDEX`: what a retrain's tokenize reuses."""
+    for split, w in written.items():
+        docs = np.empty(len(w.counts), dtype=DOC_DTYPE)
+        docs["digest"], docs["tokens"] = w.digests, w.counts
+        np.save(out_dir / DOC_INDEX.format(split=split), docs)
+
+
+def _tokenize_result(
+    cfg: Config, index: TokenIndex, written: dict[str, SplitTokens], chat_config: str, train_seconds: float,
+    seconds: float, previous: Path | None,
+) -> StageResult:
     encoded = sum(w.encoded_tokens for w in written.values())
     encode_seconds = sum(w.encode_seconds for w in written.values())
     return StageResult(
         metrics={
-            "tokenize/vocab_size": float(vocab_size),
-            "tokenize/train_tokens": float(splits["train"]["tokens"]),
-            "tokenize/val_tokens": float(splits["val"]["tokens"]),
+            "tokenize/vocab_size": float(index.vocab_size),
+            "tokenize/train_tokens": float(index.splits["train"]["tokens"]),
+            "tokenize/val_tokens": float(index.splits["val"]["tokens"]),
             "tokenize/train_seconds": train_seconds,
             # The tokenizer's speed: tokens it encoded over the time it took (copied tokens not counted).
             "tokenize/tokens_per_s": encoded / max(encode_seconds, 1e-9),
-            "tokenize/seconds": time.perf_counter() - t0,
+            "tokenize/seconds": seconds,
             # Documents whose tokens were copied from an earlier tokenize with the same tokenizer.
             "tokenize/docs_reused": float(sum(w.reused for w in written.values())),
             "tokenize/docs_encoded": float(sum(len(w.counts) - w.reused for w in written.values())),
@@ -372,11 +410,10 @@ def tokenize(
         params={
             "dtype": index.dtype,
             # A tokenizer.json (kind=file) brings its own size, which the config leaves open (None).
-            **({"tokenizer.vocab_size": vocab_size} if cfg.tokenizer.vocab_size is None else {}),
+            **({"tokenizer.vocab_size": index.vocab_size} if cfg.tokenizer.vocab_size is None else {}),
         },
         artifacts=[TOKENIZER, chat_config, INDEX],
         outputs={"tokenizer": TOKENIZER, "tokenizer_config": chat_config, "index": INDEX,
                  **{f"{split}_docs": DOC_INDEX.format(split=split) for split in SPLITS}},
         tags={"lmforge.extends": str(previous)} if any(w.reused for w in written.values()) else {},
     )
-
