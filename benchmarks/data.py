@@ -261,7 +261,7 @@ def bench_tokenize(clean_dir: Path, work: Path, vocab_size: int) -> dict:
     from tokenizers import Tokenizer
 
     from lm.config import Config, TokenizerConfig
-    from lm.text.tokenize import tokenize
+    from lm.text.tokenize_stage import tokenize
 
     trained = work / "trained"
     trained.mkdir(parents=True)
@@ -299,7 +299,7 @@ def rss_child(corpus: Path, work: Path, workers: int) -> None:
     from lm.config import Config, TokenizerConfig
     from lm.data.clean import clean
     from lm.data.ingest import ingest
-    from lm.text.tokenize import tokenize
+    from lm.text.tokenize_stage import tokenize
 
     me = psutil.Process()
     peak = {"stage": "ingest", "ingest": 0, "clean": 0, "tokenize": 0}

@@ -185,7 +185,7 @@ def in_process_contenders(
 
     from lm.generation.sampling import SamplingParams
     from lm.models.hf import hf_config_and_state
-    from lm.models.load import load_for_generation
+    from lm.models.load_for_generation import load_for_generation
     from lm.models.transformer import llama_config_dict
     from lm.serving.engine import Finished, GenerationEngine
 

@@ -151,7 +151,7 @@ def generate_command(args: argparse.Namespace) -> int:
     """Continue a prompt with a trained decoder and print the completion (to the first stop string,
     end-of-text token or --max-new-tokens)."""
     from lm.generation.sampling import SamplingParams, generate_text
-    from lm.models.load import load_for_generation
+    from lm.models.load_for_generation import load_for_generation
 
     try:
         params = SamplingParams(

@@ -163,7 +163,7 @@ class TokenizerConfig(Section):
     vocab_size: int | None = 8192
     path: str | None = None  # tokenizer.json, for kind=file
     # The first is the end-of-text token, the second padding, the third the MLM mask; the chat
-    # template (lm.text.tokenize) uses <|im_start|> and <|im_end|> when they are here.
+    # template (lm.text.tokenize_stage) uses <|im_start|> and <|im_end|> when they are here.
     special_tokens: list[str] = Field(default_factory=lambda: list(SPECIAL_TOKENS), min_length=1)
     # BPE merges are learned from at most this much training text (deterministic prefix); None = all.
     train_max_mb: float | None = Field(64.0, gt=0)

@@ -72,7 +72,7 @@ def _base_model_key(cfg: Config):
 
 
 def _tokenize(ctx: StageContext) -> StageResult:
-    from lm.text.tokenize import tokenize
+    from lm.text.tokenize_stage import tokenize
 
     # A retrain that keeps the tokenizer (warm start from the champion) encodes only new documents: the
     # rest is copied from the last tokenize of this pipeline made with that tokenizer (checked inside).
@@ -171,7 +171,7 @@ STAGES: tuple[Stage, ...] = (
           code=("lm.pipeline.base_model",),
           outputs=("source.json",)),
     Stage("tokenize", _tokenize, "build the tokenizer (or take the base model's) and write token shards",
-          inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.text.tokenize",),
+          inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.text.tokenize_stage",),
           outputs=("tokenizer.json", "index.json"), group="data"),
     Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
           config=("finetune.task", "finetune.data", "finetune.val_fraction", "finetune.test_fraction",

@@ -16,7 +16,7 @@ from lm.models.folder import load_model
 from lm.models.source import read_source
 from lm.pipeline.base_model import prepare_base, use_as_pretrained
 from lm.text.shards import TokenIndex
-from lm.text.tokenize import tokenize
+from lm.text.tokenize_stage import tokenize
 from lm.text.tokenizer import byte_tokenizer, load_tokenizer
 from lm.training.child import run_finetune
 

@@ -12,7 +12,7 @@ from hf_fixtures import close, randomise
 
 from lm.errors import ConfigError
 from lm.models.bert import BertEncoder
-from lm.models.families import family_named, family_of
+from lm.models.family_table import family_named, family_of
 from lm.models.folder import load_model, save_model
 from lm.models.hf import load_hf
 from lm.models.modernbert import ModernBertEncoder

@@ -20,7 +20,7 @@ from serve_fixtures import client, export_model, free_port, make_workdir, servin
 from train_fixtures import ROOT, child_env
 
 from lm.generation.sampling import SamplingParams
-from lm.models.load import load_for_generation
+from lm.models.load_for_generation import load_for_generation
 from lm.serving.engine import Delta, Failed, Finished, GenerationEngine
 from lm.serving.process import EngineProcess, stop_ids
 

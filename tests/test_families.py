@@ -154,7 +154,7 @@ def test_lora_exports_merged_and_as_a_peft_adapter_on_the_base(family, tmp_path)
 
     from lm.config import LoraConfig
     from lm.finetune.lora import adapter_tensors, apply_lora, merge_lora
-    from lm.models.families import family_named
+    from lm.models.family_table import family_named
     from lm.models.hf import export_adapter
 
     name, hf, folder = family

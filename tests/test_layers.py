@@ -125,6 +125,6 @@ def test_every_stage_key_is_listed():
     keys = {s.name: _hashes(s.name) for s in STAGES}
     for name, mods in keys.items():
         print(f"{name}: {', '.join(mods)}")
-    assert "lm.data.ingest" in keys["ingest"] and "lm.text.tokenize" in keys["tokenize"]
+    assert "lm.data.ingest" in keys["ingest"] and "lm.text.tokenize_stage" in keys["tokenize"]
     assert "lm.training.child" in keys["pretrain"] and "lm.finetune.sft" in keys["finetune"]
     assert "lm.tracking.registry" in keys["deploy"]

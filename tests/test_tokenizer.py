@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from lm.config import SPECIAL_TOKENS, Config, TokenizerConfig
 from lm.text.chat import CHATML, PLAIN_TEXT
 from lm.text.shards import TokenShards
-from lm.text.tokenize import tokenize
+from lm.text.tokenize_stage import tokenize
 from lm.text.tokenizer import load_tokenizer
 
 DOCS = [
@@ -144,7 +144,7 @@ def _tricky_text(n_lines: int) -> str:
 def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(clean_dir, tmp_path, monkeypatch, kind):
     # The encoder's memory grows with the text it encodes at once, so long documents are encoded in
     # pieces cut before a line break; the tokens must be exactly those of the whole document.
-    import lm.text.tokenize as T
+    import lm.text.tokenize_stage as T
 
     run(clean_dir, tmp_path / "tok", kind=kind, vocab_size=400)
     tok = load_tokenizer(tmp_path / "tok")
@@ -174,7 +174,7 @@ def test_long_documents_are_encoded_in_pieces_with_the_same_tokens(clean_dir, tm
 def test_a_tokenizer_whose_tokens_depend_on_the_cut_is_encoded_whole():
     from tokenizers import models, pre_tokenizers
 
-    import lm.text.tokenize as T
+    import lm.text.tokenize_stage as T
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)  # a space before every text

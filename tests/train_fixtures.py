@@ -97,7 +97,7 @@ def make_token_dir(root: Path, vocab_size: int = 384, shard_tokens: int = 12_000
     import pyarrow.parquet as pq
 
     from lm.config import Config, TokenizerConfig
-    from lm.text.tokenize import tokenize
+    from lm.text.tokenize_stage import tokenize
 
     clean = root.parent / f"{root.name}-clean"
     clean.mkdir(parents=True, exist_ok=True)

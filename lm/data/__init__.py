@@ -1,8 +1,8 @@
-"""The data stage: ingest -> clean (filters, dedup, split) -> tokenize -> shard.
+"""Documents: the ingest and clean stages (``ingest``, ``sources``; ``clean`` with ``filters``, ``dedup``,
+``writing_systems``, ``batching``) and the fine-tuning data they feed (``labelled``, ``instruct``, ``pydefs``).
 
-``lm.data.ingest.ingest``, ``lm.data.clean.clean``, ``lm.text.tokenize.tokenize`` and
-``lm.data.labelled.build_finetune_data`` are the stage functions; each writes into ``out_dir``
-and returns an ``lm.pipeline.stage.StageResult``.
+May import the ground floor only (lm.config, errors, fileio, hashing, memory, pipeline.stage) and
+lm.text for the fine-tuning data's chat format; never networks, training, generation, serving or tracking.
 """
 
 # Columns of the documents parts (documents/part-*.parquet), train.parquet and val.parquet.

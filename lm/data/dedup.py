@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lm.data.scripts import SEPARATOR_RANGES, UNSPACED_RANGES
+from lm.data.writing_systems import SEPARATOR_RANGES, UNSPACED_RANGES
 from lm.hashing import splitmix64
 
 _B = np.uint64(0x100000001B3)  # odd multiplier of the polynomial word hash (FNV prime)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lm.config import CleanConfig
-from lm.data.scripts import UNSPACED_RANGES, regex_class
+from lm.data.writing_systems import UNSPACED_RANGES, regex_class
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""What a model family is (one row of the table in :mod:`lm.models.families`): how its
+"""What a model family is (one row of the table in :mod:`lm.models.family_table`): how its
 ``config.json`` becomes our ``ModelArgs``, how its weight names map onto ours and back.
 
 A family is data, not a copy of a network: the switches of ``lm.models.transformer``'s decoder, or an

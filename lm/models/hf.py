@@ -3,7 +3,7 @@
 In: a folder that ``save_pretrained`` wrote (``config.json`` + safetensors weights, one file or
 shards, + the tokenizer files) becomes one of our networks (:func:`load_hf`) or an lmforge model
 folder with its tokenizer (:func:`import_hf`). Which families, and how each maps onto our networks,
-is the table in :mod:`lm.models.families`. Out: our Decoder becomes a folder of its own family
+is the table in :mod:`lm.models.family_table`. Out: our Decoder becomes a folder of its own family
 (a tuned Qwen2 is a ``Qwen2ForCausalLM``; one trained from scratch a ``LlamaForCausalLM``) that
 ``transformers`` loads with ``from_pretrained`` (:func:`export_hf`).
 
@@ -27,8 +27,8 @@ from torch import nn
 
 from lm.errors import ConfigError, DataError
 from lm.fileio import atomic_write
-from lm.models.families import family_named, family_of
 from lm.models.family import Family
+from lm.models.family_table import family_named, family_of
 from lm.models.folder import MODEL_WEIGHTS, build_model, save_model
 from lm.models.transformer import Decoder, count_params, llama_config_dict
 from lm.text.tokenizer import TOKENIZER, load_tokenizer

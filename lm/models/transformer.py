@@ -51,7 +51,7 @@ class ModelArgs:
     ffn_act: str = "silu"
     type_vocab_size: int = 2  # bert: segment (token type) embeddings
 
-    # ---- family switches (lm.models.families reads them from a Hugging Face config.json) ----
+    # ---- family switches (lm.models.family_table reads them from a Hugging Face config.json) ----
     # Every default is our own Llama-style decoder, so model.json files written before these
     # fields existed load unchanged.
     family: str = "llama"  # the Hugging Face family the weights came from, and the one export writes

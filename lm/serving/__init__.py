@@ -1,12 +1,8 @@
-"""Serving a model over HTTP (``lmforge serve``).
+"""Serving a model over HTTP (``lmforge serve``): the engine that batches every request (``engine``,
+in its own process: ``process``), the model served and the alias it follows (``served_model``),
+OpenAI's bodies and routes with their limits (``protocol``, ``app``), ``/metrics`` (``metrics``), the
+port and uvicorn (``server``).
 
-- :mod:`lm.serving.engine`: one thread per model owns it and batches every request (continuous
-  batching over the KV cache of :class:`lm.generation.sampling.GenerationBatch`; classifiers: one forward pass
-  for the texts of every waiting request), streaming each request's text as it grows;
-- :mod:`lm.serving.models`: loading what ``--model`` names (a folder or a registered model), the
-  slot new requests read their model from, and the thread that follows a registry alias;
-- :mod:`lm.serving.protocol`, :mod:`lm.serving.app`: OpenAI's request bodies, error shape and
-  routes (FastAPI), the limits, the API key;
-- :mod:`lm.serving.metrics`: what ``/metrics`` shows (prometheus-client);
-- :mod:`lm.serving.server`: binding the port and running uvicorn.
+May import everything below the stage table (models, generation, finetune's predictors, tracking's
+registry lookups); nothing imports serving but the CLI.
 """

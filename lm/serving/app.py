@@ -31,7 +31,6 @@ from starlette.exceptions import HTTPException
 from lm.errors import LmforgeError
 from lm.serving.engine import Classified, Delta, EngineClosed, Event, Failed, Finished
 from lm.serving.metrics import ServingMetrics
-from lm.serving.models import ModelSlot, ServedModel
 from lm.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -40,6 +39,7 @@ from lm.serving.protocol import (
     Limits,
     error_body,
 )
+from lm.serving.served_model import ModelSlot, ServedModel
 
 HEALTH = "/health"
 _UNION_BRANCH = re.compile(r"str|int|float|bool|[a-z-]+\[.*\]")

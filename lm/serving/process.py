@@ -290,7 +290,7 @@ def _load_decoder(folder: str, send: Callable[[tuple], None]) -> tuple[Any, Deco
     """Load the model for generation -> (it, what the server needs to know of it); on failure, send
     why and return None."""
     try:
-        from lm.models.load import load_for_generation
+        from lm.models.load_for_generation import load_for_generation
 
         gm = load_for_generation(folder)
         info = DecoderInfo(gm.model.args.seq_len, stop_ids(gm), gm.tokenizer.to_str(), gm.chat_template,

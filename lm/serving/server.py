@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm.errors import LmforgeError
-from lm.serving.models import ModelSlot, RegistryFollower, ServedModel, load_served, registered_name
 from lm.serving.protocol import Limits
+from lm.serving.served_model import ModelSlot, RegistryFollower, ServedModel, load_served, registered_name
 
 log = logging.getLogger("lmforge.serve")
 

@@ -1,6 +1,6 @@
-"""Text as tokens: the tokenizer primitives (train, load, special ids), chat templates, the token
-shards and the tokenize stage that writes them.
+"""Text as tokens: the tokenizer primitives (``tokenizer``: train, load, special ids), chat templates
+(``chat``), the token files (``shards``) and the tokenize stage that writes them (``tokenize_stage``).
 
-May import lm.config, lm.errors, lm.fileio, lm.memory, lm.pipeline.stage, lm.data and lm.models.source (what
-a base model brings); nothing of training, generation, serving or the registry.
+May import the ground floor (lm.config, errors, fileio, memory, pipeline.stage), lm.data and
+lm.models.source (what a base model brings); nothing of networks, training, generation, serving or tracking.
 """

@@ -1,7 +1,7 @@
 """The token data format: ``index.json`` (:class:`TokenIndex`) and the shards it lists, read through
 ``numpy.memmap``: windows of any position without loading a shard.
 
-The shards of a split (see ``lm.text.tokenize``) form one long token stream; a window may start in
+The shards of a split (see ``lm.text.tokenize_stage``) form one long token stream; a window may start in
 one file and end in the next. Pages are read by the OS on demand, so memory use does not depend
 on the corpus size, and worker processes of a DataLoader share the page cache.
 """

@@ -1,6 +1,6 @@
 """Tokenizer primitives: byte-level BPE training, a bytes-only tokenizer, loading ``tokenizer.json``
 (Hugging Face ``tokenizers``), the ids of the special tokens. The tokenize stage
-(:mod:`lm.text.tokenize`) and everything that reads text build on these."""
+(:mod:`lm.text.tokenize_stage`) and everything that reads text build on these."""
 
 from __future__ import annotations
 

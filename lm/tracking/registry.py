@@ -53,7 +53,7 @@ from lm.pipeline.stage import StageResult
 
 log = logging.getLogger(__name__)
 
-# What loading the model imports (lm.finetune.<method>, lm.models.transformer, lm.text.tokenize, lm.config ...).
+# What loading the model imports (lm.finetune.<method>, lm.models.transformer, lm.text.tokenize_stage, lm.config ...).
 REQUIREMENTS = (
     "torch",
     "lightning",

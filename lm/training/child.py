@@ -64,7 +64,7 @@ def build_strategy(strategy: str):
     if strategy == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from lm.models.families import block_classes
+        from lm.models.family_table import block_classes
 
         # use_orig_params keeps parameter names (weight-decay groups) and lets tied weights share one unit.
         return FSDPStrategy(auto_wrap_policy=block_classes(), state_dict_type="full", use_orig_params=True)

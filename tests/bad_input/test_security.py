@@ -115,7 +115,7 @@ def test_serve_refuses_a_model_name_or_folder_that_climbs_out(tmp_path):
     """A registered name or alias with '/' or '..' is refused before MLflow is asked (no store is even
     opened); a folder outside the repository reached by climbing out of it (``../..``), that is not
     a model, is one line."""
-    from lm.serving.models import registered_name
+    from lm.serving.served_model import registered_name
 
     for spec in ("models:/../etc@champion", "models:/a/../b@champion", "models:/tiny@../x", "models:/tiny/../3",
                  "models:/a%2F..@c", "models:/.hidden@c", "models:/tiny@champion/.."):

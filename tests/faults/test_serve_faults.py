@@ -261,7 +261,7 @@ def test_sampling_settings_past_float32_neither_fail_their_request_nor_the_other
     import threading
 
     from lm.generation.sampling import SamplingParams
-    from lm.models.load import load_for_generation
+    from lm.models.load_for_generation import load_for_generation
     from lm.serving.engine import Failed, Finished, GenerationEngine
 
     gm = load_for_generation(chat_model)

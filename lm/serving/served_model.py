@@ -91,7 +91,7 @@ def load_folder(
     import json
 
     from lm.models.folder import MODEL_JSON
-    from lm.models.load import load_for_generation
+    from lm.models.load_for_generation import load_for_generation
     from lm.serving.engine import ClassifierEngine, GenerationEngine
 
     meta_path = folder / MODEL_JSON
