@@ -213,6 +213,10 @@ def swiglu_hidden(d_model: int) -> int:
     return 64 * math.ceil(8 * d_model / 3 / 64)
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 class ModelConfig(Section):
     kind: Literal["decoder", "encoder"] = "decoder"
     # Where the network starts. None: the pipeline's own pretraining, from scratch. Else an
@@ -255,9 +259,10 @@ class ModelConfig(Section):
             for key, value in MODEL_PRESETS[preset].items():
                 if data.get(key) is None:
                     data[key] = value
-        if data.get("n_kv_head") is None and data.get("n_head") is not None:
+        # Derived from a valid value only: a bad n_head or d_model is said once, under its own key.
+        if data.get("n_kv_head") is None and _positive_int(data.get("n_head")):
             data["n_kv_head"] = data["n_head"]
-        if data.get("d_ff") is None and isinstance(data.get("d_model"), int):
+        if data.get("d_ff") is None and _positive_int(data.get("d_model")):
             data["d_ff"] = swiglu_hidden(data["d_model"])
         return data
 

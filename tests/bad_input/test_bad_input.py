@@ -436,6 +436,3 @@ def test_a_hugging_face_folder_of_another_architecture_says_what_it_found(tmp_pa
         execute(stage_by_name(STAGES, "base_model"), StageContext(cfg, {}, tmp_path / "base"))
     assert not (tmp_path / "base").exists()  # nothing half-made published
 
-
-def test_the_suite_counts_at_least_forty_cases():
-    assert len(CONFIG_CASES) + len(DATA_CASES) + len(FINETUNE_CASES) + len(SFT_CASES) >= 40
