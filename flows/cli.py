@@ -114,14 +114,15 @@ def report_command(args: argparse.Namespace, cfg: Config) -> int:
     config or MLFLOW_TRACKING_URI): name (with its start time), trigger, documents kept, the promotion
     metric beside the champion's value, other headline metrics, decision, minutes and status."""
     from lm.errors import ConfigError
-    from lm.tracking import runs as tracking
+    from lm.tracking.client import check_tracking_uri
     from lm.tracking.report import comparison_table
+    from lm.tracking.runs import pipeline_runs
 
     if args.last < 1:
         raise ConfigError(f"--last {args.last}: give a number of runs, 1 or more")
     uri = cfg.tracking_uri()
-    tracking.check_tracking_uri(uri)
-    runs = tracking.pipeline_runs(uri, cfg.tracking.experiment, args.last)
+    check_tracking_uri(uri)
+    runs = pipeline_runs(uri, cfg.tracking.experiment, args.last)
     if not runs:
         print(f"lmforge: no pipeline runs in experiment {cfg.tracking.experiment!r} at {display_uri(uri)} yet")
         return 0

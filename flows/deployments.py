@@ -219,8 +219,7 @@ def trigger(name: str, overrides: Sequence[str], echo: Callable[[str], None] = p
     from prefect.client.orchestration import get_client
     from prefect.utilities.urls import url_for
 
-    from flows.watch import parent_run_of
-    from lm.tracking.runs import run_page
+    from lm.tracking.runs import pipeline_runs, run_page
 
     api = _api_url()
     with get_client(sync_client=True) as client:
@@ -250,9 +249,10 @@ def trigger(name: str, overrides: Sequence[str], echo: Callable[[str], None] = p
                     echo(f"  {time.strftime('%H:%M:%S')} {last}")
                 if cfg is not None and parent is None and run.state is not None and not run.state.is_scheduled():
                     with contextlib.suppress(Exception):  # the store may not exist yet; asked again
-                        parent = parent_run_of(cfg.tracking_uri(), cfg.tracking.experiment, str(run.id))
+                        made = pipeline_runs(cfg.tracking_uri(), cfg.tracking.experiment, 1, flow_run_id=str(run.id))
+                        parent = made[0] if made else None
                     if parent is not None:
-                        pid = parent.info.run_id
+                        pid = parent["run_id"]
                         echo(f"  MLflow parent run: {pid}  {run_page(cfg.tracking_uri(), pid)}")
                 if run.state is not None and run.state.is_final():
                     break

@@ -19,6 +19,8 @@ from lm.pipeline.stage import Stage
 from lm.pipeline.workspace import stage_dirs
 from lm.stages import STAGES, preflight, stages_for
 from lm.tracking import runs as tracking
+from lm.tracking.client import check_tracking_uri
+from lm.tracking.summary import summarize_pipeline_run
 from tasks.stage import run_in_child_run, stage_task
 
 
@@ -38,7 +40,7 @@ def stage_flow(stage: Stage) -> Flow:
 def check(config: Config, stages: Sequence[Stage]) -> None:
     """Everything that can be checked before the first stage starts (the CLI runs it before Prefect
     starts; the flow again, for runs started from a deployment)."""
-    tracking.check_tracking_uri(config.tracking_uri())
+    check_tracking_uri(config.tracking_uri())
     preflight(config, stages)
 
 
@@ -97,7 +99,7 @@ def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
                 inputs = {name: out[name] for name in stage.inputs}
                 out[stage.name] = subflows[stage.name](config, str(dirs[stage.name]), inputs, parent)
             # What a reviewer opens first: key metrics, datasets, the registered version, a description.
-            tracking.summarize_pipeline_run(uri, parent)
+            summarize_pipeline_run(uri, parent)
             ok = True
             return out
         finally:

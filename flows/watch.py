@@ -21,64 +21,21 @@ something would still have to look at the files and emit the event, and the thre
 comparison with the last finished run have to be applied before a run starts. One check flow does
 both, in one place, and each check's log in the Prefect UI says why it did or did not start a run.
 As a deployment it runs where the retrain runs (the same machine or work pool sees the same files).
-
-The MLflow queries below (the last pipeline runs, a run's ingest folder) belong with the others in
-``lm/tracking/runs.py``; they stay here until that module grows a search of pipeline runs.
+What it reads of MLflow (the pipeline runs of the config, the last one's ingest folder) comes from
+``lm.tracking.runs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from prefect import flow, get_run_logger
 
 from lm.config import Config
+from lm.tracking.runs import pipeline_runs, stage_output
 
 RETRAIN = "lmforge-pipeline/retrain"
 PIPELINE_FLOW = "lmforge-pipeline"
-
-
-def pipeline_runs(uri: str, experiment: str, config_name: str, max_results: int = 50) -> list:
-    """The MLflow parent runs of whole-pipeline runs of a config, newest first."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    return client.search_runs(
-        [exp.experiment_id],
-        filter_string=f"tags.`lmforge.config` = '{config_name}' and tags.`lmforge.targets` = 'all'",
-        order_by=["attributes.start_time DESC"],
-        max_results=max_results,
-    )
-
-
-def parent_run_of(uri: str, experiment: str, flow_run_id: str):
-    """The MLflow parent run a Prefect flow run created, or None (not yet, or not a pipeline run)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    # The stage runs carry the flow run id too; the parent is the one no run is the parent of.
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`lmforge.prefect_flow_run_id` = '{flow_run_id}'")
-    return next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
-
-
-def ingest_folder(uri: str, parent) -> Path | None:
-    """The output folder of a pipeline run's ingest stage (its child run's tag lmforge.output)."""
-    from mlflow.tracking import MlflowClient
-
-    runs = MlflowClient(uri).search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`lmforge.stage` = 'ingest'",
-        max_results=1,
-    )
-    out = runs[0].data.tags.get("lmforge.output") if runs else None
-    return Path(out) if out else None
 
 
 def should_retrain(cfg: Config) -> tuple[bool, str]:
@@ -87,8 +44,9 @@ def should_retrain(cfg: Config) -> tuple[bool, str]:
     from lm.pipeline.retrain import data_digest, digest_cache, new_data, read_provenance, source_digests
 
     uri, experiment = cfg.tracking_uri(), cfg.tracking.experiment
-    runs = pipeline_runs(uri, experiment, cfg.name)
-    finished = next((r for r in runs if r.info.status == "FINISHED"), None)
+    # The whole-pipeline runs of this config (a run of some stages only is no retrain), newest first.
+    runs = pipeline_runs(uri, experiment, 50, config=cfg.name, targets="all")
+    finished = next((r for r in runs if r["status"] == "FINISHED"), None)
     if finished is None:
         return False, (f"no finished pipeline run of config {cfg.name!r} in {experiment!r} yet: start the first "
                        "by hand (lmforge trigger retrain) or let the schedule do it")
@@ -96,17 +54,17 @@ def should_retrain(cfg: Config) -> tuple[bool, str]:
     digest = data_digest(files, cfg.data)
     since = runs[: runs.index(finished) + 1]  # the last finished run and every run started after it
     for run in since:
-        if run.data.tags.get("lmforge.data_digest") == digest:
-            how = "finished" if run.info.status == "FINISHED" else run.info.status.lower()
-            return False, f"no new data: run {run.info.run_id} ({how}) had the same data digest {digest[:12]}"
-    folder = ingest_folder(uri, finished)
+        if run["tags"].get("lmforge.data_digest") == digest:
+            how = "finished" if run["status"] == "FINISHED" else run["status"].lower()
+            return False, f"no new data: run {run['run_id']} ({how}) had the same data digest {digest[:12]}"
+    folder = stage_output(uri, finished, "ingest")
     seen = read_provenance(folder / PROVENANCE) if folder and (folder / PROVENANCE).is_file() else {}
     new = new_data(files, seen)
     r = cfg.retrain
     if not new.enough(r):
-        return False, (f"{new.describe()} since run {finished.info.run_id}: below retrain.min_new_files="
+        return False, (f"{new.describe()} since run {finished['run_id']}: below retrain.min_new_files="
                        f"{r.min_new_files} / retrain.min_new_mb={r.min_new_mb}")
-    return True, f"{new.describe()} since run {finished.info.run_id}"
+    return True, f"{new.describe()} since run {finished['run_id']}"
 
 
 def active_runs(client, deployment_id) -> list:

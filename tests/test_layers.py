@@ -93,11 +93,25 @@ def test_no_import_loop_in_lm_flows_or_tasks():
     assert cycles(graph) == []
 
 
+def test_every_mlflow_call_lives_in_lm_tracking():
+    """No module of lm, flows or tasks outside lm/tracking imports mlflow (function bodies too)."""
+    outside = []
+    for m, f in _modules().items():
+        if m == "lm.tracking" or m.startswith("lm.tracking."):
+            continue
+        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            outside += [f"{m}: {n}" for n in names if n == "mlflow" or n.startswith("mlflow.")]
+    assert outside == []
+
+
 # Code a stage of each kind must not hash: an edit there must leave the stage cached.
 TRAINING = ("lm.training.modules", "lm.training.child", "lm.training.pretrain_data", "lm.training.checkpoint")
 GENERATION = ("lm.generation.sampling",)
 SERVING = ("lm.serving",)
-REGISTRY = ("lm.tracking.registry", "lm.tracking.pyfunc_model", "lm.tracking.runs", "lm.tracking.report")
+REGISTRY = ("lm.tracking.registry", "lm.tracking.pyfunc_model", "lm.tracking.runs", "lm.tracking.report",
+            "lm.tracking.summary")
 MODELS = ("lm.models",)
 
 

@@ -183,3 +183,73 @@ def test_runs_of_two_tasks_in_one_experiment_each_name_their_promotion_metric():
     assert (cls["metric"], cls["value"], cls["champion"]) == ("accuracy", "0.8000", "0.7500")
     assert "exact_match" in head and (sft["exact_match"], cls["exact_match"]) == ("0.2500", "-")  # short names: room
 
+
+
+def test_the_description_has_its_sections_in_order_byte_for_byte():
+    """Every section of the parent run's description on one input: the decision, the run, the key
+    metrics (a champion measured on another set), the data, the stages, the pictures."""
+    from lm.tracking.report import Champion, StageRun, summary_markdown
+
+    stages = {
+        "ingest": StageRun({"ingest/documents": 12345, "ingest/bytes": 6867560}, seconds=1.25),
+        "clean": StageRun({"clean/docs_filtered": 10, "clean/dropped/too_short": 7, "clean/dropped/lang": 3,
+                           "clean/dropped/none": 0, "dedup/exact_dups": 4, "dedup/near_dups": 2,
+                           "clean/docs_out": 12000, "clean/bytes_out": 6100000, "clean/train_docs": 11000,
+                           "clean/val_docs": 1000}, tags={"lmforge.cached": "true"}, seconds=3.0),
+        "tokenize": StageRun({"tokenize/train_tokens": 1.5e6, "tokenize/val_tokens": 2500}),
+        "evaluate": StageRun({"eval/accuracy": 0.81234, "eval/baseline_accuracy": 0.5, "eval/tfidf_accuracy": 0.7,
+                              "eval/macro_f1": 0.8, "eval/bpb": 1.9, "eval/baseline_bpb": 8.0}, seconds=12.0),
+        "deploy": StageRun({"deploy/new_value": 0.81234, "deploy/champion_value": 0.83, "deploy/version": 3},
+                           {"deploy.promote_metric": "eval/accuracy", "deploy.alias": "champion"},
+                           {"lmforge.decision": "kept", "lmforge.decision_reason": "kept: not better than @champion"},
+                           2.5),
+    }
+    note = summary_markdown(
+        run_name="tiny-20260101-000000", config="tiny", targets="all", commit="0123456789abcdef", seconds=754.2,
+        stages=stages, champion=Champion("2", {"eval/accuracy": 0.79, "eval/macro_f1": 0.7}, same_set=False),
+        model_version="models:/m/3", model_link="#/models/m/versions/3",
+        figures=[("clean: a.png", "get-artifact?path=a.png&run_uuid=1")],
+    )
+    assert note == (
+        "**Kept** [models:/m/3](#/models/m/versions/3) as challenger (`@champion` stays on v2): `eval/accuracy` 0.8123 against 0.8300 for champion v2.\n"
+        "\n"
+        "> kept: not better than \\@champion\n"
+        "\n"
+        "Pipeline run `tiny-20260101-000000`: config `tiny`, stages: all, 12.6 min, git `0123456789`.\n"
+        "\n"
+        "### Key metrics\n"
+        "\n"
+        "| metric | this run | champion v2 | baselines (same data) |\n"
+        "|---|---:|---:|---|\n"
+        "| `eval/accuracy` (promotion) | 0.8123 | 0.8300 | 0.5000 majority class, 0.7000 TF-IDF + logistic regression |\n"
+        "| `eval/macro_f1` | 0.8000 | 0.7000 | - |\n"
+        "| `eval/bpb` | 1.9000 | - | 8.0000 unigram |\n"
+        "\n"
+        "The champion's numbers other than the promotion metric were measured on its own evaluation set, not this run's.\n"
+        "\n"
+        "### Data\n"
+        "\n"
+        "| | count | detail |\n"
+        "|---|---:|---|\n"
+        "| ingested | 12,345 documents | 6.9 MB |\n"
+        "| dropped by the filters | 10 documents | too_short 7, lang 3 |\n"
+        "| dropped as duplicates | 6 documents | exact 4, near 2 |\n"
+        "| kept | 12,000 documents | 6.1 MB; train 11,000, validation 1,000 |\n"
+        "| tokens | 1.5 M train | 2.5 k validation |\n"
+        "\n"
+        "### Stages\n"
+        "\n"
+        "| stage | | seconds |\n"
+        "|---|---|---:|\n"
+        "| ingest | ran | 1.2 |\n"
+        "| clean | cached | 3.0 |\n"
+        "| tokenize | ran | - |\n"
+        "| evaluate | ran | 12.0 |\n"
+        "| deploy | ran | 2.5 |\n"
+        "\n"
+        "### Pictures\n"
+        "\n"
+        "Each is an artifact of the stage that drew it (its child run, Artifacts tab); a generative model's answers are the evaluate stage's generations table.\n"
+        "\n"
+        "![clean: a.png](get-artifact?path=a.png&run_uuid=1)\n"
+    )

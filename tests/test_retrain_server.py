@@ -146,11 +146,10 @@ def test_scheduled_triggered_and_new_data_retrains_on_a_real_prefect_server(serv
     from mlflow.tracking import MlflowClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    from flows.watch import pipeline_runs
     from lm.config import load_config
     from lm.pipeline.retrain import config_digest, data_digest, source_digests
     from lm.stages import STAGES
-    from lm.tracking.runs import run_tree
+    from lm.tracking.runs import pipeline_runs, run_tree
 
     api, logs = served["api"], served["logs"]
     with _client(api) as client:
@@ -203,15 +202,15 @@ def test_scheduled_triggered_and_new_data_retrains_on_a_real_prefect_server(serv
     shutil.copy(STDLIB / "calendar.py", served["corpus"] / "calendar.py")
 
     def new_data_ingest():
-        runs = [r for r in pipeline_runs(uri, cfg.tracking.experiment, cfg.name)
-                if r.data.tags.get("lmforge.trigger") == "new-data"]
-        ingest = runs and run_tree(uri, runs[0].info.run_id)["children"].get("ingest")
+        runs = [r for r in pipeline_runs(uri, cfg.tracking.experiment, 50, config=cfg.name, targets="all")
+                if r["tags"].get("lmforge.trigger") == "new-data"]
+        ingest = runs and run_tree(uri, runs[0]["run_id"])["children"].get("ingest")
         return (runs, ingest) if ingest and ingest.info.status == "FINISHED" else None
 
     runs, ingest = _wait("a new-data retrain's ingest", new_data_ingest, 300, every=3, logs=logs)
-    assert len(runs) == 1, [r.info.run_id for r in runs]  # the check started one run, not one per check
-    assert runs[0].data.tags["lmforge.data_digest"] == data_digest(source_digests(cfg.data), cfg.data)
-    assert runs[0].data.tags["lmforge.data_digest"] != tags["lmforge.data_digest"]
+    assert len(runs) == 1, [r["run_id"] for r in runs]  # the check started one run, not one per check
+    assert runs[0]["tags"]["lmforge.data_digest"] == data_digest(source_digests(cfg.data), cfg.data)
+    assert runs[0]["tags"]["lmforge.data_digest"] != tags["lmforge.data_digest"]
     metrics = ingest.data.metrics
     assert metrics["ingest/files"] == len(CORPUS_MODULES) + 1
     assert metrics["ingest/files_read"] == 1 and metrics["ingest/files_reused"] == len(CORPUS_MODULES), metrics

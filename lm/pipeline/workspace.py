@@ -62,6 +62,8 @@ NEUTRAL_MODULES = frozenset(
         "lm.stages",
         "lm.fileio",
         "lm.memory",
+        "lm.tracking.client",
+        "lm.tracking.metric_sender",
         "lm.tracking.runs",
         "lm.pipeline.workspace",
     }

@@ -321,7 +321,6 @@ def deploy(
     ``challenger``; move ``cfg.alias`` to it only if it beats the holder's ``cfg.promote_metric``
     on the same evaluation set (``eval_set``, a digest) by ``cfg.promote_margin``. A holder
     measured on another set is first re-scored on this one with ``rescore``."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     if cfg.promote_metric not in metrics:
@@ -330,42 +329,66 @@ def deploy(
             f"{', '.join(sorted(metrics))}"
         )
     client = MlflowClient(tracking_uri=uri)
-    name = cfg.model_name
+    _ensure_registered_model(client, cfg.model_name)
+    version, reused = _register_once(client, cfg, run_id, export_dir, export_key, metrics, eval_set)
+    this_version = str(version.version)
+    new_value = float(metrics[cfg.promote_metric])
+    decision = _promote_if_better(client, uri, cfg, run_id, version, reused, new_value, eval_set, rescore)
+    log.info("%s version %s: %s", cfg.model_name, this_version, decision.reason)
+    return _deploy_result(cfg, this_version, reused, new_value, eval_set, decision)
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="lmforge model (see each version's run)")
 
-    # The same export registered twice is one version: reruns with nothing changed add nothing.
+
+def _register_once(
+    client, cfg: DeployConfig, run_id: str, export_dir: Path, export_key: str, metrics: dict[str, float], eval_set: str
+) -> tuple:
+    """The version of ``cfg.model_name`` made from this export, and whether it existed: the same
+    export registered twice is one version (reruns with nothing changed add nothing). A new one is
+    logged as the run's model, tagged with its metrics and evaluation set, and takes ``challenger``."""
+    name = cfg.model_name
     existing = client.search_model_versions(f"name = '{name}' and tag.{EXPORT_KEY_TAG} = '{export_key}'")
     if existing:
-        version, reused = existing[0], True
-    else:
-        experiment = client.get_run(run_id).info.experiment_id
-        with tempfile.TemporaryDirectory(prefix="lmforge-model-") as work:
-            model_dir = _save_pyfunc(Path(export_dir), Path(work))
-            logged = client.create_logged_model(experiment, name="model", source_run_id=run_id)
-            client.log_model_artifacts(logged.model_id, str(model_dir))
-            client.finalize_logged_model(logged.model_id, "READY")
-        tags = {EXPORT_KEY_TAG: export_key, EVAL_SET_TAG: eval_set, PROMOTE_METRIC_TAG: cfg.promote_metric,
-                **{k: str(v) for k, v in metrics.items()}}
-        # The logged model's storage location, not models:/<id>: MLflow's registry store resolves such a
-        # URI with the process-global tracking URI, not this client's (mlflow/store/model_registry).
-        version = client.create_model_version(
-            name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
-        )
-        client.set_registered_model_alias(name, CHALLENGER, version.version)
-        reused = False
+        return existing[0], True
+    experiment = client.get_run(run_id).info.experiment_id
+    with tempfile.TemporaryDirectory(prefix="lmforge-model-") as work:
+        model_dir = _save_pyfunc(Path(export_dir), Path(work))
+        logged = client.create_logged_model(experiment, name="model", source_run_id=run_id)
+        client.log_model_artifacts(logged.model_id, str(model_dir))
+        client.finalize_logged_model(logged.model_id, "READY")
+    tags = {EXPORT_KEY_TAG: export_key, EVAL_SET_TAG: eval_set, PROMOTE_METRIC_TAG: cfg.promote_metric,
+            **{k: str(v) for k, v in metrics.items()}}
+    # The logged model's storage location, not models:/<id>: MLflow's registry store resolves such a
+    # URI with the process-global tracking URI, not this client's (mlflow/store/model_registry).
+    version = client.create_model_version(
+        name, source=logged.artifact_location, run_id=run_id, tags=tags, model_id=logged.model_id
+    )
+    client.set_registered_model_alias(name, CHALLENGER, version.version)
+    return version, False
 
-    this_version = str(version.version)
-    new_value = float(metrics[cfg.promote_metric])
+
+def _promote_if_better(
+    client, uri: str, cfg: DeployConfig, run_id: str, version, reused: bool, new_value: float, eval_set: str,
+    rescore: Rescore,
+) -> Decision:
+    """The decision on ``version``: nothing to do where it holds the alias already or was decided on
+    before (a rerun); else compared with the holder, the alias moved if it is better, and the
+    decision recorded on the version."""
+    name, this_version = cfg.model_name, str(version.version)
     holder = _alias_holder(client, name, cfg.alias)
     decided = version.tags.get(DECISION_TAG) if reused else None
     if holder is not None and str(holder.version) == this_version:
-        decision = Decision(True, f"already holds @{cfg.alias}", this_version, new_value, "same_set")
-    elif decided is not None:
+        return Decision(True, f"already holds @{cfg.alias}", this_version, new_value, "same_set")
+    if decided is not None:
         # A rerun must not undo what happened since (a rollback, a better version): only people move it back.
-        decision = Decision(
+        return Decision(
             False,
             f"kept: this export is version {this_version}, decided on before ({decided}); a rerun does not decide "
             f"again (`lmforge promote {name} {this_version}` moves @{cfg.alias})",
@@ -373,26 +396,31 @@ def deploy(
             None,
             "not_compared",
         )
-    else:
-        decision = _decide_and_move(client, uri, cfg, this_version, new_value, eval_set, rescore, holder)
-        extra = {CHAMPION_VERSION_TAG: decision.champion_version or "none", CHAMPION_SCORED_TAG: decision.champion_scored}
-        if decision.champion_value is not None:
-            extra[CHAMPION_VALUE_TAG] = str(decision.champion_value)
-        _record(client, name, this_version, "promoted" if decision.promoted else "kept", decision.reason,
-                f"lmforge deploy (run {run_id})", **extra)
-    log.info("%s version %s: %s", name, this_version, decision.reason)
-    result_metrics = {"deploy/version": float(version.version), "deploy/promoted": float(decision.promoted),
-                      "deploy/new_value": new_value}
+    decision = _decide_and_move(client, uri, cfg, this_version, new_value, eval_set, rescore, holder)
+    extra = {CHAMPION_VERSION_TAG: decision.champion_version or "none", CHAMPION_SCORED_TAG: decision.champion_scored}
     if decision.champion_value is not None:
-        result_metrics["deploy/champion_value"] = decision.champion_value
+        extra[CHAMPION_VALUE_TAG] = str(decision.champion_value)
+    _record(client, name, this_version, "promoted" if decision.promoted else "kept", decision.reason,
+            f"lmforge deploy (run {run_id})", **extra)
+    return decision
+
+
+def _deploy_result(
+    cfg: DeployConfig, version: str, reused: bool, new_value: float, eval_set: str, decision: Decision
+) -> StageResult:
+    """What the deploy stage's run records: the version, the decision and both numbers."""
+    metrics = {"deploy/version": float(version), "deploy/promoted": float(decision.promoted),
+               "deploy/new_value": new_value}
+    if decision.champion_value is not None:
+        metrics["deploy/champion_value"] = decision.champion_value
     return StageResult(
-        metrics=result_metrics,
+        metrics=metrics,
         params={"reused_version": reused, "eval_set": eval_set, "champion_version": decision.champion_version or "none",
                 "champion_scored": decision.champion_scored},
         tags={DECISION_TAG: "promoted" if decision.promoted else "kept", REASON_TAG: decision.reason},
         outputs={
-            "model_uri": f"models:/{name}/{version.version}",
-            "alias_uri": f"models:/{name}@{cfg.alias}",
+            "model_uri": f"models:/{cfg.model_name}/{version}",
+            "alias_uri": f"models:/{cfg.model_name}@{cfg.alias}",
         },
     )
 

@@ -1,8 +1,8 @@
 """What a reviewer reads first: the pipeline run's key numbers, its markdown summary, and the
 comparison table of recent runs (``lmforge report``).
 
-Plain data in, text out: the MLflow side (reading the run tree, writing the parent run, listing
-runs) is ``lm.tracking.runs``'s.
+Plain data in, numbers and text out: the MLflow side is ``lm.tracking.summary``'s (reading the run
+tree, writing the parent run) and ``lm.tracking.runs``'s (listing pipeline runs).
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from lm.tracking.registry import DECISION_TAG, PROMOTE_METRIC_TAG, REASON_TAG
 
 # Each headline metric of the evaluate stage beside the baselines measured with it (same data).
 BASELINES: dict[str, list[tuple[str, str]]] = {
@@ -46,6 +48,8 @@ FROM_STAGES: dict[str, tuple[str, str]] = {
     "finetune/val_loss": ("finetune", "val/loss"),
 }
 DURATION = "pipeline/seconds"
+# The parent's tags repeating its deploy stage (beside the registry's: the decision, its reason, the metric).
+MODEL_VERSION_TAG = "lmforge.model_version"  # models:/<name>/<version> this pipeline run registered
 
 
 @dataclass
@@ -75,6 +79,14 @@ def parent_metrics(stages: Mapping[str, StageRun], seconds: float) -> dict[str, 
                 if stage in stages and key in stages[stage].metrics})
     out[DURATION] = seconds
     return out
+
+
+def parent_tags(deploy: StageRun, model_version: str) -> dict[str, str]:
+    """The tags a pipeline run repeats from its deploy stage, that the run list reads: the version it
+    registered, the metric that decided, the decision and its reason."""
+    tags = {MODEL_VERSION_TAG: model_version, PROMOTE_METRIC_TAG: deploy.params["deploy.promote_metric"]}
+    tags.update({k: v for k, v in deploy.tags.items() if k in (DECISION_TAG, REASON_TAG)})
+    return tags
 
 
 def headline(metrics: Mapping[str, float], promote_metric: str | None) -> list[str]:
@@ -117,90 +129,116 @@ def summary_markdown(
     """The parent run's description (``mlflow.note.content``): data in and out, the key metrics
     beside the champion and the baselines, the promotion decision and its reason; ``figures``: (caption,
     image URL) shown at its end."""
-    ev = stages["evaluate"].metrics if "evaluate" in stages else {}
     deploy = stages.get("deploy")
     promote_metric = deploy.params.get("deploy.promote_metric") if deploy else None
     # The UI shows a description's first lines until "Show more": the decision and its numbers first.
-    lines: list[str] = []
-    if deploy is not None:
-        decision = deploy.tags.get("lmforge.decision", "?")
-        alias = deploy.params.get("deploy.alias", "champion")
-        model = f"[{model_version}]({model_link})" if model_version and model_link else f"`{model_version}`"
-        new, old = deploy.metrics.get("deploy/new_value"), deploy.metrics.get("deploy/champion_value")
-        numbers = ""
-        if promote_metric:
-            numbers = f": `{promote_metric}` {_num(new)}"
-            if old is not None and champion is not None:
-                numbers += f" against {_num(old)} for champion v{champion.version}"
-        if decision == "promoted":
-            verdict = f"**Promoted** {model} to `@{alias}`"
-        else:
-            stays = f" (`@{alias}` stays on v{champion.version})" if champion is not None else ""
-            verdict = f"**Kept** {model} as challenger{stays}"
-        lines += [f"{verdict}{numbers}.", "",
-                  # \@: the UI's markdown would turn "@champion" into a link to a GitHub user
-                  "> " + deploy.tags.get("lmforge.decision_reason", "(no reason recorded)").replace("@", "\\@"), ""]
+    lines = [] if deploy is None else _decision(deploy, promote_metric, champion, model_version, model_link)
     lines += [f"Pipeline run `{run_name}`: config `{config}`, stages: {targets}, {seconds / 60:.1f} min"
               + (f", git `{commit[:10]}`" if commit else "") + ".", ""]
+    if "evaluate" in stages and stages["evaluate"].metrics:
+        lines += _key_metrics(stages["evaluate"].metrics, deploy, promote_metric, champion)
+    lines += _data(stages)
+    lines += _stage_table(stages)
+    lines += _pictures(figures)
+    return "\n".join(lines) + "\n"
 
-    if ev:
-        names = headline(ev, promote_metric)
-        champ_head = f"champion v{champion.version}" if champion else "champion"
-        lines += ["### Key metrics", "", f"| metric | this run | {champ_head} | baselines (same data) |",
-                  "|---|---:|---:|---|"]
-        for name in names:
-            mark = " (promotion)" if name == promote_metric else ""
-            theirs = None
-            if champion is not None:
-                theirs = (deploy.metrics.get("deploy/champion_value") if name == promote_metric and deploy
-                          else champion.metrics.get(name))
-            baselines = ", ".join(f"{_num(ev[b])} {label}" for b, label in BASELINES.get(name, []) if b in ev)
-            lines.append(f"| `{name}`{mark} | {_num(ev[name])} | {_num(theirs)} | {baselines or '-'} |")
-        lines.append("")
-        if champion is None:
-            lines += ["No version held the alias before this run: there is no champion to compare with.", ""]
-        elif not champion.same_set:
-            lines += ["The champion's numbers other than the promotion metric were measured on its own "
-                      "evaluation set, not this run's.", ""]
 
-    data_rows = []
-    ing, cl = stages.get("ingest"), stages.get("clean")
-    if ing:
-        m = ing.metrics
-        data_rows.append(f"| ingested | {_count(m.get('ingest/documents'))} documents | {_size(m.get('ingest/bytes'), 'B')} |")
-    if cl:
-        m = cl.metrics
-        dropped = sorted(((k.removeprefix("clean/dropped/"), v) for k, v in m.items()
-                          if k.startswith("clean/dropped/") and v), key=lambda kv: -kv[1])
-        dups = m.get("dedup/exact_dups", 0) + m.get("dedup/near_dups", 0)
-        reasons = ", ".join(f"{r} {_count(v)}" for r, v in dropped) or "none"
-        data_rows += [
-            f"| dropped by the filters | {_count(m.get('clean/docs_filtered', 0))} documents | {reasons} |",
-            f"| dropped as duplicates | {_count(dups)} documents | exact {_count(m.get('dedup/exact_dups', 0))}, "
-            f"near {_count(m.get('dedup/near_dups', 0))} |",
-            f"| kept | {_count(m.get('clean/docs_out'))} documents | {_size(m.get('clean/bytes_out'), 'B')}; "
-            f"train {_count(m.get('clean/train_docs'))}, validation {_count(m.get('clean/val_docs'))} |",
-        ]
+def _decision(
+    deploy: StageRun, promote_metric: str | None, champion: Champion | None, model_version: str | None,
+    model_link: str | None,
+) -> list[str]:
+    """The verdict with its numbers, then deploy's reason as a quote."""
+    decision = deploy.tags.get(DECISION_TAG, "?")
+    alias = deploy.params.get("deploy.alias", "champion")
+    model = f"[{model_version}]({model_link})" if model_version and model_link else f"`{model_version}`"
+    new, old = deploy.metrics.get("deploy/new_value"), deploy.metrics.get("deploy/champion_value")
+    numbers = ""
+    if promote_metric:
+        numbers = f": `{promote_metric}` {_num(new)}"
+        if old is not None and champion is not None:
+            numbers += f" against {_num(old)} for champion v{champion.version}"
+    if decision == "promoted":
+        verdict = f"**Promoted** {model} to `@{alias}`"
+    else:
+        stays = f" (`@{alias}` stays on v{champion.version})" if champion is not None else ""
+        verdict = f"**Kept** {model} as challenger{stays}"
+    return [f"{verdict}{numbers}.", "",
+            # \@: the UI's markdown would turn "@champion" into a link to a GitHub user
+            "> " + deploy.tags.get(REASON_TAG, "(no reason recorded)").replace("@", "\\@"), ""]
+
+
+def _key_metrics(
+    ev: Mapping[str, float], deploy: StageRun | None, promote_metric: str | None, champion: Champion | None
+) -> list[str]:
+    """### Key metrics: each headline metric beside the champion's and the baselines measured with it."""
+    champ_head = f"champion v{champion.version}" if champion else "champion"
+    lines = ["### Key metrics", "", f"| metric | this run | {champ_head} | baselines (same data) |",
+             "|---|---:|---:|---|"]
+    for name in headline(ev, promote_metric):
+        mark = " (promotion)" if name == promote_metric else ""
+        theirs = None
+        if champion is not None:
+            theirs = (deploy.metrics.get("deploy/champion_value") if name == promote_metric and deploy
+                      else champion.metrics.get(name))
+        baselines = ", ".join(f"{_num(ev[b])} {label}" for b, label in BASELINES.get(name, []) if b in ev)
+        lines.append(f"| `{name}`{mark} | {_num(ev[name])} | {_num(theirs)} | {baselines or '-'} |")
+    lines.append("")
+    if champion is None:
+        lines += ["No version held the alias before this run: there is no champion to compare with.", ""]
+    elif not champion.same_set:
+        lines += ["The champion's numbers other than the promotion metric were measured on its own "
+                  "evaluation set, not this run's.", ""]
+    return lines
+
+
+def _data(stages: Mapping[str, StageRun]) -> list[str]:
+    """### Data: documents ingested, dropped (by filter, as duplicates) and kept; tokens; examples."""
+    rows = []
+    if "ingest" in stages:
+        m = stages["ingest"].metrics
+        rows.append(f"| ingested | {_count(m.get('ingest/documents'))} documents | {_size(m.get('ingest/bytes'), 'B')} |")
+    if "clean" in stages:
+        rows += _clean_rows(stages["clean"].metrics)
     if "tokenize" in stages:
         m = stages["tokenize"].metrics
-        data_rows.append(f"| tokens | {_size(m.get('tokenize/train_tokens'))} train | "
-                         f"{_size(m.get('tokenize/val_tokens'))} validation |")
+        rows.append(f"| tokens | {_size(m.get('tokenize/train_tokens'))} train | "
+                    f"{_size(m.get('tokenize/val_tokens'))} validation |")
     if "finetune_data" in stages:
         m = stages["finetune_data"].metrics
-        data_rows.append(f"| fine-tuning examples | {_count(m.get('finetune_data/train'))} train | "
-                         f"validation {_count(m.get('finetune_data/val'))}, test {_count(m.get('finetune_data/test'))} |")
-    if data_rows:
-        lines += ["### Data", "", "| | count | detail |", "|---|---:|---|", *data_rows, ""]
+        rows.append(f"| fine-tuning examples | {_count(m.get('finetune_data/train'))} train | "
+                    f"validation {_count(m.get('finetune_data/val'))}, test {_count(m.get('finetune_data/test'))} |")
+    return ["### Data", "", "| | count | detail |", "|---|---:|---|", *rows, ""] if rows else []
 
-    lines += ["### Stages", "", "| stage | | seconds |", "|---|---|---:|"]
+
+def _clean_rows(m: Mapping[str, float]) -> list[str]:
+    dropped = sorted(((k.removeprefix("clean/dropped/"), v) for k, v in m.items()
+                      if k.startswith("clean/dropped/") and v), key=lambda kv: -kv[1])
+    dups = m.get("dedup/exact_dups", 0) + m.get("dedup/near_dups", 0)
+    reasons = ", ".join(f"{r} {_count(v)}" for r, v in dropped) or "none"
+    return [
+        f"| dropped by the filters | {_count(m.get('clean/docs_filtered', 0))} documents | {reasons} |",
+        f"| dropped as duplicates | {_count(dups)} documents | exact {_count(m.get('dedup/exact_dups', 0))}, "
+        f"near {_count(m.get('dedup/near_dups', 0))} |",
+        f"| kept | {_count(m.get('clean/docs_out'))} documents | {_size(m.get('clean/bytes_out'), 'B')}; "
+        f"train {_count(m.get('clean/train_docs'))}, validation {_count(m.get('clean/val_docs'))} |",
+    ]
+
+
+def _stage_table(stages: Mapping[str, StageRun]) -> list[str]:
+    """### Stages: each stage, whether it ran or was reused from the cache, and its seconds."""
+    lines = ["### Stages", "", "| stage | | seconds |", "|---|---|---:|"]
     for name, st in stages.items():
         state = "cached" if st.tags.get("lmforge.cached") == "true" else "ran"
         lines.append(f"| {name} | {state} | {_num(st.seconds, 1) if st.seconds is not None else '-'} |")
-    if figures:
-        lines += ["", "### Pictures", "", "Each is an artifact of the stage that drew it (its child run, Artifacts tab); "
-                  "a generative model's answers are the evaluate stage's generations table.", ""]
-        lines += [f"![{caption}]({url})" for caption, url in figures]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _pictures(figures: Sequence[tuple[str, str]]) -> list[str]:
+    if not figures:
+        return []
+    return ["", "### Pictures", "", "Each is an artifact of the stage that drew it (its child run, Artifacts tab); "
+            "a generative model's answers are the evaluate stage's generations table.", "",
+            *(f"![{caption}]({url})" for caption, url in figures)]
 
 
 # ---- lmforge report --------------------------------------------------------------------------------
@@ -218,7 +256,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str
         return "no pipeline runs yet"
     others: list[str] = []  # headline metrics beyond each run's own promotion metric
     for r in runs:
-        own = r["tags"].get("lmforge.promote_metric")
+        own = r["tags"].get(PROMOTE_METRIC_TAG)
         others += [m for m in headline(r["metrics"], None) if m != own and m not in others]
 
     def short(metric: str) -> str:
@@ -230,8 +268,8 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str
         seconds = m.get(DURATION)
         if seconds is None and r.get("end"):
             seconds = (r["end"] - r["start"]) / 1000
-        version = tags.get("lmforge.model_version", "")
-        own = tags.get("lmforge.promote_metric")
+        version = tags.get(MODEL_VERSION_TAG, "")
+        own = tags.get(PROMOTE_METRIC_TAG)
         rows.append({
             "run": r["name"],  # it carries its start time (config-YYYYmmdd-HHMMSS)
             "trigger": tags.get("lmforge.trigger", "-"),
@@ -240,7 +278,7 @@ def comparison_table(runs: Sequence[Mapping[str, Any]], width: int = 100) -> str
             "value": _num(m.get(own)) if own else "-",
             "champion": _num(m.get("deploy/champion_value")),
             **{short(k): _num(m.get(k)) for k in others},
-            "decision": tags.get("lmforge.decision", "-"),
+            "decision": tags.get(DECISION_TAG, "-"),
             "ver": f"v{version.rsplit('/', 1)[-1]}" if version else "-",  # the registered version
             "min": f"{seconds / 60:.1f}" if seconds is not None else "-",
             "status": STATUS.get(r["status"], r["status"].lower()),

@@ -249,11 +249,12 @@ class LossHistory(Logger):
 
 class TrackedMetrics(Logger):
     """The training scalars to the stage's MLflow run (rank 0), through a queue that never makes
-    training wait for the tracking server (``lm.tracking.runs.MetricSender``): what it does not take is
-    sent again when it is back; :meth:`close` says what it never took and where that is kept."""
+    training wait for the tracking server (``lm.tracking.metric_sender.MetricSender``): what it does
+    not take is sent again when it is back; :meth:`close` says what it never took and where that is
+    kept."""
 
     def __init__(self, uri: str, run_id: str, out_dir: Path) -> None:
-        from lm.tracking.runs import UNSENT_METRICS, MetricSender
+        from lm.tracking.metric_sender import UNSENT_METRICS, MetricSender
 
         super().__init__()
         self.run_id = run_id

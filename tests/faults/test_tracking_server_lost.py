@@ -29,6 +29,7 @@ from lm.pipeline.stage import stage_by_name
 from lm.pipeline.workspace import config_values
 from lm.stages import STAGES
 from lm.tracking import runs as tracking
+from lm.tracking.metric_sender import UNSENT_METRICS
 from lm.training.launch import LOSS_HISTORY, training_result
 
 
@@ -147,7 +148,7 @@ def test_training_outlives_the_tracking_server_and_no_metric_is_lost(tmp_path, t
         proc.send_signal(signal.SIGCONT)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, stage.stderr.read_text()[-3000:]
-        unsent = stage.out / tracking.UNSENT_METRICS
+        unsent = stage.out / UNSENT_METRICS
         warned = [line for line in out.splitlines() if "did not take" in line]
         assert len(warned) == 1, out[-3000:]
         assert warned[0].startswith(f"lmforge: warning: MLflow tracking server {uri} ") and str(unsent) in warned[0]
