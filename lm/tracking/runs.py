@@ -29,11 +29,7 @@ from lm.errors import TrackingError
 from lm.fileio import process_alive
 from lm.pipeline.stage import StageResult
 from lm.tracking.client import known_unreachable, mlflow_client, user_errors
-from lm.tracking.metric_sender import (
-    SENDER_HTTP_SETTINGS,  # noqa: F401 (lm.training.child reads them from here until it imports metric_sender)
-    UNSENT_METRICS,
-    send_unsent_metrics,
-)
+from lm.tracking.metric_sender import UNSENT_METRICS, send_unsent_metrics
 
 log = logging.getLogger(__name__)
 

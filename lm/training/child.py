@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--init", default=None, help="the base_model stage's folder (continued pretraining)")
     a = parser.parse_args(argv)
     _die_with_parent()
-    from lm.tracking.runs import SENDER_HTTP_SETTINGS
+    from lm.tracking.metric_sender import SENDER_HTTP_SETTINGS
 
     for name, value in SENDER_HTTP_SETTINGS.items():  # this process's only MLflow caller is its MetricSender
         os.environ.setdefault(name, value)
