@@ -14,7 +14,7 @@ The records of a source (any container :mod:`lm.data.records` reads) are in one 
   or ``gpt`` (also ``user``, ``assistant``, ``chatgpt``, ``model``) or ``system``; turns spelled
   ``{role, content}`` are read too, and a record's ``system`` becomes the system turn.
 
-``auto`` picks the first format whose keys the records have, in that order. A record with none of
+``auto`` picks the first format, in that order, whose keys the first record has. A record with none of
 its format's keys is not of that format: the reader stops, naming the file, the record and what
 is missing. A record of the format that merely cannot teach (an empty prompt, no or an empty
 assistant turn) is skipped and counted by reason.
@@ -121,11 +121,13 @@ def format_keys(fmt: str, sft: SFTConfig) -> tuple[str, ...]:
     }[fmt]
 
 
-def detect_format(columns: list[str], sft: SFTConfig, path: Path | str) -> str:
-    """The first of :data:`FORMATS` whose keys are among ``columns``."""
-    for fmt in FORMATS:
-        if all(k in columns for k in format_keys(fmt, sft)):
-            return fmt
+def detect_format(first: list[str], columns: list[str], sft: SFTConfig, path: Path | str) -> str:
+    """The first of :data:`FORMATS` whose keys the first record has (else all records together:
+    ``columns``), so that a record of another format later is named as such."""
+    for keys in (first, columns):
+        for fmt in FORMATS:
+            if all(k in keys for k in format_keys(fmt, sft)):
+                return fmt
     raise DataError(
         f"{path} has neither a {sft.messages_column!r} column of chat messages nor {sft.prompt_column!r} and "
         f"{sft.response_column!r} columns, nor ShareGPT {SHAREGPT!r}, nor alpaca {INSTRUCTION!r} and {OUTPUT!r}; "
@@ -139,8 +141,8 @@ def record_messages(fmt: str, record: dict[str, Any], path: Path | str, where: s
     keys = format_keys(fmt, sft)
     if not any(k in record for k in keys):
         raise DataError(
-            f"{path}, {where}: not a {fmt} record: it has no {' or '.join(map(repr, keys))} (its keys: "
-            f"{', '.join(record) or 'none'}); set finetune.sft.format to the data's format, or to auto"
+            f"{path}, {where}: the record has no {' or '.join(map(repr, keys))}, so it is not {fmt} data (its "
+            f"keys: {', '.join(record) or 'none'}); set finetune.sft.format to the data's format, or to auto"
         )
     if fmt == "messages":
         return parse_messages(record.get(keys[0]), path, where, keys[0])
@@ -192,7 +194,8 @@ def read_conversations(
     """(conversations, skipped examples per reason, the format, one line on what was found) of one
     source (a path, folder or glob: :func:`lm.data.records.read_records`)."""
     records, columns = read_records(spec, key)
-    fmt = detect_format(columns, sft, spec) if sft.format == "auto" else sft.format
+    first = list(records[0][1]) if records else []
+    fmt = detect_format(first, columns, sft, spec) if sft.format == "auto" else sft.format
     conversations, skipped = [], Counter()
     for where, record in records:
         messages = record_messages(fmt, record, spec, where, sft)

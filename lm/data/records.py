@@ -138,6 +138,14 @@ def _saved_dataset(path: Path) -> Iterator[tuple[str, Record]]:
             yield (f"split {split}, record {n}" if split else f"record {n}"), record
 
 
+def _name_in(sf: sources.SourceFile, spec: Path) -> str:
+    """A file's name within its folder, or within the folder its glob starts from."""
+    if spec.is_dir():
+        return sf.name
+    root = next((p for p in spec.parents if not any(c in str(p) for c in "*?[")), None)
+    return str(sf.path.relative_to(root)) if root is not None and sf.path.is_relative_to(root) else sf.name
+
+
 def iter_records(spec: str | Path, key: str = "finetune.data") -> Iterator[tuple[str, Record]]:
     """(where, record) of every record of a file, folder, glob or saved dataset (see the module
     docstring); errors name ``key``, the config key that gave ``spec``."""
@@ -152,9 +160,9 @@ def iter_records(spec: str | Path, key: str = "finetune.data") -> Iterator[tuple
     readable = [sf for sf in files if kind_of(sf.path) is not None or not path.is_dir()]
     if not readable:
         raise DataError(f"{key}={str(spec)!r} holds no data file: it reads {READABLE}")
-    for sf in readable:  # named as found: relative to the folder, or as the glob matched it
+    for sf in readable:
         for where, record in _file(sf.path):
-            yield f"{sf.name}, {where}", record
+            yield f"{_name_in(sf, path)}, {where}", record
 
 
 def read_records(path: str | Path, key: str = "finetune.data") -> tuple[list[tuple[str, Record]], list[str]]:
