@@ -63,14 +63,16 @@ class _ToRunLog(logging.Handler):
 @contextlib.contextmanager
 def _library_log_to_run_log():
     library, handler = logging.getLogger("lm"), _ToRunLog()
-    level = library.level
+    level, propagate = library.level, library.propagate
     library.addHandler(handler)
     library.setLevel(logging.INFO)
+    library.propagate = False  # said once, as the task's: not again by a handler of the root logger
     try:
         yield
     finally:
         library.removeHandler(handler)
         library.setLevel(level)
+        library.propagate = propagate
 
 
 def stage_task(stage: Stage) -> Task:

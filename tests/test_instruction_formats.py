@@ -363,3 +363,23 @@ def test_train_on_masks_token_by_token(train_on):
     (x, y), = sft.encode_examples(fmt, [THREE_TURNS], seq_len=200, train_on=train_on).items
     assert (y != -100).tolist() == [flag for _, flag in expected[1:]]
     assert y[y != -100].tolist() == [i for i, flag in expected[1:] if flag]
+
+
+# ---- one command -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # ~45 s: the CLI starts Prefect's temporary server and a new MLflow store in a fresh process
+def test_a_downloaded_alpaca_file_goes_through_lmforge_finetune_data_in_one_command(tmp_path):
+    from test_cli import lmforge
+
+    data = tmp_path / "alpaca_data.json"  # as downloaded: one JSON array of {instruction, input, output}
+    data.write_text(json.dumps([dict(zip(("instruction", "input", "output"), _prompt(i), strict=True)) for i in range(90)]))
+    proc = lmforge("finetune-data", f"finetune.data={data}", f"workdir={tmp_path / 'runs'}",
+                   f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path, timeout=300,
+                   PREFECT_HOME=str(tmp_path / "prefect-home"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "alpaca (detected)" in ln]
+    assert len(said) == 1 and said[0].endswith("alpaca (detected): 90 records, 30 with input"), said
+    out, = (tmp_path / "runs" / "finetune_data").iterdir()
+    assert sum(len(read_split(out, s)) for s in ("train", "val", "test")) == 90
+    assert read_split(out, "train")[0][0]["role"] == "user"
