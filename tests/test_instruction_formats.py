@@ -383,3 +383,28 @@ def test_a_downloaded_alpaca_file_goes_through_lmforge_finetune_data_in_one_comm
     out, = (tmp_path / "runs" / "finetune_data").iterdir()
     assert sum(len(read_split(out, s)) for s in ("train", "val", "test")) == 90
     assert read_split(out, "train")[0][0]["role"] == "user"
+
+
+@pytest.mark.slow  # ~20 s: the stage through the real Prefect flow and a new MLflow store
+def test_a_mix_and_an_evaluation_set_through_the_pipeline_flow_reach_mlflow(prefect_harness, tmp_path):
+    from flows.pipeline import pipeline
+    from lm.tracking.runs import run_tree
+
+    alpaca = write_container(RECORDS["alpaca"] + [{"instruction": f"Q{i}", "output": f"A{i}"} for i in range(40)],
+                             "json", tmp_path)
+    (tmp_path / "chats").mkdir()
+    sharegpt = write_container(RECORDS["sharegpt"], "save_to_disk", tmp_path / "chats")
+    own = tmp_path / "own.jsonl"
+    own.write_text(_jsonl([{"prompt": f"Q{i}", "response": f"A{i}"} for i in range(40)] + _pairs("own", 5)))
+    cfg = load_config("tiny", [f"workdir={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                               "finetune.task=sft", f"finetune.data=[{{path: {alpaca}, weight: 2}}, {sharegpt}]",
+                               f"evaluate.data={own}"])
+    out = pipeline(config=cfg, targets=["finetune_data"])
+    metrics = run_tree(out["tracking_uri"], out["mlflow_run_id"])["children"]["finetune_data"].data.metrics
+    assert metrics["finetune_data/source1/train_weighted"] == 2 * metrics["finetune_data/source1/train"]
+    # Three ShareGPT conversations (one turn, no system) are alpaca ones too: kept once, from the first source.
+    assert metrics["finetune_data/source2/examples"] == N - 3 and metrics["finetune_data/skipped_duplicate"] == 3
+    assert metrics["finetune_data/eval_set"] == 45
+    assert metrics["finetune_data/eval_overlap_dropped"] > 0
+    assert {normalised_key(c) for c in read_split(Path(out["finetune_data"]), "train")}.isdisjoint(
+        normalised_key(c) for c in read_split(Path(out["finetune_data"]), "eval_set"))
