@@ -357,12 +357,45 @@ class ClassifyConfig(MethodConfig):
 class SFTConfig(MethodConfig):
     """``finetune.sft``: instruction tuning of a decoder (lm.finetune.sft, lm.data.instruct)."""
 
+    # How the records of finetune.data (and evaluate.data) are read: auto detects it from the keys
+    # (lm.data.conversations); messages: chat messages; prompt_response: the two columns below;
+    # alpaca: instruction, optional input, output; sharegpt: conversations of {from, value}.
+    format: Literal["auto", "messages", "prompt_response", "alpaca", "sharegpt"] = "auto"
     prompt_column: str = "prompt"  # prompt/response pairs ...
     response_column: str = "response"
     messages_column: str = "messages"  # ... or chat messages [{role, content}, ...] (used when present)
     system_prompt: str | None = None  # a system message put before every conversation without one
     # Several short examples share one window (attention never crosses an example's boundary).
     packing: bool = False
+    # Which tokens the loss learns: every assistant turn; only the last one (earlier turns are
+    # context); or every token of the conversation, prompts and template markers included.
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+
+
+class DataSource(Section):
+    """One source of a mix (``finetune.data`` given as a list): a path (file, folder, glob) and
+    how much of its training split to train on (lm.data.instruct: round(weight x examples))."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
+def _sources_of(value: Any) -> Any:
+    """A list of sources, each validated here so that a bad one is named by its place; a plain path
+    in the list stands for {path: it} ([a.jsonl, b.json] mixes the two at weight 1)."""
+    if not isinstance(value, list):
+        return value
+    if not value:
+        raise ValueError("the list of sources is empty: give a path, or a list of {path, weight}")
+    sources = []
+    for n, item in enumerate(value, 1):
+        try:
+            sources.append(DataSource.model_validate({"path": item} if isinstance(item, str) else item))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = "".join(f"{p}: " for p in first["loc"])
+            raise ValueError(f"source {n} ({item!r}): {where}{first['msg']}") from None
+    return sources
 
 
 class FinetuneConfig(TrainingConfig):
@@ -370,8 +403,9 @@ class FinetuneConfig(TrainingConfig):
     task: str = "classify"
     # ``stdlib``: a task derived from the same corpus (classify: docstring -> stdlib package;
     # sft: a function's signature and a question -> its docstring's summary line);
-    # else a .csv/.jsonl/.parquet file with the columns its method block names.
-    data: str = "stdlib"
+    # else a .csv/.jsonl/.parquet file with the columns its method block names (sft: also .json,
+    # .gz, a folder, a glob, a datasets save_to_disk folder, or a list of sources with weights).
+    data: str | list[DataSource] = "stdlib"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
@@ -393,6 +427,11 @@ class FinetuneConfig(TrainingConfig):
             for name, field in cls.model_fields.items()
             if isinstance(field.annotation, type) and issubclass(field.annotation, MethodConfig)
         )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data_sources(cls, value: Any) -> Any:
+        return _sources_of(value)
 
     @field_validator("task")
     @classmethod
@@ -445,6 +484,9 @@ class EvaluateConfig(Section):
     # sft: held-out prompts answered by the model (greedy) and scored beside the baseline responder.
     generate_prompts: int = Field(64, ge=1)
     max_new_tokens: int = Field(48, ge=1)
+    # The team's own evaluation set (sft): a path or a list of them, in any format finetune.data
+    # takes; written as the eval_set split, and dropped from the training split where it overlaps.
+    data: str | list[str] | None = Field(None, min_length=1)
 
 
 # Registered model names and aliases: letters, digits and . _ - (they go into registry queries and URIs).

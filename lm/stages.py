@@ -177,8 +177,8 @@ STAGES: tuple[Stage, ...] = (
           config=("finetune.task", "finetune.data", "finetune.val_fraction", "finetune.test_fraction",
                   "finetune.classify.text_column", "finetune.classify.label_column", "finetune.classify.num_classes",
                   "finetune.sft.prompt_column", "finetune.sft.response_column", "finetune.sft.messages_column",
-                  "finetune.sft.system_prompt"),
-          files=("finetune.data",), code=tuple(sorted({d.partition(":")[0] for d in DATA.values()})), group="data"),
+                  "finetune.sft.system_prompt", "finetune.sft.format", "finetune.seed", "evaluate.data"),
+          files=("finetune.data", "evaluate.data"), code=tuple(sorted({d.partition(":")[0] for d in DATA.values()})), group="data"),
     Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
           inputs=("tokenize", "base_model"), config=("model", "pretrain", "trainer"),
           code=("lm.training.child", "lm.pipeline.base_model"), outputs=("model.safetensors", "model.json", "result.json"),
@@ -218,7 +218,7 @@ def preflight(cfg: Config, stages: Sequence[Stage]) -> None:
     for stage in stages:
         for key in stage.files:
             value = cfg.value(key)
-            for spec in value if isinstance(value, list) else [value]:
+            for spec in sources.file_specs(value):
                 if spec is not None and spec != sources.STDLIB and not spec.startswith(sources.HF_PREFIX):
                     next(sources.resolve(spec, key))
         if stage.check is not None:

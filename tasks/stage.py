@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,33 @@ def _launcher(cfg: Config, run_id: str | None):
     return launch
 
 
+class _ToRunLog(logging.Handler):
+    """What the lm library logs while a stage runs (``logging.getLogger("lm....")``: what a data
+    stage found, how it mixed its sources) goes to the stage's Prefect log: terminal and UI."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.run_logger = get_run_logger()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run_logger.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def _library_log_to_run_log():
+    library, handler = logging.getLogger("lm"), _ToRunLog()
+    level, propagate = library.level, library.propagate
+    library.addHandler(handler)
+    library.setLevel(logging.INFO)
+    library.propagate = False  # said once, as the task's: not again by a handler of the root logger
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(level)
+        library.propagate = propagate
+
+
 def stage_task(stage: Stage) -> Task:
     """The Prefect task of one stage: runs ``stage.run`` through ``execute``; returns the output folder."""
 
@@ -59,7 +87,8 @@ def stage_task(stage: Stage) -> Task:
             launch=_launcher(cfg, run_id),
             cluster_map=dask_map(cfg.data.dask_address) if cfg.data.dask_address else None,
         )
-        execute(stage, ctx)
+        with _library_log_to_run_log():
+            execute(stage, ctx)
         return out_dir
 
     if stage.cached:

@@ -8,42 +8,53 @@ assistant), whatever it came as:
   it does (one of :data:`QUESTIONS`), the response is the first sentence of its docstring, e.g.
   "What does `json.dumps(obj, *, skipkeys=False, ...)` do?" -> "Serialize ``obj`` to a JSON
   formatted ``str``." Short answers, so exact match is sometimes meaningful.
-- a .jsonl / .csv / .parquet file (optionally .gz) with a ``finetune.sft.messages_column`` of chat
-  messages (a list, or a JSON string of one in a CSV), else ``finetune.sft.prompt_column`` and
-  ``finetune.sft.response_column``. ``finetune.sft.system_prompt`` is put before every conversation
-  that has no system message.
+- a user's data: a file, folder, glob or ``datasets`` save_to_disk folder (:mod:`lm.data.records`)
+  in one of the instruction formats people download, ``finetune.sft.format`` (chat messages,
+  prompt/response, alpaca, ShareGPT, or auto: :mod:`lm.data.conversations`).
+  ``finetune.sft.system_prompt`` is put before every conversation that has no system message.
+- a list of sources with weights (a mix): each source's training split is repeated or subsampled
+  to ``round(weight x its examples)`` (:func:`weigh`); val and test hold each example once.
 
 A conversation is kept up to its last assistant turn (what follows has nothing to learn from).
-Input a user must fix stops the stage with the file and the line or row (a message with an
-unknown role, a record that is not a conversation, missing columns); an example that merely
+Input a user must fix stops the stage with the file and the line or record (a message with an
+unknown role, a record that is not of the format, missing columns); an example that merely
 cannot teach anything is skipped and counted (``finetune_data/skipped_<reason>``). Splits are by
 the hash of each conversation, like the classification data (``lm.data.labelled``): the same
 example always lands in the same split, duplicates are dropped, and each split is written in a
 fixed pseudo-random order, so its first rows are a fair sample.
+
+``evaluate.data``, the team's own questions, is read the same way and written as a fourth split,
+``eval_set.parquet``; a training example that is the same conversation (whitespace aside) is
+dropped from the training split and counted (``finetune_data/eval_overlap_dropped``).
 """
 
 from __future__ import annotations
 
-import gzip
 import json
+import logging
+import math
 import re
 from collections import Counter
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lm.config import Config, FinetuneConfig
+from lm.config import Config, FinetuneConfig, SFTConfig
+from lm.data.conversations import conversation_of, parse_messages, read_conversations  # noqa: F401 (read from here)
 from lm.data.labelled import SPLIT_FILES, split_of, unit_hash
 from lm.data.pydefs import stdlib_definitions
+from lm.data.records import read_records  # noqa: F401 (the other data readers import it from here)
 from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.pipeline.stage import StageResult
-from lm.text.chat import ROLES, Message
+from lm.text.chat import Message
 
+log = logging.getLogger(__name__)
 MESSAGES = "messages"
+EVAL_SET_FILE = "eval_set.parquet"  # evaluate.data: the team's own questions, scored beside the test split
 SCHEMA = pa.schema([(MESSAGES, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))])
 QUESTIONS = (
     "What does `{call}` do?",
@@ -102,200 +113,211 @@ def stdlib_instructions(packages: set[str] | None = None) -> list[tuple[str, str
     return pairs
 
 
-# ---- a user's file --------------------------------------------------------------------------
+# ---- the sources, the mix, the evaluation set -----------------------------------------------------
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+@dataclass
+class Source:
+    """One source of ``finetune.data``, read into conversations."""
+
+    path: str
+    weight: float
+    conversations: list[list[Message]]
+    skipped: Counter
+    fmt: str
+    found: str  # one line on what it held: "alpaca (detected): 2,017 records, 812 with input"
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with _open_text(path) as f:
-        try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno}): fix or remove the line"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {n}: a record must be a JSON object, not {type(record).__name__}")
-                yield f"line {n}", record
-        except UnicodeDecodeError:
-            raise DataError(f"{path} is not UTF-8 text: save it as UTF-8") from None
+def read_source(path: str, weight: float, sft: SFTConfig) -> Source:
+    """The conversations of one source: the stdlib task, or a user's data (:mod:`lm.data.conversations`)."""
+    if path == "stdlib":
+        conversations = [
+            conversation_of([{"role": "user", "content": p}, {"role": "assistant", "content": r}], sft.system_prompt)[0]
+            for p, r in stdlib_instructions()
+        ]
+        return Source(path, weight, conversations, Counter(), "stdlib", f"stdlib: {len(conversations):,} instructions")
+    conversations, skipped, fmt, found = read_conversations(path, sft, "finetune.data")
+    return Source(path, weight, conversations, skipped, fmt, found)
 
 
-def read_records(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[str]]:
-    """(where, record) of every example of a .jsonl/.csv/.parquet file (optionally .gz), and its columns."""
-    import pandas as pd
-
-    name = path.name.removesuffix(".gz")
-    if name.endswith(".jsonl"):
-        records = list(_jsonl_records(path))
-        columns = list(dict.fromkeys(k for _, r in records for k in r))
-        return records, columns
-    try:
-        if name.endswith(".csv"):
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif name.endswith(".parquet") and path.suffix != ".gz":
-            frame = pd.read_parquet(path)
-        else:
-            raise DataError(f"{path}: instruction data must be .jsonl, .csv or .parquet (.jsonl and .csv may be .gz)")
-    except (ValueError, OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} could not be read: {e}") from None
-    columns = [str(c) for c in frame.columns]
-    return [(f"row {i + 1}", r) for i, r in enumerate(frame.to_dict("records"))], columns
+def sources_of(ft: FinetuneConfig) -> list[tuple[str, float]]:
+    """(path, weight) of each source of ``finetune.data`` (one path: itself at weight 1)."""
+    return [(ft.data, 1.0)] if isinstance(ft.data, str) else [(s.path, s.weight) for s in ft.data]
 
 
-def _text(value: Any, path: Path | str, where: str, what: str) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # missing, or NaN in a table
-        return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float | bool):
-        return str(value)
-    raise DataError(f"{path}, {where}: {what} must be text, not {type(value).__name__}")
+def data_label(ft: FinetuneConfig) -> str:
+    """``finetune.data`` in one line, for messages and dataset lineage."""
+    if isinstance(ft.data, str):
+        return ft.data
+    return ", ".join(f"{s.path} (weight {s.weight:g})" for s in ft.data)
 
 
-def parse_messages(value: Any, path: Path | str, where: str, column: str) -> list[Message]:
-    """A record's messages value -> validated messages (see the module docstring)."""
-    if isinstance(value, str):  # a CSV cell holds the list as JSON
-        try:
-            value = json.loads(value) if value.strip() else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, {where}: column {column!r} is not a JSON list of messages ({e.msg})") from None
-    if value is None:
-        value = []
-    if hasattr(value, "tolist"):  # parquet lists arrive as numpy arrays
-        value = value.tolist()
-    if not isinstance(value, list):
-        raise DataError(
-            f"{path}, {where}: column {column!r} must be a list of messages "
-            f"[{{\"role\": ..., \"content\": ...}}], not {type(value).__name__}"
-        )
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{path}, {where}: message {j} must be an object with a role and a content, got {m!r:.80}")
-        role = m["role"]
-        if role not in ROLES:
-            raise DataError(
-                f"{path}, {where}: message {j} has the role {role!r}; the allowed roles are {', '.join(ROLES)}"
-            )
-        out.append({"role": role, "content": _text(m["content"], path, f"{where} message {j}", "content")})
-    return out
+def normalised_key(conversation: list[Message]) -> str:
+    """A conversation's identity when whitespace does not count: what the evaluation set is compared by."""
+    return json.dumps([[m["role"], " ".join(m["content"].split())] for m in conversation], ensure_ascii=False)
 
 
-def conversation_of(
-    messages: list[Message], system_prompt: str | None
-) -> tuple[list[Message] | None, str | None]:
-    """(the conversation to train on, None) or (None, the reason it teaches nothing)."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return None, "no_assistant_turn"
-    messages = messages[: last + 1]
-    if any(m["role"] == "assistant" and not m["content"].strip() for m in messages):
-        return None, "empty_response"
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages, None
-
-
-def read_conversations(ft: FinetuneConfig) -> tuple[list[list[Message]], Counter, str]:
-    """(conversations, skipped examples per reason, the file's format) of ``finetune.data``."""
-    path, sft = Path(ft.data), ft.sft
-    if not path.is_file():
-        raise DataError(f"finetune.data={ft.data!r} is neither 'stdlib' nor an existing file")
-    records, columns = read_records(path)
-    if sft.messages_column in columns:
-        fmt = "messages"
-    elif sft.prompt_column in columns and sft.response_column in columns:
-        fmt = "prompt_response"
-    else:
-        raise DataError(
-            f"{path} has neither a {sft.messages_column!r} column of chat messages nor {sft.prompt_column!r} and "
-            f"{sft.response_column!r} columns; its columns are: {', '.join(columns) or '(none)'}. Set "
-            "finetune.sft.messages_column, or finetune.sft.prompt_column and finetune.sft.response_column"
-        )
-    conversations, skipped = [], Counter()
-    for where, record in records:
-        if fmt == "messages":
-            messages = parse_messages(record.get(sft.messages_column), path, where, sft.messages_column)
-        else:
-            prompt = _text(record.get(sft.prompt_column), path, where, sft.prompt_column)
-            if not prompt.strip():
-                skipped["empty_prompt"] += 1
+def read_eval_set(cfg: Config) -> tuple[list[list[Message]], Counter] | None:
+    """The conversations of ``evaluate.data`` (each once), read as ``finetune.data`` is; None if unset."""
+    spec = cfg.evaluate.data
+    if spec is None:
+        return None
+    conversations, skipped, seen = [], Counter(), set()
+    for path in [spec] if isinstance(spec, str) else spec:
+        found, skip, _, line = read_conversations(path, cfg.finetune.sft, "evaluate.data")
+        log.info("evaluate.data %s: %s", path, line)
+        skipped.update(skip)
+        for conversation in found:
+            key = json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                skipped["duplicate"] += 1
                 continue
-            response = _text(record.get(sft.response_column), path, where, sft.response_column)
-            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        conversation, reason = conversation_of(messages, sft.system_prompt)
-        if reason:
-            skipped[reason] += 1
-        else:
+            seen.add(key)
             conversations.append(conversation)
-    return conversations, skipped, fmt
+    if not conversations:
+        raise DataError(
+            f"evaluate.data={spec!r} holds no conversation with an assistant turn to score"
+            + (f" (skipped: {dict(skipped)})" if skipped else "")
+        )
+    return conversations, skipped
+
+
+Row = tuple[str, list[Message]]  # (the row's identity, which orders the split; the conversation)
+
+
+def weigh(rows: list[Row], weight: float, seed: int) -> list[Row]:
+    """``round(weight * len(rows))`` rows (halves up): every row ``floor`` of that over ``len(rows)``
+    times, then the remainder drawn without repeats in the order of a seeded hash of each row. A
+    copy's identity gets ``#k``, so that copies spread over the split."""
+    target = math.floor(weight * len(rows) + 0.5)
+    copies, extra = divmod(target, len(rows)) if rows else (0, 0)
+    out = [(key if c == 0 else f"{key}#{c}", conversation) for c in range(copies) for key, conversation in rows]
+    drawn = sorted(rows, key=lambda row: unit_hash(f"mix:{seed}:{row[0]}"))[:extra]
+    return out + [(key if copies == 0 else f"{key}#{copies}", conversation) for key, conversation in drawn]
+
+
+def split_sources(
+    sources: list[Source], ft: FinetuneConfig, eval_keys: set[str]
+) -> tuple[dict[str, list[Row]], list[dict[str, int]], Counter]:
+    """The train/val/test rows of all sources, and per source its examples, its training split and
+    that split weighted. Duplicates are dropped (the first source keeps its copy); a training
+    example also in the evaluation set is dropped (``skipped["eval_overlap"]``); only the training
+    split is weighted (val and test measure, each example once)."""
+    splits: dict[str, list[Row]] = {s: [] for s in SPLIT_FILES}
+    seen: set[str] = set()
+    skipped: Counter = Counter()
+    counts = []
+    for source in sources:
+        skipped.update(source.skipped)
+        train: list[Row] = []
+        examples = 0
+        for conversation in source.conversations:
+            key = json.dumps(conversation, sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                skipped["duplicate"] += 1
+                continue
+            seen.add(key)
+            examples += 1
+            split = split_of(key, ft.val_fraction, ft.test_fraction)
+            if split == "train" and eval_keys and normalised_key(conversation) in eval_keys:
+                skipped["eval_overlap"] += 1
+            else:
+                (train if split == "train" else splits[split]).append((key, conversation))
+        weighted = weigh(train, source.weight, ft.seed)
+        splits["train"] += weighted
+        counts.append({"examples": examples, "train": len(train), "train_weighted": len(weighted)})
+    return splits, counts, skipped
+
+
+def write_split(rows: list[Row], path: Path) -> None:
+    """One split in a fixed pseudo-random order (its first rows are a fair sample)."""
+    rows = sorted(rows, key=lambda row: unit_hash(f"order:{row[0]}"))
+    pq.write_table(pa.table([[c for _, c in rows]], schema=SCHEMA), path)
 
 
 # ---- the stage ------------------------------------------------------------------------------
 
 
+def _mix_metrics(sources: list[Source], counts: list[dict[str, int]]) -> dict[str, float]:
+    metrics = {}
+    for n, (source, count) in enumerate(zip(sources, counts, strict=True), 1):
+        log.info(
+            "finetune.data source %d, %s (weight %g): %s examples, %s in the training split, %s after weighting",
+            n, source.path, source.weight, f"{count['examples']:,}", f"{count['train']:,}", f"{count['train_weighted']:,}",
+        )
+        metrics.update({f"finetune_data/source{n}/{k}": float(v) for k, v in count.items()})
+    return metrics
+
+
+def _eval_set_result(
+    eval_set: tuple[list[list[Message]], Counter], dropped: int, out_dir: Path
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Write eval_set.parquet: (its metrics, its dataset lineage)."""
+    conversations, skipped = eval_set
+    write_split([(json.dumps(c, sort_keys=True, ensure_ascii=False), c) for c in conversations], out_dir / EVAL_SET_FILE)
+    log.info(
+        "evaluate.data: %s conversations in %s; %s training examples that are also in it dropped",
+        f"{len(conversations):,}", EVAL_SET_FILE, f"{dropped:,}",
+    )
+    metrics = {
+        "finetune_data/eval_set": float(len(conversations)),
+        "finetune_data/eval_set_skipped": float(sum(skipped.values())),
+        "finetune_data/eval_overlap_dropped": float(dropped),
+    }
+    return metrics, {"name": "instructions_eval_set", "path": EVAL_SET_FILE, "digest": file_sha256(out_dir / EVAL_SET_FILE),
+                     "context": "evaluation"}
+
+
 def build_instruct_data(cfg: Config, *, out_dir: Path) -> StageResult:
-    """Write train/val/test.parquet (one ``messages`` column) for instruction tuning."""
+    """Write train/val/test.parquet (one ``messages`` column) for instruction tuning, and
+    eval_set.parquet when ``evaluate.data`` is set."""
     out_dir, ft = Path(out_dir), cfg.finetune
-    if ft.data == "stdlib":
-        conversations, skipped, fmt = [], Counter(), "stdlib"
-        for prompt, response in stdlib_instructions():
-            conversation, _ = conversation_of(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], ft.sft.system_prompt
-            )
-            conversations.append(conversation)
-    else:
-        conversations, skipped, fmt = read_conversations(ft)
-    splits: dict[str, list[tuple[str, list[Message]]]] = {s: [] for s in SPLIT_FILES}
-    seen: set[str] = set()
-    for conversation in conversations:
-        key = json.dumps(conversation, sort_keys=True, ensure_ascii=False)
-        if key in seen:
-            skipped["duplicate"] += 1
-            continue
-        seen.add(key)
-        splits[split_of(key, ft.val_fraction, ft.test_fraction)].append((key, conversation))
+    sources = [read_source(path, weight, ft.sft) for path, weight in sources_of(ft)]
+    for source in sources:
+        log.info("finetune.data %s: %s", source.path, source.found)
+    eval_set = read_eval_set(cfg)
+    eval_keys = {normalised_key(c) for c in eval_set[0]} if eval_set else set()
+    splits, counts, skipped = split_sources(sources, ft, eval_keys)
     for split, rows in splits.items():
         if not rows:
             raise DataError(
-                f"the {split} split of finetune.data={ft.data!r} is empty ({len(seen)} usable examples"
+                f"the {split} split of finetune.data={data_label(ft)!r} is empty "
+                f"({sum(c['examples'] for c in counts)} usable examples"
                 + (f"; skipped: {dict(skipped)}" if skipped else "")
                 + "); use more data or larger finetune.val_fraction/test_fraction"
             )
-        rows.sort(key=lambda kv: unit_hash(f"order:{kv[0]}"))
-        pq.write_table(pa.table([[c for _, c in rows]], schema=SCHEMA), out_dir / SPLIT_FILES[split])
+        write_split(rows, out_dir / SPLIT_FILES[split])
     metrics = {f"finetune_data/{s}": float(len(rows)) for s, rows in splits.items()}
     for reason in ("empty_prompt", "empty_response", "no_assistant_turn", "duplicate"):
         metrics[f"finetune_data/skipped_{reason}"] = float(skipped[reason])
+    if not isinstance(ft.data, str):
+        metrics.update(_mix_metrics(sources, counts))
     contexts = {"train": "training", "val": "validation", "test": "evaluation"}
+    datasets = [
+        {"name": f"instructions_{s}", "path": name, "digest": file_sha256(out_dir / name), "source": data_label(ft),
+         "context": contexts[s]}
+        for s, name in SPLIT_FILES.items()
+    ]
+    outputs = dict(SPLIT_FILES)
+    if eval_set is not None:
+        eval_metrics, lineage = _eval_set_result(eval_set, skipped["eval_overlap"], out_dir)
+        metrics.update(eval_metrics)
+        datasets.append({**lineage, "source": str(cfg.evaluate.data)})
+        outputs["eval_set"] = EVAL_SET_FILE
     return StageResult(
         metrics=metrics,
-        params={"format": fmt},
-        outputs=dict(SPLIT_FILES),
-        datasets=[
-            {
-                "name": f"instructions_{s}",
-                "path": name,
-                "digest": file_sha256(out_dir / name),
-                "source": ft.data,
-                "context": contexts[s],
-            }
-            for s, name in SPLIT_FILES.items()
-        ],
+        params={"format": ",".join(dict.fromkeys(s.fmt for s in sources))},
+        outputs=outputs,
+        datasets=datasets,
     )
 
 
 def read_split(data_dir: Path, split: str) -> list[list[Message]]:
-    """The conversations of one split written by :func:`build_instruct_data`."""
-    path = Path(data_dir) / SPLIT_FILES[split]
+    """The conversations of one split written by :func:`build_instruct_data` (train, val, test,
+    or eval_set when ``evaluate.data`` was set)."""
+    path = Path(data_dir) / {**SPLIT_FILES, "eval_set": EVAL_SET_FILE}[split]
+    if split == "eval_set" and not path.is_file():
+        raise DataError(f"{path} does not exist: the finetune_data stage writes it when evaluate.data is set")
     if not path.is_file():
         raise DataError(f"{path} does not exist: give the finetune_data stage's output folder")
     table = pq.read_table(path)

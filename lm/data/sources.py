@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lm.errors import DataError
 from lm.fileio import file_sha256
@@ -168,6 +169,11 @@ def resolve(spec: str, key: str = "data.sources") -> Iterator[SourceFile]:
             "in data.sources"
         )
     raise DataError(f"{key}={spec!r} does not exist")
+
+
+def file_specs(value: Any) -> list[str | None]:
+    """The sources a config value names: a path, a list of paths, or a list of {path, weight}."""
+    return [v["path"] if isinstance(v, dict) else v for v in (value if isinstance(value, list) else [value])]
 
 
 def piece_id(doc_id: str, i: int) -> str:

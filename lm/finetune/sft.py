@@ -61,10 +61,13 @@ class Examples:
     skipped: int  # conversations whose prompt alone filled the context: no assistant token left
 
 
-def encode_examples(fmt: ChatFormat, conversations: list[list[Message]], seq_len: int) -> Examples:
-    """Conversations -> next-token examples whose targets are the assistant tokens only (-100 elsewhere)."""
+def encode_examples(
+    fmt: ChatFormat, conversations: list[list[Message]], seq_len: int, train_on: str = "assistant"
+) -> Examples:
+    """Conversations -> next-token examples whose targets are the learned tokens only (-100
+    elsewhere): by default the assistant tokens (``finetune.sft.train_on``)."""
     items, truncated, skipped = [], 0, 0
-    for ids, assistant in fmt.encode_many(conversations):
+    for ids, assistant in fmt.encode_many(conversations, learn=train_on):
         if len(ids) > seq_len + 1:
             ids, assistant = ids[: seq_len + 1], assistant[: seq_len + 1]
             truncated += 1
@@ -125,18 +128,20 @@ def collate(pad_id: int):
 
 class InstructionDataModule(SplitDataModule):
     """``train/val.parquet`` conversations -> (ids (B,T), targets (B,T)) or, packed, (ids, targets,
-    document (B,T))."""
+    document (B,T)); the targets are the tokens ``train_on`` says (``finetune.sft.train_on``)."""
 
     def __init__(
-        self, data_dir: Path, fmt: ChatFormat, seq_len: int, batch_size: int, seed: int, pad_id: int, packing: bool
+        self, data_dir: Path, fmt: ChatFormat, seq_len: int, batch_size: int, seed: int, pad_id: int, packing: bool,
+        train_on: str = "assistant",
     ):
         super().__init__(data_dir, batch_size, seed)
         self.fmt, self.seq_len, self.pad_id, self.packing = fmt, seq_len, pad_id, packing
+        self.train_on = train_on
         self.collate_fn = collate(pad_id)
         self.counts: Counter = Counter()
 
     def encode(self, name: str) -> list[tuple[torch.Tensor, ...]]:
-        examples = encode_examples(self.fmt, read_split(self.data_dir, name), self.seq_len)
+        examples = encode_examples(self.fmt, read_split(self.data_dir, name), self.seq_len, self.train_on)
         if not examples.items:
             raise DataError(
                 f"{self.data_dir / SPLIT_FILES[name]}: no conversation has an assistant token within the model's "
@@ -209,7 +214,8 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
         check_quantize(f.lora, cfg.trainer.accelerator)
     index = TokenIndex.load(tokens_dir)
     fmt = ChatFormat.load(tokens_dir)
-    dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.sft.packing)
+    dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.sft.packing,
+                               f.sft.train_on)
     train = dm.split("train")
     dm.split("val")
     if f.lora.enabled and f.lora.quantize == "4bit":

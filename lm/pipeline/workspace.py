@@ -110,9 +110,7 @@ def fingerprint(spec: str | None, key: str) -> Any:
 def files_fingerprint(cfg: Config, keys: Iterable[str]) -> dict[str, Any]:
     out = {}
     for key in keys:
-        value = cfg.value(key)
-        specs = value if isinstance(value, list) else [value]
-        out[key] = [fingerprint(s, key) for s in specs]
+        out[key] = [fingerprint(s, key) for s in sources.file_specs(cfg.value(key))]
     return out
 
 

@@ -127,17 +127,22 @@ class ChatFormat:
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
         return render_chat(self.template, messages, add_generation_prompt, **self.variables)
 
-    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
-        """Token ids of the conversation and, per token, whether it is an assistant token."""
-        return self.encode_many([messages], add_generation_prompt)[0]
+    def encode(
+        self, messages: Sequence[Message], add_generation_prompt: bool = False, learn: str = "assistant"
+    ) -> tuple[list[int], list[bool]]:
+        """Token ids of the conversation and, per token, whether it is learned (``learn``: see
+        :meth:`encode_many`)."""
+        return self.encode_many([messages], add_generation_prompt, learn)[0]
 
     def encode_many(
-        self, conversations: Sequence[Sequence[Message]], add_generation_prompt: bool = False
+        self, conversations: Sequence[Sequence[Message]], add_generation_prompt: bool = False, learn: str = "assistant"
     ) -> list[tuple[list[int], list[bool]]]:
-        """:meth:`encode` of many conversations, their pieces encoded in one batch."""
-        pieces: list[tuple[int, str, bool]] = []  # (conversation, text, assistant)
+        """:meth:`encode` of many conversations, their pieces encoded in one batch. ``learn``
+        (``finetune.sft.train_on``): which tokens are marked, the assistant turns', the last
+        assistant turn's, or all; the tokens themselves are the same whichever it is."""
+        pieces: list[tuple[int, str, bool]] = []  # (conversation, text, learned)
         for n, messages in enumerate(conversations):
-            pieces += [(n, text, labelled) for text, labelled in self._pieces(messages, add_generation_prompt)]
+            pieces += [(n, text, labelled) for text, labelled in _learned(self._pieces(messages, add_generation_prompt), learn)]
         encodings = self.tokenizer.encode_batch([text for _, text, _ in pieces], add_special_tokens=False)
         out: list[tuple[list[int], list[bool]]] = [([], []) for _ in conversations]
         for (n, _, labelled), enc in zip(pieces, encodings, strict=True):
@@ -173,6 +178,18 @@ class ChatFormat:
                 pos = end
         pieces.append((full[pos:], False))
         return [(text, labelled) for text, labelled in pieces if text]
+
+
+def _learned(pieces: list[tuple[str, bool]], learn: str) -> list[tuple[str, bool]]:
+    """The assistant pieces (:meth:`ChatFormat._pieces`) relabelled for ``learn``."""
+    if learn == "all":
+        return [(text, True) for text, _ in pieces]
+    if learn == "last_assistant":
+        last = max((i for i, (_, labelled) in enumerate(pieces) if labelled), default=-1)
+        return [(text, i == last) for i, (text, _) in enumerate(pieces)]
+    if learn != "assistant":
+        raise ValueError(f"learn={learn!r}: choose assistant, last_assistant or all")
+    return pieces
 
 
 def turn_ends(template: str, tokenizer) -> list[str]:
