@@ -293,9 +293,18 @@ def build_instruct_data(cfg: Config, *, out_dir: Path) -> StageResult:
     )
 
 
+EVAL_SET = "eval_set"  # the team's own evaluation set (evaluate.data), written beside the splits
+SFT_FILES = {**SPLIT_FILES, EVAL_SET: f"{EVAL_SET}.parquet"}
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    """Where a split (train, val, test or :data:`EVAL_SET`) of the finetune_data stage lives."""
+    return Path(data_dir) / SFT_FILES[split]
+
+
 def read_split(data_dir: Path, split: str) -> list[list[Message]]:
-    """The conversations of one split written by :func:`build_instruct_data`."""
-    path = Path(data_dir) / SPLIT_FILES[split]
+    """The conversations of one split written by :func:`build_instruct_data` (or :data:`EVAL_SET`)."""
+    path = split_path(data_dir, split)
     if not path.is_file():
         raise DataError(f"{path} does not exist: give the finetune_data stage's output folder")
     table = pq.read_table(path)
