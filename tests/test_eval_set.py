@@ -164,6 +164,33 @@ def test_the_evaluation_set_digest_follows_the_team_s_questions_and_not_the_judg
     assert digests(judged) == before  # the judge picks nothing from the held-out data
 
 
+def test_a_champion_rescored_on_this_run_s_data_is_scored_on_the_team_s_questions_and_not_judged(chat, tmp_path):
+    from lm.pipeline.evaluate import rescore
+
+    # A judge URL nothing answers at: asking it would stop the rescoring.
+    cfg = load_config("tiny", ["finetune.task=sft", "evaluate.max_batches=1", "evaluate.generate_prompts=2",
+                               "evaluate.max_new_tokens=4", "evaluate.judge.url=http://127.0.0.1:9/v1",
+                               "evaluate.judge.model=judge", "deploy.promote_metric=eval/chrf"])
+    (tmp_path / "scratch").mkdir()
+    metrics = rescore(cfg, chat["export"], with_eval_set(chat, tmp_path), chat["tokens"], out_dir=tmp_path / "scratch")
+    assert {"eval/chrf", "eval/rouge_l", "eval_set/chrf", "eval_set/rouge_l"} <= set(metrics)
+    assert not any("judge" in k for k in metrics)
+
+
+def test_the_pipeline_run_shows_the_team_s_evaluation_set_beside_its_baselines():
+    from lm.tracking.report import StageRun, parent_metrics, summary_markdown
+
+    ev = {"eval/chrf": 40.0, "eval/baseline_chrf": 30.0, "eval/rouge_l": 45.0, "eval/baseline_rouge_l": 20.0,
+          "eval_set/chrf": 35.0, "eval_set/baseline_chrf": 20.0, "eval_set/judge_win_rate": 0.75}
+    stages = {"evaluate": StageRun(metrics=ev)}
+    assert set(ev) <= set(parent_metrics(stages, 60.0))  # the run list compares them run by run
+    note = summary_markdown(run_name="demo-1", config="demo", targets="all", commit=None, seconds=60.0,
+                            stages=stages, champion=None, model_version=None, model_link=None)
+    assert "| `eval/rouge_l` | 45.0000 | - | 20.0000 nearest training answer |" in note
+    assert "| `eval_set/chrf` | 35.0000 | - | 20.0000 nearest training answer |" in note
+    assert "| `eval_set/judge_win_rate` | 0.7500 | - | - |" in note
+
+
 # ---- the judge ---------------------------------------------------------------------------------------------
 
 
