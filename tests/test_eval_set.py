@@ -219,6 +219,9 @@ def test_the_judge_is_asked_both_orders_of_every_pair_and_every_pair_is_counted(
         metrics = sft.evaluate(chat["tuned"], data, chat["tokens"] / "tokenizer.json", base_dir=chat["base"],
                                out_dir=tmp_path / "out", settings=settings)
         asked = metric(server, "lmforge_requests_total")
+        wrong_model = settings.judge.model_copy(update={"model": "someone-else"})
+        with pytest.raises(ConfigError, match=r"refused the request \(HTTP 404: .*check evaluate.judge.model"):
+            judge.judge_pairs(wrong_model, ["q?"], ["r."], ["a."], ["b."])
     test_pairs = min(3, len(read_split(data, "test")))
     assert metrics["eval/judge_pairs"] == test_pairs >= 1 and metrics["eval_set/judge_pairs"] == 3
     chat_requests = sum(v for k, v in asked.items() if ("route", CHAT_ROUTE) in k and ("status", "200") in k)

@@ -24,6 +24,10 @@ from lm.errors import ConfigError
 
 VERDICT = re.compile(r"\[\[\s*(a|b|tie)\s*\]\]", re.IGNORECASE)
 OUTCOMES = ("win", "loss", "tie", "parse_failure")  # a pair's, for the tuned model
+# What to do when the endpoint refuses, by HTTP status.
+REFUSED = {401: "put a valid key in the variable evaluate.judge.api_key_env names",
+           403: "put a valid key in the variable evaluate.judge.api_key_env names",
+           404: "check evaluate.judge.model and the URL (it ends in /v1 for most servers)"}
 CONCURRENT_REQUESTS = 8  # an endpoint answers several at once; more would only queue there
 
 
@@ -91,10 +95,10 @@ def _ask(client: openai.OpenAI, settings: JudgeConfig, prompt: str) -> str | Non
             "check the URL, or unset evaluate.judge.url"
         ) from None
     except openai.APIStatusError as e:
-        said = " ".join(str(e.message).split())
+        said = re.sub(r"^Error code: \d+ - ", "", " ".join(str(e.message).split()))
         raise ConfigError(
-            f"evaluate.judge.url={settings.url} refused the request (HTTP {e.status_code}: {said}): check "
-            "evaluate.judge.model and the key in evaluate.judge.api_key_env"
+            f"evaluate.judge.url={settings.url} refused the request (HTTP {e.status_code}: {said}): "
+            + REFUSED.get(e.status_code, "fix what it says, or unset evaluate.judge.url")
         ) from None
     return reply.choices[0].message.content if reply.choices else None
 
