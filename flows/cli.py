@@ -237,6 +237,11 @@ SHOWN = ["eval/loss", "eval/ppl", "eval/bpb", "eval/baseline_bpb", "eval/mlm_los
          "eval/baseline_mlm_loss", "eval/accuracy", "eval/macro_f1", "eval/baseline_accuracy",
          "eval/tfidf_accuracy", "eval/response_loss", "eval/base_response_loss", "eval/chrf", "eval/baseline_chrf",
          "eval/exact_match", "eval/baseline_exact_match"]
+# After the lines above, which print as they did: ROUGE-L, the judge, the team's own evaluation set.
+SHOWN += ["eval/rouge_l", "eval/baseline_rouge_l", "eval/judge_win_rate", "eval_set/response_loss",
+          "eval_set/base_response_loss", "eval_set/chrf", "eval_set/baseline_chrf", "eval_set/rouge_l",
+          "eval_set/baseline_rouge_l", "eval_set/exact_match", "eval_set/baseline_exact_match",
+          "eval_set/judge_win_rate"]
 
 
 def _summary(out: dict, seconds: float, uri: str) -> str:

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import re
+import string
 from pathlib import Path
 from typing import Any, Literal
 
@@ -479,6 +480,53 @@ class TrainerConfig(Section):
         return self
 
 
+JUDGE_PROMPT = (
+    "Two assistants answered the same question. Decide which answer is better: correct, helpful and to the "
+    "point. The reference answer shows what a good answer says; an answer need not repeat its words. Neither "
+    "the order of the answers nor their length is a reason to prefer one.\n\n"
+    "Question:\n{question}\n\nReference answer:\n{reference}\n\n"
+    "Answer A:\n{answer_a}\n\nAnswer B:\n{answer_b}\n\n"
+    "Explain your choice in one or two sentences, then give your verdict on the last line, exactly one of: "
+    "[[A]] (A is better), [[B]] (B is better), [[tie]] (equally good or equally bad)."
+)
+JUDGE_FIELDS = {"question", "answer_a", "answer_b"}  # the prompt must hold them; {reference} is optional
+
+
+class JudgeConfig(Section):
+    """sft: a judged win rate of the tuned model over the model before tuning, by any OpenAI-compatible
+    chat completions endpoint (``lm.finetune.judge``)."""
+
+    url: str | None = Field(None, pattern=r"^https?://\S+$")  # the API's base URL (.../v1); unset: no judge
+    model: str | None = None  # the judge model's name at that endpoint
+    # The NAME of the environment variable that holds the API key (the key never goes in a config,
+    # which is recorded with every run); unset: no key is sent.
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # {question}, {answer_a}, {answer_b} and, optionally, {reference}; literal braces doubled ({{ }}).
+    prompt: str = JUDGE_PROMPT
+    max_pairs: int = Field(32, ge=1)  # the first generated answers of each scored split that are judged
+    max_tokens: int = Field(256, ge=1)  # the judge's reply
+    timeout_s: float = Field(60.0, gt=0)  # per request
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_fields(cls, prompt: str) -> str:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None}
+        except ValueError as e:
+            raise ValueError(f"{e}: write a literal brace twice ({{{{ or }}}})") from None
+        if missing := JUDGE_FIELDS - fields:
+            raise ValueError(f"the prompt must contain {', '.join('{' + f + '}' for f in sorted(missing))}")
+        if unknown := fields - JUDGE_FIELDS - {"reference"}:
+            raise ValueError(f"unknown fields {sorted(unknown)}: use {{question}}, {{reference}}, {{answer_a}}, {{answer_b}}")
+        return prompt
+
+    @model_validator(mode="after")
+    def _model_with_url(self) -> JudgeConfig:
+        if self.url and not self.model:
+            raise ValueError("evaluate.judge.url is set: name the judge model in evaluate.judge.model")
+        return self
+
+
 class EvaluateConfig(Section):
     max_batches: int = Field(50, ge=1)
     # sft: held-out prompts answered by the model (greedy) and scored beside the baseline responder.
@@ -487,6 +535,7 @@ class EvaluateConfig(Section):
     # The team's own evaluation set (sft): a path or a list of them, in any format finetune.data
     # takes; written as the eval_set split, and dropped from the training split where it overlaps.
     data: str | list[str] | None = Field(None, min_length=1)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
 # Registered model names and aliases: letters, digits and . _ - (they go into registry queries and URIs).

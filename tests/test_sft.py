@@ -402,9 +402,9 @@ def test_sft_trains_evaluates_exports_and_answers(tmp_path, sft_dirs, packing):
                       settings=cfg.evaluate.model_copy(update={"generate_prompts": 4, "max_new_tokens": 8}))
     assert time.perf_counter() - t0 < 30
     assert ev["eval/response_loss"] < ev["eval/base_response_loss"]  # tuning taught the responses
-    assert set(sft.METRICS) <= set(ev) and 0 <= ev["eval/chrf"] <= 100
+    assert set(sft.METRICS) <= set(ev) and 0 <= ev["eval/chrf"] <= 100 and 0 <= ev["eval/rouge_l"] <= 100
     generations = pd.read_csv(tmp_path / "eval" / "generations.csv")
-    assert list(generations.columns) == ["prompt", "reference", "response", "baseline_response", "chrf"]
+    assert list(generations.columns) == ["prompt", "reference", "response", "baseline_response", "chrf", "rouge_l"]
     assert len(generations) == 4
 
     (tmp_path / "export").mkdir()
@@ -458,7 +458,7 @@ def test_the_pipeline_runs_sft_and_logs_its_metrics_and_generations(sft_pipeline
     assert tree["parent"].info.status == "FINISHED"
     evaluate = tree["children"]["evaluate"]
     for key in ("eval/response_loss", "eval/base_response_loss", "eval/response_ppl", "eval/chrf", "eval/baseline_chrf",
-                "eval/exact_match", "eval/baseline_exact_match", "eval/bpb"):
+                "eval/rouge_l", "eval/baseline_rouge_l", "eval/exact_match", "eval/baseline_exact_match", "eval/bpb"):
         assert key in evaluate.data.metrics, key
     client = MlflowClient(out["tracking_uri"])
     logged = {a.path for a in client.list_artifacts(evaluate.info.run_id)}

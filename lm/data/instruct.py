@@ -54,7 +54,8 @@ from lm.text.chat import Message
 
 log = logging.getLogger(__name__)
 MESSAGES = "messages"
-EVAL_SET_FILE = "eval_set.parquet"  # evaluate.data: the team's own questions, scored beside the test split
+EVAL_SET = "eval_set"  # evaluate.data: the team's own questions, scored beside the test split
+EVAL_SET_FILE = f"{EVAL_SET}.parquet"
 SCHEMA = pa.schema([(MESSAGES, pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))])
 QUESTIONS = (
     "What does `{call}` do?",
@@ -303,7 +304,7 @@ def build_instruct_data(cfg: Config, *, out_dir: Path) -> StageResult:
         eval_metrics, lineage = _eval_set_result(eval_set, skipped["eval_overlap"], out_dir)
         metrics.update(eval_metrics)
         datasets.append({**lineage, "source": str(cfg.evaluate.data)})
-        outputs["eval_set"] = EVAL_SET_FILE
+        outputs[EVAL_SET] = EVAL_SET_FILE
     return StageResult(
         metrics=metrics,
         params={"format": ",".join(dict.fromkeys(s.fmt for s in sources))},
@@ -312,11 +313,19 @@ def build_instruct_data(cfg: Config, *, out_dir: Path) -> StageResult:
     )
 
 
+SFT_FILES = {**SPLIT_FILES, EVAL_SET: EVAL_SET_FILE}
+
+
+def split_path(data_dir: Path, split: str) -> Path:
+    """Where a split (train, val, test or :data:`EVAL_SET`) of the finetune_data stage lives."""
+    return Path(data_dir) / SFT_FILES[split]
+
+
 def read_split(data_dir: Path, split: str) -> list[list[Message]]:
     """The conversations of one split written by :func:`build_instruct_data` (train, val, test,
-    or eval_set when ``evaluate.data`` was set)."""
-    path = Path(data_dir) / {**SPLIT_FILES, "eval_set": EVAL_SET_FILE}[split]
-    if split == "eval_set" and not path.is_file():
+    or :data:`EVAL_SET` when ``evaluate.data`` was set)."""
+    path = split_path(data_dir, split)
+    if split == EVAL_SET and not path.is_file():
         raise DataError(f"{path} does not exist: the finetune_data stage writes it when evaluate.data is set")
     if not path.is_file():
         raise DataError(f"{path} does not exist: give the finetune_data stage's output folder")

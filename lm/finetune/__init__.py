@@ -14,7 +14,8 @@ A method module provides everything else that differs between methods, and nothi
   its metrics taken as per token);
 - ``evaluate(model_dir, data_dir, tokenizer_path, *, base_dir, out_dir, settings) -> dict``: those
   metrics on its test split, the model reading text with the tokenizer at ``tokenizer_path``
-  (``base_dir``: the pretrained model before tuning; ``settings``: the ``evaluate`` config section);
+  (``base_dir``: the pretrained model before tuning; ``settings``: the ``evaluate`` config section),
+  and sft's also on the team's own evaluation set (``eval_set/...``) when ``data_dir`` holds one;
 - ``export(model_dir, data_dir, *, out_dir) -> list[str]``: files the export folder needs beyond
   the weights and the tokenizer;
 - ``Predictor(folder)``: how the exported (and registered) model predicts, a DataFrame in and out;
@@ -22,7 +23,8 @@ A method module provides everything else that differs between methods, and nothi
 
 A method's settings are its own block of the config, ``finetune.<name>`` (a ``lm.config.MethodConfig``
 field of ``FinetuneConfig``, whose names are the values ``finetune.task`` may take); the DataModule
-batching a method's train/val splits is shared (:mod:`lm.finetune.splits`).
+batching a method's train/val splits is shared (:mod:`lm.finetune.splits`), and so is the judge
+that compares a method's answers with the model's before tuning (:mod:`lm.finetune.judge`).
 
 Adding a method is a new module, one line in :data:`METHODS` (and in :data:`DATA`), and its settings
 block in ``lm.config``. Methods are imported only when used, so reading a config does not import torch.

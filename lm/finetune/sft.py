@@ -9,16 +9,21 @@ counted as truncated; one whose prompt alone fills the context teaches nothing a
 counted. ``finetune.sft.packing`` puts several conversations in one window, each attending only to
 itself (a block-diagonal causal mask: the decoder's ``document_ids``).
 
-Metrics (test split): the response loss of the tuned and of the pretrained model, and for the
-first ``evaluate.generate_prompts`` prompts, answered greedily, chrF (Popović 2015) and exact
-match beside a nearest-neighbour responder that answers with the training response of the most
-similar training prompt (TF-IDF, cosine). ``generations.csv`` shows them side by side.
+Metrics (test split, ``eval/``; the team's own evaluation set when the finetune_data stage wrote
+one, ``eval_set/``): the response loss of the tuned and of the pretrained model, and for the
+first ``evaluate.generate_prompts`` prompts, answered greedily, chrF (Popović 2015), ROUGE-L
+(Lin 2004) and exact match beside a nearest-neighbour responder that answers with the training
+response of the most similar training prompt (TF-IDF, cosine); with ``evaluate.judge.url``, a
+judged win rate over the pretrained model's answers (:mod:`lm.finetune.judge`).
+``generations.csv`` (``eval_set_generations.csv``) shows them side by side.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +35,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import Config, EvaluateConfig
-from lm.data.instruct import read_split
+from lm.data.instruct import EVAL_SET, read_split, split_path
 from lm.data.labelled import SPLIT_FILES
 from lm.errors import ConfigError, DataError
 from lm.finetune import Recipe
 from lm.finetune.splits import SplitDataModule
 from lm.models.folder import load_model
 from lm.models.transformer import count_params
-from lm.pipeline.evaluate import GENERATIONS
+from lm.pipeline.evaluate import EVAL_SET_GENERATIONS, GENERATIONS
 from lm.text.chat import TOKENIZER_CONFIG, ChatFormat, Message, turn_ends
 from lm.training.modules import OptimisedModule
 
-METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max"}
+METRICS = {"eval/response_loss": "min", "eval/chrf": "max", "eval/exact_match": "max", "eval/rouge_l": "max"}
 # Measured per token, so only comparable between models that share a tokenizer (the rest are on text).
-TOKEN_METRICS = frozenset({"eval/response_loss", "eval/response_ppl", "eval/base_response_loss"})
+TOKEN_METRICS = frozenset({f"{prefix}/{name}" for prefix in ("eval", EVAL_SET)
+                           for name in ("response_loss", "response_ppl", "base_response_loss")})
 HF_DIR = "hf"
 ADAPTER_DIR = "adapter"  # after LoRA: the adapter in peft's format, on the model it was tuned from
 DEFAULT_MAX_NEW_TOKENS = 64  # a prediction that does not say how long it may be
@@ -294,6 +300,32 @@ def chrf(hypotheses: list[str], references: list[str], order: int = 6, beta: flo
     return 100.0 * (1 + b2) * precision * recall / (b2 * precision + recall)
 
 
+# Words for ROUGE-L: runs of letters and digits, lower-cased, as rouge_score's own tokenizer takes
+# them from ASCII text, but in every script (its own drops every other character); Chinese and
+# Japanese write no spaces between words, so each of their characters is a word.
+NO_SPACE_SCRIPTS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+WORDS = re.compile(f"[{NO_SPACE_SCRIPTS}]|[^\\W_{NO_SPACE_SCRIPTS}]+")
+
+
+class RougeWords:
+    """rouge_score's tokenizer interface (``tokenize(text) -> tokens``) over :data:`WORDS`."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return WORDS.findall(text.lower())
+
+
+def rouge_l(hypotheses: list[str], references: list[str]) -> float:
+    """ROUGE-L (Lin 2004, "ROUGE: a package for automatic evaluation of summaries"), 0..100: the
+    F-measure of the longest common subsequence of words, by Google's rouge_score (no stemming),
+    averaged over the pairs, as instruction-tuning papers report it."""
+    # Here, not at the top: rouge_score is not among the registered model's requirements.
+    from rouge_score.rouge_scorer import RougeScorer
+
+    scorer = RougeScorer(["rougeL"], tokenizer=RougeWords())
+    scores = [scorer.score(r, h)["rougeL"].fmeasure for h, r in zip(hypotheses, references, strict=True)]
+    return 100.0 * sum(scores) / len(scores) if scores else 0.0
+
+
 def normalised(text: str) -> str:
     """For exact match: case and runs of whitespace do not count."""
     return " ".join(text.lower().split())
@@ -328,6 +360,78 @@ def response_loss(model: nn.Module, examples: Examples, pad_id: int, batch_size:
     return nats / max(n, 1)
 
 
+# The test split keeps the names its counts had before the team's evaluation set was scored beside it.
+TEST_NAMES = {"examples": "test_examples", "truncated_examples": "truncated_test_examples"}
+
+
+@dataclass
+class Responders:
+    """Who answers the held-out prompts: the tuned model, the model before tuning (``base``: None
+    when there is none to compare with) and the training split (the nearest-neighbour baseline's)."""
+
+    tuned: Predictor
+    base: Predictor | None
+    train: list[list[Message]]
+    pad_id: int
+
+
+def text_scores(answers: list[str], references: list[str]) -> dict[str, float]:
+    """chrF, ROUGE-L and exact match of answers against their references."""
+    exact = sum(normalised(a) == normalised(r) for a, r in zip(answers, references, strict=True))
+    return {"chrf": chrf(answers, references), "rouge_l": rouge_l(answers, references),
+            "exact_match": exact / max(len(answers), 1)}
+
+
+def judged(who: Responders, prompts: list[list[Message]], references: list[str], responses: list[str],
+           settings: EvaluateConfig) -> tuple[dict[str, float], list[str], list[str]]:
+    """The judge's counts for the first ``evaluate.judge.max_pairs`` answers against the model's
+    before tuning -> (metrics, the base model's answers, each pair's outcome)."""
+    # Here, not at the top: openai is not among the registered model's requirements.
+    from lm.finetune.judge import judge_metrics, judge_pairs
+
+    if who.base is None:
+        raise DataError("evaluate.judge compares the tuned model with the model before tuning: pass base_dir")
+    n = min(settings.judge.max_pairs, len(prompts))
+    base = who.base.answer(prompts[:n], {"max_new_tokens": settings.max_new_tokens})["response"].str.strip().tolist()
+    outcomes = judge_pairs(settings.judge, [prompt_text(p) for p in prompts[:n]], references[:n], responses[:n], base)
+    return judge_metrics(outcomes), base, outcomes
+
+
+def score_split(
+    who: Responders, conversations: list[list[Message]], settings: EvaluateConfig
+) -> tuple[dict[str, float], pd.DataFrame]:
+    """One held-out split's metrics (unprefixed names) and its generations table."""
+    model = who.tuned.model
+    examples = encode_examples(who.tuned.fmt, conversations, model.args.seq_len)
+    loss = response_loss(model, examples, who.pad_id)
+    metrics = {"response_loss": loss, "response_ppl": math.exp(min(loss, 50.0))}
+    if who.base is not None:
+        metrics["base_response_loss"] = response_loss(who.base.model, examples, who.pad_id)
+    shown = conversations[: settings.generate_prompts]
+    prompts = [c[:-1] for c in shown]
+    references = [c[-1]["content"] for c in shown]
+    responses = who.tuned.answer(prompts, {"max_new_tokens": settings.max_new_tokens})["response"].str.strip().tolist()
+    baseline = nearest_neighbour_responses(who.train, prompts)
+    metrics.update(text_scores(responses, references))
+    metrics.update({f"baseline_{k}": v for k, v in text_scores(baseline, references).items()})
+    metrics.update({"examples": float(len(conversations)), "generated_examples": float(len(shown)),
+                    "truncated_examples": float(examples.truncated)})
+    table = pd.DataFrame({
+        "prompt": [prompt_text(p) for p in prompts],
+        "reference": references,
+        "response": responses,
+        "baseline_response": baseline,
+        "chrf": [round(chrf([h], [r]), 2) for h, r in zip(responses, references, strict=True)],
+        "rouge_l": [round(rouge_l([h], [r]), 2) for h, r in zip(responses, references, strict=True)],
+    })
+    if settings.judge.url:
+        counts, base, outcomes = judged(who, prompts, references, responses, settings)
+        metrics.update(counts)
+        rest = [None] * (len(shown) - len(base))
+        table["base_response"], table["judge"] = base + rest, outcomes + rest
+    return metrics, table
+
+
 def evaluate(
     model_dir: Path,
     data_dir: Path,
@@ -337,51 +441,26 @@ def evaluate(
     out_dir: Path,
     settings: EvaluateConfig | None = None,
 ) -> dict[str, float]:
-    """Response loss of the tuned and the pretrained (``base_dir``) model on the test split;
-    greedy answers to its first ``settings.generate_prompts`` prompts scored by chrF and exact
-    match beside the nearest-neighbour responder; writes generations.csv."""
+    """On the test split (``eval/``) and, when the finetune_data stage wrote one, the team's own
+    evaluation set (``eval_set/``): the response loss of the tuned and the pretrained (``base_dir``)
+    model; greedy answers to the first ``settings.generate_prompts`` prompts scored by chrF, ROUGE-L
+    and exact match beside the nearest-neighbour responder and, with ``settings.judge.url``, judged
+    against the pretrained model's; writes generations.csv (and eval_set_generations.csv)."""
     settings = settings or EvaluateConfig()
-    predictor = Predictor(model_dir, tokenizer_path=tokenizer_path)
-    model, fmt = predictor.model, predictor.fmt
-    pad_id = int(model.meta["pad_id"])
-    test = read_split(data_dir, "test")
-    examples = encode_examples(fmt, test, model.args.seq_len)
-    loss = response_loss(model, examples, pad_id)
-    metrics = {"eval/response_loss": loss, "eval/response_ppl": math.exp(min(loss, 50.0))}
-    if base_dir is not None:
-        metrics["eval/base_response_loss"] = response_loss(load_model(base_dir), examples, pad_id)
-
-    shown = test[: settings.generate_prompts]
-    prompts = [c[:-1] for c in shown]
-    references = [c[-1]["content"] for c in shown]
-    responses = predictor.answer(prompts, {"max_new_tokens": settings.max_new_tokens})["response"].str.strip().tolist()
-    baseline = nearest_neighbour_responses(read_split(data_dir, "train"), prompts)
-    n = len(shown)
-
-    def exact(answers: list[str]) -> float:
-        return sum(normalised(a) == normalised(r) for a, r in zip(answers, references, strict=True)) / n
-
-    metrics.update(
-        {
-            "eval/chrf": chrf(responses, references),
-            "eval/baseline_chrf": chrf(baseline, references),
-            "eval/exact_match": exact(responses),
-            "eval/baseline_exact_match": exact(baseline),
-            "eval/test_examples": float(len(test)),
-            "eval/generated_examples": float(n),
-            "eval/truncated_test_examples": float(examples.truncated),
-        }
-    )
-    pd.DataFrame(
-        {
-            "prompt": [prompt_text(p) for p in prompts],
-            "reference": references,
-            "response": responses,
-            "baseline_response": baseline,
-            "chrf": [round(chrf([h], [r]), 2) for h, r in zip(responses, references, strict=True)],
-        }
-    ).to_csv(Path(out_dir) / GENERATIONS, index=False)
-    return metrics
+    tuned = Predictor(model_dir, tokenizer_path=tokenizer_path)
+    base = tuned.with_model(load_model(base_dir)) if base_dir is not None else None
+    who = Responders(tuned, base, read_split(data_dir, "train"), int(tuned.model.meta["pad_id"]))
+    metrics, table = score_split(who, read_split(data_dir, "test"), settings)
+    out = {f"eval/{TEST_NAMES.get(k, k)}": v for k, v in metrics.items()}
+    table.to_csv(Path(out_dir) / GENERATIONS, index=False)
+    if split_path(data_dir, EVAL_SET).is_file():
+        eval_set = read_split(data_dir, EVAL_SET)
+        if not eval_set:
+            raise DataError(f"{split_path(data_dir, EVAL_SET)} holds no conversation: give evaluate.data some questions")
+        metrics, table = score_split(who, eval_set, settings)
+        out.update({f"{EVAL_SET}/{k}": v for k, v in metrics.items()})
+        table.to_csv(Path(out_dir) / EVAL_SET_GENERATIONS, index=False)
+    return out
 
 
 # ---- export and prediction ----------------------------------------------------------------------
@@ -511,6 +590,13 @@ class Predictor:
         self.fmt = ChatFormat(tokenizer, config)
         self.stop_ids = tuple(dict.fromkeys([*self.fmt.stop_ids, int(self.model.meta["eot_id"])]))
         self.system_prompt: str | None = self.model.meta.get("system_prompt")
+
+    def with_model(self, model: nn.Module) -> Predictor:
+        """The same chat format, stop tokens and system prompt answering with another network of
+        the same tokenizer (the model before tuning, for the judge)."""
+        other = copy.copy(self)
+        other.model = model
+        return other
 
     def conversations(self, inputs: pd.DataFrame) -> list[list[Message]]:
         """The prompts of a ``messages`` column (lists of {role, content}) or a ``prompt`` column."""

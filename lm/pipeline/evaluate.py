@@ -3,10 +3,12 @@
 - decoder: next-token loss, perplexity and bits per byte of held-out text beside a unigram model;
 - encoder: masked-token loss and accuracy on held-out text (a fixed masking of the validation
   windows; an encoder sees the tokens it is asked to predict otherwise) beside a unigram model;
-- the fine-tuning method's own metrics on its test split (``lm/finetune/``).
+- the fine-tuning method's own metrics on its test split (``lm/finetune/``) and, for sft, on the
+  team's own evaluation set (``evaluate.data``) when the finetune_data stage wrote one.
 
-Every metric is named ``eval/...``, apart from training's ``val/...`` (which other windows and
-other weights produce); :func:`metric_directions` says which way each is better.
+Every metric is named ``eval/...`` (the team's evaluation set's ``eval_set/...``), apart from
+training's ``val/...`` (which other windows and other weights produce); :func:`metric_directions`
+says which way each is better.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lm.config import Config
+from lm.config import Config, JudgeConfig
 from lm.pipeline.stage import StageResult
 from lm.tracking.figures import LOSS_CURVES, plot_loss_curves
 
@@ -28,6 +30,7 @@ LM_METRICS = {
 }
 EVAL_MASK_SEED = 0  # the masking of the encoder's evaluation windows: the same for every model
 GENERATIONS = "generations.csv"  # a method's generated answers (sft): shown as a table in MLflow
+EVAL_SET_GENERATIONS = "eval_set_generations.csv"  # the same on the team's own evaluation set (evaluate.data)
 
 
 def metric_directions(cfg: Config) -> dict[str, str]:
@@ -123,13 +126,15 @@ def evaluate(
     (out_dir / EVAL_SETS).write_text(json.dumps(digests))
     plot_loss_curves(Path(pretrain_dir), Path(finetune_dir), out_dir / LOSS_CURVES)  # the two trainings at a glance
     artifacts = ["metrics.json", *sorted(p.name for p in out_dir.iterdir() if p.name != "metrics.json")]
-    tables = [name for name in (GENERATIONS,) if (out_dir / name).is_file()]
+    tables = [name for name in (GENERATIONS, EVAL_SET_GENERATIONS) if (out_dir / name).is_file()]
     # The held-out data as MLflow datasets, under the digests that say whether two runs' numbers compare.
+    from lm.data.instruct import EVAL_SET, split_path
     from lm.data.labelled import SPLIT_FILES
     from lm.text.shards import INDEX
 
     held_out = [("heldout_tokens", Path(tokens_dir) / INDEX, digests["language_model"]),
-                ("test", Path(ft_data_dir) / SPLIT_FILES["test"], digests["method"])]
+                ("test", Path(ft_data_dir) / SPLIT_FILES["test"], digests["method"]),
+                (EVAL_SET, split_path(ft_data_dir, EVAL_SET), digests["method"])]
     datasets = [{"name": name, "path": str(path.resolve()), "digest": digest, "source": "evaluate", "context": "evaluation"}
                 for name, path, digest in held_out if path.is_file()]
     return StageResult(metrics=metrics, artifacts=artifacts, outputs={"metrics": "metrics.json"}, tables=tables,
@@ -142,10 +147,12 @@ EVAL_SETS = "eval_sets.json"  # the evaluate stage's digests of its held-out dat
 def evaluation_set_digests(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> dict[str, str]:
     """sha256 of the held-out files each kind of metric is measured on, with the ``evaluate``
     settings that pick from them: ``language_model`` (the validation token shards and their
-    tokenizer) and ``method`` (the fine-tuning test split and its label names). Two numbers are
-    comparable only under the same digest (issue 10)."""
+    tokenizer) and ``method`` (the fine-tuning test split, its label names and the team's own
+    evaluation set when there is one). Two numbers are comparable only under the same digest
+    (issue 10)."""
     import hashlib
 
+    from lm.data.instruct import EVAL_SET, split_path
     from lm.data.labelled import LABELS, SPLIT_FILES
     from lm.fileio import file_sha256
     from lm.text.shards import TokenIndex
@@ -153,9 +160,11 @@ def evaluation_set_digests(cfg: Config, ft_data_dir: Path, tokens_dir: Path) -> 
     index = TokenIndex.load(tokens_dir)
     files = {
         "language_model": [Path(tokens_dir) / name for name in (*index.splits["val"]["files"], index.tokenizer)],
-        "method": [p for p in (Path(ft_data_dir) / SPLIT_FILES["test"], Path(ft_data_dir) / LABELS) if p.is_file()],
+        "method": [p for p in (Path(ft_data_dir) / SPLIT_FILES["test"], Path(ft_data_dir) / LABELS,
+                               split_path(ft_data_dir, EVAL_SET)) if p.is_file()],
     }
-    settings = json.dumps(cfg.evaluate.model_dump(mode="json"), sort_keys=True).encode()
+    # The judge picks nothing from the held-out data: its settings leave the digest as it was.
+    settings = json.dumps(cfg.evaluate.model_dump(mode="json", exclude={"judge"}), sort_keys=True).encode()
     out = {}
     for kind, paths in files.items():
         h = hashlib.sha256(settings)
@@ -213,8 +222,10 @@ def rescore(cfg: Config, export_dir: Path, ft_data_dir: Path, tokens_dir: Path, 
         )
     # The validation windows are this run's token ids: only a model that reads those ids is scored on them.
     metrics = language_model_metrics(export_dir / LM_DIR, tokens_dir, cfg.evaluate.max_batches) if same_tokenizer else {}
+    # No judge: its win rate is over each model's own start, not a number to rank two models by.
+    settings = cfg.evaluate.model_copy(update={"judge": JudgeConfig()})
     scores = tuned.evaluate(
-        export_dir, ft_data_dir, own, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=cfg.evaluate
+        export_dir, ft_data_dir, own, base_dir=export_dir / LM_DIR, out_dir=Path(out_dir), settings=settings
     )
     metrics.update({k: v for k, v in scores.items() if same_tokenizer or k not in token_metrics})
     return metrics

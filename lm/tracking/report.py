@@ -24,10 +24,19 @@ BASELINES: dict[str, list[tuple[str, str]]] = {
     "eval/mlm_loss": [("eval/baseline_mlm_loss", "unigram")],
     "eval/mlm_accuracy": [],
     "eval/loss": [],
+    "eval/rouge_l": [("eval/baseline_rouge_l", "nearest training answer")],
+    "eval/judge_win_rate": [],  # over the model before tuning: 0.5 is as good as it
+    # The team's own evaluation set (evaluate.data), when the run had one.
+    "eval_set/chrf": [("eval_set/baseline_chrf", "nearest training answer")],
+    "eval_set/rouge_l": [("eval_set/baseline_rouge_l", "nearest training answer")],
+    "eval_set/exact_match": [("eval_set/baseline_exact_match", "nearest training answer")],
+    "eval_set/response_loss": [("eval_set/base_response_loss", "the model before tuning")],
+    "eval_set/judge_win_rate": [],
 }
+EVALUATION = ("eval/", "eval_set/")  # the evaluate stage's metrics: the test split's, the team's evaluation set's
 
 # Stage metrics the parent run repeats (as parent name <- stage, child metric), so that the run list
-# compares pipeline runs column by column. The evaluate stage's eval/* metrics come too, all of them.
+# compares pipeline runs column by column. The evaluate stage's eval/* and eval_set/* metrics come too, all of them.
 FROM_STAGES: dict[str, tuple[str, str]] = {
     "deploy/version": ("deploy", "deploy/version"),
     "deploy/promoted": ("deploy", "deploy/promoted"),
@@ -74,7 +83,7 @@ class Champion:
 def parent_metrics(stages: Mapping[str, StageRun], seconds: float) -> dict[str, float]:
     """The key metrics of a pipeline run, from its stages' child runs."""
     # The evaluation first: the UI lists a run's metrics in the order they were logged.
-    out = {k: v for k, v in sorted(stages["evaluate"].metrics.items()) if k.startswith("eval/")} if "evaluate" in stages else {}
+    out = {k: v for k, v in sorted(stages["evaluate"].metrics.items()) if k.startswith(EVALUATION)} if "evaluate" in stages else {}
     out.update({name: stages[stage].metrics[key] for name, (stage, key) in FROM_STAGES.items()
                 if stage in stages and key in stages[stage].metrics})
     out[DURATION] = seconds
