@@ -280,9 +280,9 @@ def toy(tmp_path_factory) -> dict:
     return {"tokens": tokens, "data": tmp / "ft_data", "jsonl": data, "start": tmp / "start", "tmp": tmp}
 
 
-def toy_config(path: Path, toy: dict, **finetune) -> Path:
+def toy_config(path: Path, toy: dict, trainer: dict | None = None, **finetune) -> Path:
     return tiny_config_yaml(
-        path, model={"preset": "tiny", "seq_len": 64},
+        path, model={"preset": "tiny", "seq_len": 64}, **({"trainer": trainer} if trainer else {}),
         finetune={"task": "dpo", "data": str(toy["jsonl"]), "max_steps": 40, "val_every": 10, "ckpt_every": 10,
                   "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, **finetune},
     )

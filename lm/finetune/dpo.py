@@ -103,24 +103,28 @@ def encode_pairs(fmt: ChatFormat, pairs: list[tuple[list[Message], ...]], seq_le
 
 
 def collate(pad_id: int) -> Callable[[list[tuple[torch.Tensor, ...]]], tuple[torch.Tensor, ...]]:
-    """B pairs -> ids (2B, T) right-padded with pad_id, targets (2B, T) padded with -100: the B chosen
-    conversations, then the B rejected ones (one forward for both); with the stored reference, its
-    log-probabilities (2B,) in the same order."""
+    """B pairs -> ids (B, 2, T) right-padded with pad_id and targets (B, 2, T) padded with -100 (each
+    pair's chosen conversation, then its rejected one); with the stored reference, its log-probabilities
+    (B, 2). Pair-major, so a batch's first dimension counts pairs (what the resumable sampler counts)."""
 
     def fn(batch: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
-        sequences = [b[0] for b in batch] + [b[2] for b in batch]
-        targets = [b[1] for b in batch] + [b[3] for b in batch]
-        T = max(len(x) for x in sequences)
-        ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-        padded = torch.full((len(sequences), T), -100, dtype=torch.long)
-        for i, (x, y) in enumerate(zip(sequences, targets, strict=True)):
-            ids[i, : len(x)], padded[i, : len(y)] = x, y
+        T = max(max(len(b[0]), len(b[2])) for b in batch)
+        ids = torch.full((len(batch), 2, T), pad_id, dtype=torch.long)
+        targets = torch.full((len(batch), 2, T), -100, dtype=torch.long)
+        for i, b in enumerate(batch):
+            for side in (0, 1):
+                x, y = b[2 * side], b[2 * side + 1]
+                ids[i, side, : len(x)], targets[i, side, : len(y)] = x, y
         if len(batch[0]) == 4:
-            return ids, padded
-        reference = torch.cat([torch.stack([b[4] for b in batch]), torch.stack([b[5] for b in batch])])
-        return ids, padded, reference
+            return ids, targets
+        return ids, targets, torch.stack([torch.stack(b[4:6]) for b in batch])
 
     return fn
+
+
+def chosen_then_rejected(pairs: torch.Tensor) -> torch.Tensor:
+    """(B, 2, ...) pair-major -> (2B, ...): the B chosen, then the B rejected (one forward for both)."""
+    return pairs.transpose(0, 1).flatten(0, 1)
 
 
 # ---- the objective ------------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def pair_logps(
     net.eval()
     pad, out = collate(pad_id), []
     for i in range(0, len(items), batch_size):
-        ids, targets = pad([item[:4] for item in items[i : i + batch_size]])
+        ids, targets = (chosen_then_rejected(t) for t in pad([item[:4] for item in items[i : i + batch_size]]))
         with context():
             logits = net(ids.to(device))[0]
         logps, _ = sequence_logps(logits, targets.to(device))
@@ -218,7 +222,7 @@ def stored_reference(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 
 class PreferenceDataModule(SplitDataModule):
-    """``train/val.parquet`` pairs -> (ids (2B,T), targets (2B,T), reference log-probabilities (2B,))."""
+    """``train/val.parquet`` pairs -> (ids (B,2,T), targets (B,2,T), reference log-probabilities (B,2))."""
 
     def __init__(
         self, data_dir: Path, fmt: ChatFormat, seq_len: int, batch_size: int, seed: int, pad_id: int, key: str
@@ -277,7 +281,7 @@ class PreferenceDataModule(SplitDataModule):
 
 class DPOModule(OptimisedModule):
     """Preference tuning of a Decoder against stored reference log-probabilities: batches are (ids
-    (2B,T), targets (2B,T), reference (2B,)). ``val/loss`` is the preference loss of the validation
+    (B,2,T), targets (B,2,T), reference (B,2)), each pair's chosen then rejected. ``val/loss`` is the preference loss of the validation
     pairs, beside their ``val/rewards/*`` (pair-weighted over all ranks)."""
 
     _val_sum: torch.Tensor | None = None
@@ -287,7 +291,7 @@ class DPOModule(OptimisedModule):
         self.objective = {"loss": settings.loss, "beta": settings.beta, "label_smoothing": settings.label_smoothing}
 
     def pair_losses(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, targets, reference = batch
+        ids, targets, reference = (chosen_then_rejected(t) for t in batch)  # (2B, T), (2B, T), (2B,)
         logps, counts = sequence_logps(self.net(ids)[0], targets)
         return preference_loss(logps, reference, counts, **self.objective)
 
