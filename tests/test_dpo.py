@@ -302,6 +302,7 @@ def test_a_toy_preference_is_learned_and_the_reference_is_computed_once(tmp_path
     (tmp_path / "eval").mkdir()
     ev = dpo.evaluate(tmp_path / "ft", toy["data"], toy["tokens"] / "tokenizer.json", base_dir=toy["start"],
                       out_dir=tmp_path / "eval")
+    print("toy set, held-out pairs:", {k: round(v, 4) for k, v in ev.items()}, "val margins by step:", margins)
     assert ev["eval/base_rewards/accuracy"] == 0.5  # the reference against itself: every pair a tie
     assert ev["eval/rewards/accuracy"] >= 0.9 and ev["eval/rewards/margins"] > 1.0
     assert ev["eval/preference_loss"] < ev["eval/base_preference_loss"] == pytest.approx(0.6931, abs=1e-4)
