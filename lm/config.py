@@ -399,6 +399,31 @@ def _sources_of(value: Any) -> Any:
     return sources
 
 
+class DPOConfig(MethodConfig):
+    """``finetune.dpo``: preference tuning of a decoder on (prompt, chosen, rejected) pairs
+    (lm.finetune.dpo, lm.data.preference). The reference is the starting model."""
+
+    # sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et al. 2023), on log-ratios averaged per token.
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    # DPO: how far the tuned model may move from the reference (higher: less); IPO: its tau.
+    beta: float = Field(0.1, gt=0)
+    # Conservative DPO (Mitchell 2023): the share of preference labels taken to be flipped.
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    prompt_column: str = "prompt"  # text or chat messages; may be absent when chosen/rejected are whole conversations
+    chosen_column: str = "chosen"  # text, or messages (the whole conversation, or the reply alone)
+    rejected_column: str = "rejected"
+    system_prompt: str | None = None  # a system message put before every prompt without one
+
+    @model_validator(mode="after")
+    def _smoothing_is_dpo_only(self) -> DPOConfig:
+        if self.loss == "ipo" and self.label_smoothing:
+            raise ValueError(
+                "finetune.dpo.label_smoothing is conservative DPO's (loss=sigmoid); IPO's squared loss has no "
+                "labels to smooth: set finetune.dpo.label_smoothing=0 or finetune.dpo.loss=sigmoid"
+            )
+        return self
+
+
 class FinetuneConfig(TrainingConfig):
     # The fine-tuning method: the name of one of the method blocks below.
     task: str = "classify"
@@ -419,6 +444,7 @@ class FinetuneConfig(TrainingConfig):
     # One block per method, read only by that method.
     classify: ClassifyConfig = Field(default_factory=ClassifyConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @classmethod
     def methods(cls) -> tuple[str, ...]:

@@ -101,7 +101,7 @@ def test_tokenizer_vocab_size_is_the_one_in_force():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("finetune.task=dpo", "finetune.task='dpo' is not available: choose one of classify, sft"),
+        ("finetune.task=kto", "finetune.task='kto' is not available: choose one of classify, sft, dpo"),
         ("trainer.strategy=fsdp", "fsdp needs GPUs"),
         ("data.val_fraction=1.5", "data.val_fraction"),
         ("tokenizer.vocab_size=10", "too small for byte-level BPE"),

@@ -46,7 +46,7 @@ SHAREGPT_ROLES = {
 }
 
 
-def _text(value: Any, path: Path | str, where: str, what: str) -> str:
+def text_value(value: Any, path: Path | str, where: str, what: str) -> str:
     if value is None or (isinstance(value, float) and value != value):  # missing, or NaN in a table
         return ""
     if isinstance(value, str):
@@ -83,7 +83,7 @@ def parse_messages(value: Any, path: Path | str, where: str, column: str) -> lis
             raise DataError(
                 f"{path}, {where}: message {j} has the role {role!r}; the allowed roles are {', '.join(ROLES)}"
             )
-        out.append({"role": role, "content": _text(m["content"], path, f"{where} message {j}", "content")})
+        out.append({"role": role, "content": text_value(m["content"], path, f"{where} message {j}", "content")})
     return out
 
 
@@ -100,12 +100,12 @@ def parse_sharegpt(value: Any, path: Path | str, where: str) -> list[Message]:
                 f"{path}, {where}: turn {j} is from {turn[keys[0]]!r}; ShareGPT turns are from "
                 f"{', '.join(SHAREGPT_ROLES)}"
             )
-        out.append({"role": role, "content": _text(turn[keys[1]], path, f"{where} turn {j}", keys[1])})
+        out.append({"role": role, "content": text_value(turn[keys[1]], path, f"{where} turn {j}", keys[1])})
     return out
 
 
 def _with_system(record: dict[str, Any], messages: list[Message], path: Path | str, where: str) -> list[Message]:
-    system = _text(record.get(SYSTEM), path, where, SYSTEM)
+    system = text_value(record.get(SYSTEM), path, where, SYSTEM)
     if system.strip() and not (messages and messages[0]["role"] == "system"):
         return [{"role": "system", "content": system}, *messages]
     return messages
@@ -149,12 +149,12 @@ def record_messages(fmt: str, record: dict[str, Any], path: Path | str, where: s
     if fmt == "sharegpt":
         return _with_system(record, parse_sharegpt(record.get(SHAREGPT), path, where), path, where)
     if fmt == "prompt_response":
-        prompt = _text(record.get(keys[0]), path, where, keys[0])
-        response = _text(record.get(keys[1]), path, where, keys[1])
+        prompt = text_value(record.get(keys[0]), path, where, keys[0])
+        response = text_value(record.get(keys[1]), path, where, keys[1])
     else:
-        parts = [_text(record.get(k), path, where, k) for k in (INSTRUCTION, INPUT)]
+        parts = [text_value(record.get(k), path, where, k) for k in (INSTRUCTION, INPUT)]
         prompt = "\n\n".join(p for p in parts if p.strip())
-        response = _text(record.get(OUTPUT), path, where, OUTPUT)
+        response = text_value(record.get(OUTPUT), path, where, OUTPUT)
     if not prompt.strip():
         return None
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]

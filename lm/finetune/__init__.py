@@ -43,12 +43,14 @@ from typing import Any
 METHODS: dict[str, str] = {
     "classify": "lm.finetune.classify",
     "sft": "lm.finetune.sft",
+    "dpo": "lm.finetune.dpo",
 }
 
 # finetune.task -> "module:function" building its data: (cfg, *, out_dir) -> StageResult.
 DATA: dict[str, str] = {
     "classify": "lm.data.labelled:build_finetune_data",
     "sft": "lm.data.instruct:build_instruct_data",
+    "dpo": "lm.data.preference:build_preference_data",
 }
 
 

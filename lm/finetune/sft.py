@@ -483,13 +483,15 @@ def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
     ft = meta.get("finetune", {})
     lora = ft.get("lora")
     train = Path(data_dir) / "train.parquet"
+    # Another chat method (dpo) exports through this card: its meta names how it tuned the model.
+    task, tuned = meta.get("task", "sft"), meta.get("tuned_as", "instruction-tuned")
     lines = [
-        "# lmforge instruction-tuned model",
+        f"# lmforge {tuned} model",
         "",
         (f"A {count_params(model):,}-parameter {a.family} decoder (`{(a.hf_config.get('architectures') or [a.family])[0]}`), imported "
-         "from Hugging Face and instruction-tuned with lmforge (`finetune.task=sft`)." if a.hf_config else
-         f"A {count_params(model):,}-parameter Llama-architecture decoder, pretrained and instruction-tuned "
-         "with lmforge (`finetune.task=sft`).")
+         f"from Hugging Face and {tuned} with lmforge (`finetune.task={task}`)." if a.hf_config else
+         f"A {count_params(model):,}-parameter Llama-architecture decoder, pretrained and {tuned} "
+         f"with lmforge (`finetune.task={task}`).")
         + " It answers in the chat format of its `tokenizer_config.json` (`chat_template`).",
         "",
         f"- Model: {a.n_layer} layers, d_model {a.d_model}, {a.n_head} heads ({a.n_kv_head} key/value), "
@@ -498,13 +500,17 @@ def model_card(model: nn.Module, data_dir: Path, model_dir: Path) -> str:
         f"- Fine-tuning: {ft.get('max_steps', '?')} steps, lr {ft.get('lr', '?')}, "
         + (f"LoRA r={lora['r']}, alpha={lora['alpha']} on {', '.join(lora['target_modules'])}, merged into the weights"
            if lora else "all weights")
-        + (", packed sequences" if ft.get("packing") else ""),
+        + (", packed sequences" if ft.get("packing") else "")
+        + (f", {ft['objective']}" if ft.get("objective") else ""),
     ]
     result = Path(model_dir) / RESULT
     if result.is_file():
-        val = json.loads(result.read_text())["metrics"].get("val/loss")
-        if val is not None:
-            lines.append(f"- Validation response loss at the end of fine-tuning: {val:.4f} (assistant tokens only)")
+        final = json.loads(result.read_text())["metrics"]
+        if task == "sft" and final.get("val/loss") is not None:
+            lines.append(f"- Validation response loss at the end of fine-tuning: {final['val/loss']:.4f} (assistant tokens only)")
+        elif task != "sft":
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(final.items()) if k.startswith("val/"))
+            lines.append(f"- Validation at the end of fine-tuning: {shown}")
     lines += [
         "",
         "## Use",
