@@ -129,7 +129,7 @@ def test_a_code_change_recomputes_what_it_affects_and_nothing_else(tmp_path):
     assert changed == {"clean", "tokenize", "pretrain", "finetune", "evaluate", "export", "deploy"}
     # The sampler changes: no data stage is recomputed (their keys do not hash generation code).
     sampled = _keys_with(
-        tmp_path, lambda lm: _append(lm / "generate.py", "\n\ndef greedier(logits):\n    return logits.argmax(-1)\n")
+        tmp_path, lambda lm: _append(lm / "generation" / "sampling.py", "\n\ndef greedier(logits):\n    return logits.argmax(-1)\n")
     )
     changed = {name for name in base if base[name] != sampled[name]}
     assert not changed & {"ingest", "clean", "base_model", "tokenize", "finetune_data"}, changed
