@@ -67,8 +67,8 @@ CONFIG_CASES = [
     ),
     Case(
         "fine-tuning method that does not exist",
-        ["finetune.task=dpo"],
-        "finetune.task='dpo' is not available",
+        ["finetune.task=kto"],
+        "finetune.task='kto' is not available",
     ),
     Case(
         "nothing left to fine-tune on",
