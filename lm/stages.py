@@ -125,38 +125,42 @@ def _align_data(ctx: StageContext) -> StageResult:
 
 
 def _align(ctx: StageContext) -> StageResult:
+    from lm.fileio import file_sha256
     from lm.training.launch import launch
 
     i = ctx.inputs
     with _align_keys():  # from the first step's weights: its model is also DPO's reference
-        return launch("finetune", replace(ctx, cfg=ctx.cfg.aligned()),
-                      ["--data", str(i["align_data"]), "--tokens", str(i["tokenize"]), "--init", str(i["finetune"])])
+        result = launch("finetune", replace(ctx, cfg=ctx.cfg.aligned()),
+                        ["--data", str(i["align_data"]), "--tokens", str(i["tokenize"]), "--init", str(i["finetune"])])
+    result.params["init_weights_sha256"] = file_sha256(i["finetune"] / "model.safetensors")  # = finetune's weights_sha256
+    return result
 
 
-def _last_step(ctx: StageContext) -> tuple[Config, Path, Path, Path]:
-    """The last fine-tuning step: the config its method reads, the model it made, the model it started
-    from (its method's baseline, and the language model that is evaluated and exported beside it), its data."""
-    i = ctx.inputs
-    if "align" in i:
-        return ctx.cfg.aligned(), i["align"], i["finetune"], i["align_data"]
-    return ctx.cfg, i["finetune"], i["pretrain"], i["finetune_data"]
+def _last_step(ctx: StageContext) -> tuple[Config, str, str]:
+    """The last fine-tuning step: the config its method reads, its stage (whose data is ``<stage>_data``),
+    and the stage whose model it started from (its method's baseline, and the language model that is
+    evaluated and exported beside it)."""
+    if ctx.cfg.align.task is not None:
+        return ctx.cfg.aligned(), "align", "finetune"
+    return ctx.cfg, "finetune", "pretrain"
 
 
 def _evaluate(ctx: StageContext) -> StageResult:
     from lm.pipeline.evaluate import evaluate
 
-    cfg, tuned, start, data = _last_step(ctx)
-    return evaluate(cfg, start, tuned, ctx.inputs["tokenize"], data, out_dir=ctx.out_dir)
+    i = ctx.inputs
+    cfg, step, start = _last_step(ctx)
+    return evaluate(cfg, i[start], i[step], i["tokenize"], i[f"{step}_data"], out_dir=ctx.out_dir)
 
 
 def _export(ctx: StageContext) -> StageResult:
     from lm.pipeline.export import export
 
     i = ctx.inputs
-    cfg, tuned, start, data = _last_step(ctx)
+    cfg, step, start = _last_step(ctx)
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
-    return export(cfg.finetune.task, tuned, start, i["tokenize"], data, out_dir=ctx.out_dir, metrics=metrics,
-                  run_id=ctx.run_id)
+    return export(cfg.finetune.task, i[step], i[start], i["tokenize"], i[f"{step}_data"], out_dir=ctx.out_dir,
+                  metrics=metrics, run_id=ctx.run_id)
 
 
 def _deploy(ctx: StageContext) -> StageResult:
@@ -164,13 +168,13 @@ def _deploy(ctx: StageContext) -> StageResult:
     from lm.tracking.registry import deploy
 
     i = ctx.inputs
-    cfg, _, _, data = _last_step(ctx)
+    cfg, step, _ = _last_step(ctx)
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
     export_dir = i["export"]
     eval_set = digest_for_metric(cfg, json.loads((i["evaluate"] / EVAL_SETS).read_text()))
 
     def rescore_here(model_dir: Path, scratch: Path) -> dict[str, float]:  # the champion, on this run's data
-        return rescore(cfg, model_dir, data, i["tokenize"], out_dir=scratch)
+        return rescore(cfg, model_dir, i[f"{step}_data"], i["tokenize"], out_dir=scratch)
 
     return deploy(cfg.deploy, cfg.tracking_uri(), ctx.run_id, export_dir, export_dir.name, metrics,
                   eval_set=eval_set, rescore=rescore_here, out_dir=ctx.out_dir)
