@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None, table: Sequence[Stage] = STAGES) -> int:
         from flows.pipeline import build_pipeline, check, pipeline
         from tasks.common import quiet_user_errors
 
-        check(cfg, stages_for(targets, table))  # seconds, before Prefect starts
+        check(cfg, stages_for(targets, table, cfg))  # seconds, before Prefect starts
         quiet_user_errors()
         if args.command == "schedule":
             return schedule_command(args, cfg)

@@ -78,7 +78,7 @@ def build_pipeline(table: Sequence[Stage] = STAGES) -> Flow:
         unchanged stages are reused from cache. ``trigger`` says what started the run (a run created
         by a deployment's schedule is tagged ``schedule`` whatever it says). Returns each stage's
         output folder and the MLflow run."""
-        stages = stages_for(targets or [], table)
+        stages = stages_for(targets or [], table, config)
         check(config, stages)
         dirs = stage_dirs(config, stages)
         uri = config.tracking_uri()

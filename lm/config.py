@@ -477,6 +477,21 @@ class FinetuneConfig(TrainingConfig):
         return self
 
 
+class AlignConfig(FinetuneConfig):
+    """``align``: a second fine-tuning step after ``finetune`` (instruction tuning, then preference
+    tuning), from the first step's weights: the same settings as ``finetune``, with values of its own
+    (``align.dpo.beta``, ``align.data``, ``align.lr`` ...). No task (the default): no second step."""
+
+    task: str | None = None
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str | None) -> str | None:
+        if task is not None and task not in cls.methods():
+            raise ValueError(f"align.task={task!r} is not available: choose one of {', '.join(cls.methods())}, or leave it unset")
+        return task
+
+
 def method_key(key: str) -> str | None:
     """Where a method's setting given directly under ``finetune`` now lives (``finetune.text_column``
     -> ``finetune.classify.text_column``), or None when ``key`` is no method's setting."""
@@ -606,6 +621,7 @@ class Config(Section):
     model: ModelConfig = Field(default_factory=lambda: ModelConfig(preset="small"))
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)  # a second fine-tuning step (off by default)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
@@ -619,6 +635,14 @@ class Config(Section):
                 "from, or leave pretrain.enabled unset"
             )
         return self
+
+    def aligned(self) -> Config:
+        """The config the align step runs under: its block in the place of ``finetune``, which every
+        method reads. The team's evaluation set (``evaluate.data``, instruction tuning's) goes with it
+        only to a second instruction-tuning step."""
+        step = FinetuneConfig.model_validate(self.align.model_dump())
+        evaluate = self.evaluate if self.align.task == "sft" else self.evaluate.model_copy(update={"data": None})
+        return self.model_copy(update={"finetune": step, "align": AlignConfig(), "evaluate": evaluate})
 
     def tracking_uri(self) -> str:
         return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 from lm.config import Config
-from lm.errors import ConfigError
+from lm.errors import ConfigError, LmforgeError
 from lm.finetune import DATA, data_builder
-from lm.pipeline.stage import Stage, StageContext, StageResult, needed
+from lm.pipeline.stage import Stage, StageContext, StageResult, needed, wanted
 
 # ---- what each stage runs: its lm/ function, given the stage's inputs ---------------------------
 
@@ -106,20 +108,59 @@ def _finetune(ctx: StageContext) -> StageResult:
                                     "--init", str(i["pretrain"])])
 
 
+@contextmanager
+def _align_keys():
+    """The align step runs a method on ``cfg.aligned()``, where its block reads as ``finetune``: what
+    it says of a key names the key the user set."""
+    try:
+        yield
+    except LmforgeError as e:
+        e.args = (re.sub(r"\bfinetune\.", "align.", str(e.args[0])), *e.args[1:]) if e.args else e.args
+        raise
+
+
+def _align_data(ctx: StageContext) -> StageResult:
+    with _align_keys():
+        return data_builder(ctx.cfg.align.task)(ctx.cfg.aligned(), out_dir=ctx.out_dir)
+
+
+def _align(ctx: StageContext) -> StageResult:
+    from lm.fileio import file_sha256
+    from lm.training.launch import launch
+
+    i = ctx.inputs
+    with _align_keys():  # from the first step's weights: its model is also DPO's reference
+        result = launch("finetune", replace(ctx, cfg=ctx.cfg.aligned()),
+                        ["--data", str(i["align_data"]), "--tokens", str(i["tokenize"]), "--init", str(i["finetune"])])
+    result.params["init_weights_sha256"] = file_sha256(i["finetune"] / "model.safetensors")  # = finetune's weights_sha256
+    return result
+
+
+def _last_step(ctx: StageContext) -> tuple[Config, str, str]:
+    """The last fine-tuning step: the config its method reads, its stage (whose data is ``<stage>_data``),
+    and the stage whose model it started from (its method's baseline, and the language model that is
+    evaluated and exported beside it)."""
+    if ctx.cfg.align.task is not None:
+        return ctx.cfg.aligned(), "align", "finetune"
+    return ctx.cfg, "finetune", "pretrain"
+
+
 def _evaluate(ctx: StageContext) -> StageResult:
     from lm.pipeline.evaluate import evaluate
 
     i = ctx.inputs
-    return evaluate(ctx.cfg, i["pretrain"], i["finetune"], i["tokenize"], i["finetune_data"], out_dir=ctx.out_dir)
+    cfg, step, start = _last_step(ctx)
+    return evaluate(cfg, i[start], i[step], i["tokenize"], i[f"{step}_data"], out_dir=ctx.out_dir)
 
 
 def _export(ctx: StageContext) -> StageResult:
     from lm.pipeline.export import export
 
     i = ctx.inputs
+    cfg, step, start = _last_step(ctx)
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
-    return export(ctx.cfg.finetune.task, i["finetune"], i["pretrain"], i["tokenize"], i["finetune_data"],
-                  out_dir=ctx.out_dir, metrics=metrics, run_id=ctx.run_id)
+    return export(cfg.finetune.task, i[step], i[start], i["tokenize"], i[f"{step}_data"], out_dir=ctx.out_dir,
+                  metrics=metrics, run_id=ctx.run_id)
 
 
 def _deploy(ctx: StageContext) -> StageResult:
@@ -127,26 +168,30 @@ def _deploy(ctx: StageContext) -> StageResult:
     from lm.tracking.registry import deploy
 
     i = ctx.inputs
+    cfg, step, _ = _last_step(ctx)
     metrics = json.loads((i["evaluate"] / "metrics.json").read_text())
     export_dir = i["export"]
-    eval_set = digest_for_metric(ctx.cfg, json.loads((i["evaluate"] / EVAL_SETS).read_text()))
+    eval_set = digest_for_metric(cfg, json.loads((i["evaluate"] / EVAL_SETS).read_text()))
 
     def rescore_here(model_dir: Path, scratch: Path) -> dict[str, float]:  # the champion, on this run's data
-        return rescore(ctx.cfg, model_dir, i["finetune_data"], i["tokenize"], out_dir=scratch)
+        return rescore(cfg, model_dir, i[f"{step}_data"], i["tokenize"], out_dir=scratch)
 
-    return deploy(ctx.cfg.deploy, ctx.cfg.tracking_uri(), ctx.run_id, export_dir, export_dir.name, metrics,
+    return deploy(cfg.deploy, cfg.tracking_uri(), ctx.run_id, export_dir, export_dir.name, metrics,
                   eval_set=eval_set, rescore=rescore_here, out_dir=ctx.out_dir)
 
 
 def _check_promote_metric(cfg: Config) -> None:
     from lm.pipeline.evaluate import metric_directions
 
+    task = f"finetune.task={cfg.finetune.task}"
+    if cfg.align.task is not None:  # the model deployed is the last step's
+        cfg, task = cfg.aligned(), f"align.task={cfg.align.task}"
     known = metric_directions(cfg)
     metric, mode = cfg.deploy.promote_metric, cfg.deploy.promote_mode
     if metric not in known:
         raise ConfigError(
             f"deploy.promote_metric={metric!r} is not a metric the evaluate stage reports for model.kind="
-            f"{cfg.model.kind} and finetune.task={cfg.finetune.task}; choose one of {', '.join(known)}"
+            f"{cfg.model.kind} and {task}; choose one of {', '.join(known)}"
         )
     if known[metric] != mode:
         raise ConfigError(
@@ -156,6 +201,18 @@ def _check_promote_metric(cfg: Config) -> None:
 
 
 # ---- the table ------------------------------------------------------------------------------------
+
+
+def _method_data_keys(block: str) -> tuple[str, ...]:
+    """The keys of a fine-tuning block (``finetune`` or ``align``) its method's data depends on."""
+    return tuple(f"{block}.{key}" for key in (
+        "data", "val_fraction", "test_fraction", "classify.text_column", "classify.label_column",
+        "classify.num_classes", "sft.prompt_column", "sft.response_column", "sft.messages_column",
+        "sft.system_prompt", "sft.format", "dpo.prompt_column", "dpo.chosen_column", "dpo.rejected_column",
+        "dpo.system_prompt", "seed"))
+
+
+_DATA_CODE = tuple(sorted({d.partition(":")[0] for d in DATA.values()}))  # the data builders' modules only
 
 STAGES: tuple[Stage, ...] = (
     Stage("ingest", _ingest, "read every configured source into documents/ (parquet parts), with provenance",
@@ -174,13 +231,8 @@ STAGES: tuple[Stage, ...] = (
           inputs=("clean", "base_model"), config=("tokenizer",), files=("tokenizer.path",), code=("lm.text.tokenize_stage",),
           outputs=("tokenizer.json", "index.json"), group="data"),
     Stage("finetune_data", _finetune_data, "build the fine-tuning data (train/val/test splits)",
-          config=("finetune.task", "finetune.data", "finetune.val_fraction", "finetune.test_fraction",
-                  "finetune.classify.text_column", "finetune.classify.label_column", "finetune.classify.num_classes",
-                  "finetune.sft.prompt_column", "finetune.sft.response_column", "finetune.sft.messages_column",
-                  "finetune.sft.system_prompt", "finetune.sft.format", "finetune.dpo.prompt_column",
-                  "finetune.dpo.chosen_column", "finetune.dpo.rejected_column", "finetune.dpo.system_prompt",
-                  "finetune.seed", "evaluate.data"),
-          files=("finetune.data", "evaluate.data"), code=tuple(sorted({d.partition(":")[0] for d in DATA.values()})), group="data"),
+          config=("finetune.task", *_method_data_keys("finetune"), "evaluate.data"),
+          files=("finetune.data", "evaluate.data"), code=_DATA_CODE, group="data"),
     Stage("pretrain", _pretrain, "pretrain the language model on the token shards",
           inputs=("tokenize", "base_model"), config=("model", "pretrain", "trainer"),
           code=("lm.training.child", "lm.pipeline.base_model"), outputs=("model.safetensors", "model.json", "result.json"),
@@ -189,14 +241,24 @@ STAGES: tuple[Stage, ...] = (
           inputs=("pretrain", "finetune_data", "tokenize"), config=("finetune", "trainer"),
           code=("lm.training.child", "lm.finetune"), outputs=("model.safetensors", "model.json", "result.json"),
           resumable=True, live_metrics=True),
+    # A second fine-tuning step (align.task: preference tuning after instruction tuning), from the
+    # first's weights; left out of a run whose config does not set it.
+    Stage("align_data", _align_data, "build the second fine-tuning step's data (align.task; train/val/test splits)",
+          config=("align.task", *_method_data_keys("align"), "evaluate.data"),
+          files=("align.data", "evaluate.data"), code=_DATA_CODE, group="data", when="align.task"),
+    Stage("align", _align, "fine-tune the fine-tuned model further with the method align.task",
+          inputs=("finetune", "align_data", "tokenize"), config=("align", "trainer"),
+          code=("lm.training.child", "lm.finetune"), outputs=("model.safetensors", "model.json", "result.json"),
+          resumable=True, live_metrics=True, when="align.task"),
+    # The stages below take the last fine-tuning step's model (align's, when it runs).
     Stage("evaluate", _evaluate, "evaluate the language model and the fine-tuned model beside baselines",
-          inputs=("pretrain", "finetune", "tokenize", "finetune_data"), config=("evaluate",),
+          inputs=("pretrain", "finetune", "tokenize", "finetune_data", "align", "align_data"), config=("evaluate",),
           code=("lm.pipeline.evaluate", "lm.finetune"), outputs=("metrics.json", "eval_sets.json")),
     Stage("export", _export, "write the self-contained model folder: safetensors, config, tokenizer",
-          inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate"), code=("lm.pipeline.export", "lm.finetune"),
-          outputs=("model.safetensors", "model.json", "tokenizer.json")),
+          inputs=("finetune", "pretrain", "tokenize", "finetune_data", "evaluate", "align", "align_data"),
+          code=("lm.pipeline.export", "lm.finetune"), outputs=("model.safetensors", "model.json", "tokenizer.json")),
     Stage("deploy", _deploy, "register the export in MLflow; promote it if it beats the champion on the same data",
-          inputs=("export", "evaluate", "finetune_data", "tokenize"), config=("deploy",),
+          inputs=("export", "evaluate", "finetune_data", "tokenize", "align_data"), config=("deploy",),
           code=("lm.tracking.registry", "lm.pipeline.evaluate"), cached=False,
           check=_check_promote_metric),
 )
@@ -238,8 +300,15 @@ def preflight(cfg: Config, stages: Sequence[Stage]) -> None:
         raise ConfigError(f"workdir={cfg.workdir!r} is not writable")
 
 
-def stages_for(targets: Sequence[str], table: Sequence[Stage] = STAGES) -> list[Stage]:
-    """The stages a run of ``targets`` (stage names, a group name, or none for all) needs."""
+def stages_for(targets: Sequence[str], table: Sequence[Stage] = STAGES, cfg: Config | None = None) -> list[Stage]:
+    """The stages a run of ``targets`` (stage names, a group name, or none for all) needs; given
+    ``cfg``, without those it leaves out (:attr:`Stage.when`)."""
+    if cfg is not None:
+        table, every = wanted(table, cfg), table
+        kept = {s.name for s in table}
+        for stage in every:
+            if stage.name in targets and stage.name not in kept:
+                raise ConfigError(f"stage {stage.name} runs only when {stage.when} is set: set {stage.when}=...")
     if not targets:
         return list(table)
     names: list[str] = []

@@ -125,6 +125,7 @@ def _hashes(stage_name: str) -> list[str]:
     ("clean", TRAINING + GENERATION + SERVING + REGISTRY + MODELS + ("lm.text",)),
     ("tokenize", TRAINING + GENERATION + SERVING + REGISTRY + ("lm.models.transformer", "lm.models.hf")),
     ("finetune_data", TRAINING + GENERATION + SERVING + REGISTRY + MODELS),
+    ("align_data", TRAINING + GENERATION + SERVING + REGISTRY + MODELS),
     # base_model reads the registry (models:/NAME@ALIAS) and writes a training result (use_as_pretrained).
     ("base_model", GENERATION + SERVING + ("lm.training.modules", "lm.training.child", "lm.training.pretrain_data", "lm.tracking.pyfunc_model", "lm.tracking.report")),
 ])

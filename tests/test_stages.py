@@ -4,11 +4,12 @@ Prefect subflows and CLI commands without a line anywhere else."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from flows.cli import _parser, main
+from flows.cli import _parser, commands, main
 from lm.config import load_config
 from lm.pipeline.stage import Stage, StageContext, StageResult, needed
 from lm.pipeline.workspace import stage_dirs
@@ -57,7 +58,9 @@ def test_the_real_table_is_in_order_and_names_each_stage_once():
     for i, stage in enumerate(STAGES):
         assert set(stage.inputs) <= set(names[:i]), f"{stage.name} reads a stage that runs after it"
     assert [s.name for s in stages_for(["pretrain"])] == ["ingest", "clean", "base_model", "tokenize", "pretrain"]
-    assert [s.name for s in stages_for(["data"])] == ["ingest", "clean", "base_model", "tokenize", "finetune_data"]
+    data = ["ingest", "clean", "base_model", "tokenize", "finetune_data"]
+    assert [s.name for s in stages_for(["data"], STAGES, load_config("tiny"))] == data
+    assert [s.name for s in stages_for(["data"], STAGES, load_config("tiny", ["align.task=dpo"]))] == [*data, "align_data"]
     assert [s.name for s in needed(TOYS, ["double_it"])] == ["count", "double_it"]
 
 
@@ -142,3 +145,60 @@ def test_a_run_that_finishes_second_keeps_the_folder_the_first_published(tmp_pat
     execute(always, StageContext(Config(), {}, out))
     assert json.loads((out / "count.json").read_text()) == {"n": Config().evaluate.max_batches}
     assert [p.name for p in out.parent.iterdir()] == ["key"]
+
+
+# ---- a second fine-tuning step (align), a pair of rows a config switches on -------------------------
+
+BEFORE_ALIGN = tuple(replace(s, inputs=tuple(n for n in s.inputs if not n.startswith("align")))
+                     for s in STAGES if not s.name.startswith("align"))  # the table as it was without the step
+
+
+@pytest.mark.parametrize("preset", ["default", "tiny"])
+def test_a_config_without_align_runs_and_keys_every_stage_as_the_table_without_it(tmp_path, preset):
+    from lm.pipeline.workspace import stage_keys
+
+    cfg = load_config(preset, [f"workdir={tmp_path}"])
+    run = stages_for([], STAGES, cfg)
+    assert [s.name for s in run] == [s.name for s in BEFORE_ALIGN]
+    assert [s.inputs for s in run] == [s.inputs for s in BEFORE_ALIGN]
+    assert stage_keys(cfg, STAGES) == stage_keys(cfg, BEFORE_ALIGN)
+    # An unset step's settings are nobody's input; an explicit null is the same config.
+    assert stage_keys(load_config(preset, [f"workdir={tmp_path}", "align.dpo.beta=0.5", "align.lr=1"]), STAGES) == \
+        stage_keys(load_config(preset, [f"workdir={tmp_path}", "align.task=null"]), STAGES) == stage_keys(cfg, STAGES)
+
+
+def test_align_runs_after_finetune_from_its_output_and_moves_only_what_follows(tmp_path):
+    from lm.pipeline.workspace import stage_keys
+
+    plain = stage_keys(load_config("tiny", [f"workdir={tmp_path}"]), STAGES)
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    chain = ["finetune.task=sft", "align.task=dpo", f"align.data={tmp_path / 'prefs.jsonl'}"]
+    cfg = load_config("tiny", [f"workdir={tmp_path}", *chain])
+    run = {s.name: s for s in stages_for([], STAGES, cfg)}
+    assert list(run) == ["ingest", "clean", "base_model", "tokenize", "finetune_data", "pretrain", "finetune",
+                         "align_data", "align", "evaluate", "export", "deploy"]
+    assert run["align"].inputs == ("finetune", "align_data", "tokenize")
+    assert {"align", "align_data"} <= set(run["evaluate"].inputs) & set(run["export"].inputs)
+    keys = stage_keys(cfg, STAGES)
+    sft = stage_keys(load_config("tiny", [f"workdir={tmp_path}", "finetune.task=sft"]), STAGES)
+    assert {n for n in sft if keys[n] != sft[n]} == {"evaluate", "export", "deploy"}
+    assert {n for n in plain if plain[n] != keys[n]} == {"finetune_data", "finetune", "evaluate", "export", "deploy"}
+
+    def moved(*overrides):
+        other = stage_keys(load_config("tiny", [f"workdir={tmp_path}", *chain, *overrides]), STAGES)
+        return {n for n in keys if keys[n] != other[n]}
+
+    after = {"align", "evaluate", "export", "deploy"}
+    assert moved("align.dpo.beta=0.3") == moved("align.lr=0.01") == moved("align.resume=never") | after == after
+    assert moved("align.dpo.chosen_column=good") == {"align_data"} | after
+    assert moved("finetune.lr=0.1") == {"finetune"} | after
+
+
+def test_a_step_the_config_leaves_out_is_refused_by_name(tmp_path, capsys):
+    from lm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stage align runs only when align.task is set"):
+        stages_for(["align"], STAGES, load_config("tiny"))
+    assert main(["align-data", f"workdir={tmp_path}"]) == 2
+    assert "stage align_data runs only when align.task is set: set align.task=..." in capsys.readouterr().err
+    assert commands(STAGES)["align"][0] == ["align"] and commands(STAGES)["align-data"][0] == ["align_data"]

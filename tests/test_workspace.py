@@ -26,7 +26,7 @@ def dirs(tmp_path, *overrides):
 
 def test_every_stage_has_a_folder_named_after_it(tmp_path):
     d = dirs(tmp_path)
-    assert list(d) == [s.name for s in STAGES]
+    assert list(d) == [s.name for s in STAGES if s.when is None]  # align's rows: only when align.task is set
     assert all(path.parent == tmp_path / name for name, path in d.items())
     assert d == dirs(tmp_path)
 

@@ -105,6 +105,10 @@ class Stage:
     check: Callable[[Config], None] | None = None  # checks before any stage runs (preflight)
     # What else the result depends on, found when the key is made (the version an alias points at).
     fingerprint: Callable[[Config], Any] | None = None
+    # A config key: the stage is part of a run only where its value is set (align: ``align.task``);
+    # elsewhere it has no folder, no key, no run, and the stages that read it read what they would
+    # without it.
+    when: str | None = None
 
     @property
     def command(self) -> str:
@@ -116,6 +120,12 @@ def stage_by_name(table: Sequence[Stage], name: str) -> Stage:
         if stage.name == name:
             return stage
     raise KeyError(name)
+
+
+def wanted(table: Sequence[Stage], cfg: Config) -> list[Stage]:
+    """The rows of ``table`` that ``cfg`` runs (see :attr:`Stage.when`), none of them reading a row left out."""
+    off = {s.name for s in table if s.when is not None and not cfg.value(s.when)}
+    return [replace(s, inputs=tuple(n for n in s.inputs if n not in off)) for s in table if s.name not in off]
 
 
 def needed(table: Sequence[Stage], targets: Sequence[str]) -> list[Stage]:

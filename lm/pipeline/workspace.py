@@ -37,7 +37,7 @@ from typing import Any
 
 from lm.config import Config
 from lm.data import sources
-from lm.pipeline.stage import MANIFEST, Stage, is_complete
+from lm.pipeline.stage import MANIFEST, Stage, is_complete, wanted
 
 # Keys that say where or how a stage runs, never what it produces: no key includes them. (The
 # others are each some stage's input: tests/test_workspace.py checks that none is forgotten.)
@@ -46,6 +46,7 @@ RUN_ONLY_KEYS = (
     "data.dask_address",
     "pretrain.resume",
     "finetune.resume",
+    "align.resume",
     "trainer.log_every",
 )
 # Keys about the run as a whole (its name, where outputs and records go, when the new-data trigger
@@ -220,9 +221,10 @@ def code_digest(stage: Stage) -> str:
 
 
 def stage_keys(cfg: Config, stages: Sequence[Stage]) -> dict[str, str]:
-    """Each stage's key; ``stages`` in table order (every stage after the ones it reads)."""
+    """Each stage's key; ``stages`` in table order (every stage after the ones it reads); a stage
+    this config leaves out (:func:`lm.pipeline.stage.wanted`) has none."""
     keys: dict[str, str] = {}
-    for stage in stages:
+    for stage in wanted(stages, cfg):
         keys[stage.name] = _hash(
             stage.name,
             config_values(cfg, stage),
