@@ -496,3 +496,14 @@ def test_mlflow_models_serve_answers_with_the_champion_generator(sft_pipeline, t
         assert row["completion_tokens"] <= 4 and row["prompt_tokens"] > 0
     # The params reach the model: more tokens allowed, at least as many written.
     assert longer["predictions"][0]["completion_tokens"] >= rows[0]["completion_tokens"]
+
+
+def test_a_mix_of_sources_builds_and_model_json_names_each_file_not_its_path(tmp_path, sft_dirs):
+    from lm.text.shards import TokenIndex
+
+    other = write_jsonl(tmp_path / "more.jsonl", [{"prompt": "Say hi.", "response": "Hi."}] * 3)
+    cfg = tiny_sft_config(tmp_path, sft_dirs, data=[{"path": str(sft_dirs["jsonl"]), "weight": 2}, str(other)])
+    args = ModelArgs(TokenIndex.load(sft_dirs["tokens"]).vocab_size, 2, 4, 2, 64, 192, 64)
+    recipe = sft.build(cfg, build_model(args).train(), sft_dirs["data"], sft_dirs["tokens"])
+    assert recipe.meta["finetune"]["data"] == [{"path": "sft.jsonl", "weight": 2.0}, {"path": "more.jsonl", "weight": 1.0}]
+    assert str(tmp_path) not in json.dumps(recipe.meta)

@@ -45,8 +45,9 @@ from torch import nn
 from lm.config import Config, DPOConfig, EvaluateConfig
 from lm.data.labelled import SPLIT_FILES
 from lm.data.preference import read_preference_split
-from lm.errors import ConfigError, DataError
+from lm.errors import DataError
 from lm.finetune import Recipe
+from lm.finetune.decoder_tuning import data_name, lora_saving, lora_words, tunable_decoder
 from lm.finetune.sft import Predictor, export  # noqa: F401  (a DPO-tuned model is exported and predicts as sft's)
 from lm.finetune.splits import SplitDataModule
 from lm.models.folder import load_model
@@ -331,31 +332,16 @@ class DPOModule(OptimisedModule):
 
 
 def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) -> Recipe:
-    from lm.finetune.lora import (
-        apply_lora,
-        check_quantize,
-        merge_lora,
-        quantize_4bit,
-        save_adapter,
-        trainable_params,
-    )
+    from lm.finetune.lora import trainable_params
     from lm.text.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
-    if not getattr(backbone, "causal", False):
-        raise ConfigError(f"finetune.task=dpo tunes a decoder; the pretrained model is a {args.kind}")
-    if f.lora.enabled and cfg.trainer.strategy == "fsdp":
-        raise ConfigError("finetune.lora with trainer.strategy=fsdp is not supported yet: use ddp")
-    if f.lora.enabled:
-        check_quantize(f.lora, cfg.trainer.accelerator)
+    net = tunable_decoder(cfg, backbone, "dpo")
     index, fmt = TokenIndex.load(tokens_dir), ChatFormat.load(tokens_dir)
     key = reference_key(backbone, fmt, data_dir, args.seq_len)  # the starting weights: the reference
     dm = PreferenceDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, key)
     train = dm.pairs("train")
     dm.pairs("val")
-    if f.lora.enabled and f.lora.quantize == "4bit":
-        backbone = quantize_4bit(backbone)
-    net = apply_lora(backbone, f.lora) if f.lora.enabled else backbone
     for split in ("train", "val"):
         if dm.counts[f"{split}_truncated"] or dm.counts[f"{split}_skipped"]:
             print(f"lmforge: dpo: {split} split: {dm.counts[f'{split}_truncated']} pairs cut at model.seq_len="
@@ -364,7 +350,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
     d = f.dpo
     objective = (f"{'IPO' if d.loss == 'ipo' else 'DPO'} (loss={d.loss}, beta={d.beta}"
                  + (f", label smoothing {d.label_smoothing}" if d.label_smoothing else "") + ") against the starting model")
-    what = f"LoRA r={f.lora.r} on {','.join(f.lora.target_modules)}, " if f.lora.enabled else ""
+    what = lora_words(f)
     tokens = round(sum(len(item[0]) + len(item[2]) for item in train) / len(train))  # a pair's two conversations
     return Recipe(
         module=DPOModule(net, f, d),
@@ -379,7 +365,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
             "truncated_examples": dm.counts["train_truncated"],
             "skipped_examples": dm.counts["train_skipped"],
             "finetune": {
-                "data": f.data if f.data == "stdlib" else Path(f.data).name,  # no path of this machine
+                "data": data_name(f.data),
                 "max_steps": f.max_steps,
                 "lr": f.lr,
                 "lora": f.lora.model_dump() if f.lora.enabled else None,
@@ -388,8 +374,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
             },
         },
         train_examples=len(train),
-        to_save=merge_lora if f.lora.enabled else None,
-        also_save=save_adapter if f.lora.enabled else None,
+        **lora_saving(f),
     )
 
 

@@ -37,8 +37,9 @@ from torch import nn
 from lm.config import Config, EvaluateConfig
 from lm.data.instruct import EVAL_SET, read_split, split_path
 from lm.data.labelled import SPLIT_FILES
-from lm.errors import ConfigError, DataError
+from lm.errors import DataError
 from lm.finetune import Recipe
+from lm.finetune.decoder_tuning import data_name, lora_saving, lora_words, tunable_decoder
 from lm.finetune.splits import SplitDataModule
 from lm.models.folder import load_model
 from lm.models.transformer import count_params
@@ -201,32 +202,17 @@ class SFTModule(OptimisedModule):
 
 
 def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) -> Recipe:
-    from lm.finetune.lora import (
-        apply_lora,
-        check_quantize,
-        merge_lora,
-        quantize_4bit,
-        save_adapter,
-        trainable_params,
-    )
+    from lm.finetune.lora import trainable_params
     from lm.text.shards import TokenIndex
 
     f, args = cfg.finetune, backbone.args
-    if not getattr(backbone, "causal", False):
-        raise ConfigError(f"finetune.task=sft tunes a decoder; the pretrained model is a {args.kind}")
-    if f.lora.enabled and cfg.trainer.strategy == "fsdp":
-        raise ConfigError("finetune.lora with trainer.strategy=fsdp is not supported yet: use ddp")
-    if f.lora.enabled:
-        check_quantize(f.lora, cfg.trainer.accelerator)
+    net = tunable_decoder(cfg, backbone, "sft")
     index = TokenIndex.load(tokens_dir)
     fmt = ChatFormat.load(tokens_dir)
     dm = InstructionDataModule(data_dir, fmt, args.seq_len, f.batch_size, f.seed, index.pad_id, f.sft.packing,
                                f.sft.train_on)
     train = dm.split("train")
     dm.split("val")
-    if f.lora.enabled and f.lora.quantize == "4bit":
-        backbone = quantize_4bit(backbone)
-    net = apply_lora(backbone, f.lora) if f.lora.enabled else backbone
     tokens = args.seq_len if f.sft.packing else round(sum(len(x) for x, *_ in train) / len(train))
     for split in ("train", "val"):
         if dm.counts[f"{split}_truncated"] or dm.counts[f"{split}_skipped"]:
@@ -236,7 +222,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
                 "(the prompt alone fills the context)",
                 flush=True,
             )
-    what = f"LoRA r={f.lora.r} on {','.join(f.lora.target_modules)}, " if f.lora.enabled else ""
+    what = lora_words(f)
     return Recipe(
         module=SFTModule(net, f),
         datamodule=dm,
@@ -249,7 +235,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
             "truncated_examples": dm.counts["train_truncated"],
             "skipped_examples": dm.counts["train_skipped"],
             "finetune": {
-                "data": f.data if f.data == "stdlib" else Path(f.data).name,  # no path of this machine
+                "data": data_name(f.data),
                 "max_steps": f.max_steps,
                 "lr": f.lr,
                 "packing": f.sft.packing,
@@ -257,8 +243,7 @@ def build(cfg: Config, backbone: nn.Module, data_dir: Path, tokens_dir: Path) ->
             },
         },
         train_examples=len(train),
-        to_save=merge_lora if f.lora.enabled else None,
-        also_save=save_adapter if f.lora.enabled else None,
+        **lora_saving(f),
     )
 
 
