@@ -303,6 +303,30 @@ def toy_config(path: Path, toy: dict, trainer: dict | None = None, **finetune) -
     )
 
 
+def test_training_holds_one_network_the_reference_being_stored_numbers(tmp_path, toy):
+    """The reference is not resident: what training holds (the LightningModule and the DataModule)
+    reaches one network, the one being tuned; the reference enters as two numbers a pair (the memory
+    this saves is measured by benchmarks/dpo_memory.py)."""
+    from lm.models.folder import load_model
+
+    cfg = load_config(toy_config(tmp_path / "cfg.yaml", toy))
+    recipe = dpo.build(cfg, load_model(toy["start"]), toy["data"], toy["tokens"])
+    tuned = {id(p) for p in recipe.module.net.parameters()}
+    assert {id(p) for p in recipe.module.parameters()} == tuned  # no second set of weights in the module
+
+    def modules_in(value, depth=0):
+        if isinstance(value, torch.nn.Module):
+            yield value
+        elif depth < 3 and isinstance(value, dict):
+            for v in value.values():
+                yield from modules_in(v, depth + 1)
+        elif depth < 3 and isinstance(value, (list, tuple)):
+            for v in value:
+                yield from modules_in(v, depth + 1)
+
+    assert list(modules_in(vars(recipe.datamodule))) == []  # the data holds token ids, no network
+
+
 @pytest.mark.slow  # ~15 s
 def test_a_toy_preference_is_learned_and_the_reference_is_computed_once(tmp_path, toy, capsys):
     from safetensors import safe_open
