@@ -636,6 +636,20 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _mixes_and_evaluation_sets_are_instruction_data(self) -> Config:
+        # Checked when the config is read, not when a data stage meets them: a run fails in seconds.
+        for block in ("finetune", "align"):
+            step = getattr(self, block)
+            if step.task not in (None, "sft") and not isinstance(step.data, str):
+                raise ValueError(
+                    f"{block}.data is a list of sources (a mix), which {block}.task={step.task} does not take: "
+                    "give one file, folder or glob"
+                )
+        if self.evaluate.data is not None and "sft" not in (self.finetune.task, self.align.task):
+            raise ValueError("evaluate.data (an evaluation set of conversations) is read by finetune.task=sft only: unset it")
+        return self
+
     def aligned(self) -> Config:
         """The config the align step runs under: its block in the place of ``finetune``, which every
         method reads. The team's evaluation set (``evaluate.data``, instruction tuning's) goes with it
@@ -690,7 +704,10 @@ def _set(tree: dict, path: list[str], value: Any) -> None:
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if not e["loc"]:  # a check across sections: its message names its keys
+            lines.append(f"{str(e['msg']).removeprefix('Value error, ')}; in {source}")
+            continue
+        key = ".".join(str(p) for p in e["loc"])
         moved = method_key(key) if e["type"] == "extra_forbidden" else None
         if moved:  # a setting of a method, given where all of them were until each had its own block
             lines.append(f"{key} in {source} moved: use {moved}")

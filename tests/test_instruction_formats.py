@@ -320,12 +320,15 @@ def test_the_data_stage_key_sees_the_evaluation_set_and_its_content(tmp_path):
 
 
 def test_classification_refuses_a_mix_and_an_evaluation_set_in_one_line(tmp_path):
-    from lm.data.labelled import build_finetune_data
-
-    with pytest.raises(ConfigError, match=r"^finetune.data is a list of sources \(a mix\), which finetune.task=classify"):
-        build_finetune_data(load_config("tiny", ["finetune.data=[a.csv, b.csv]"]), out_dir=tmp_path)
+    """Refused when the config is read, before any stage runs (and named with the config's source)."""
+    with pytest.raises(ConfigError, match=r"^finetune.data is a list of sources \(a mix\), which finetune.task=classify") as e:
+        load_config("tiny", ["finetune.data=[a.csv, b.csv]"])
+    assert "\n" not in str(e.value) and "tiny.yaml" in str(e.value)
     with pytest.raises(ConfigError, match=r"^evaluate.data .* is read by finetune.task=sft only"):
-        build_finetune_data(load_config("tiny", ["evaluate.data=own.jsonl"]), out_dir=tmp_path)
+        load_config("tiny", ["evaluate.data=own.jsonl"])
+    with pytest.raises(ConfigError, match=r"^align.data is a list of sources \(a mix\), which align.task=dpo"):
+        load_config("tiny", ["finetune.task=sft", "align.task=dpo", "align.data=[a.jsonl, b.jsonl]"])
+    load_config("tiny", ["finetune.task=sft", "finetune.data=[a.jsonl, b.jsonl]", "evaluate.data=own.jsonl"])
 
 
 def test_a_bad_source_in_a_mix_is_named_by_its_place():

@@ -57,6 +57,20 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert got["val/loss"] == pytest.approx(expected["val/loss"], abs=1e-5)
 
 
+def assert_a_kill_at_step_20_resumes_to_the_uninterrupted_result(cfg, ft, tokens, start: Path, tmp_path: Path) -> None:
+    """A 36-step fine-tune from ``start``, killed at its step-20 checkpoint and resumed, ends as the
+    same run left alone: same steps, same final loss, same validation accuracy."""
+    run_training(finetune_args(cfg, ft, tokens, start, tmp_path / "ref"))
+    expected = final_metrics(tmp_path / "ref")
+    kill_at_checkpoint(finetune_args(cfg, ft, tokens, start, tmp_path / "crashed"), 20)
+    resumed = run_training(finetune_args(cfg, ft, tokens, start, tmp_path / "crashed"))
+    assert "resuming from" in resumed.stdout and "not resumable" not in resumed.stderr
+    got = final_metrics(tmp_path / "crashed")
+    assert got["steps"] == expected["steps"] == 36
+    assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-6)
+    assert got["val/accuracy"] == expected["val/accuracy"]
+
+
 @pytest.mark.slow  # ~20 s: four training processes
 def test_finetuning_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_path):
     tokens = make_token_dir(tmp_path / "tokens")
@@ -67,16 +81,8 @@ def test_finetuning_killed_mid_epoch_resumes_to_the_uninterrupted_result(tmp_pat
         finetune={"max_steps": 36, "ckpt_every": 4, "val_every": 12},
     )
     run_training(pretrain_args(cfg, tokens, tmp_path / "pre"))
-    run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "ref"))
-    expected = final_metrics(tmp_path / "ref")
     # 128 examples in batches of 8: 16 steps an epoch, so step 20 is mid-way through the second.
-    kill_at_checkpoint(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"), 20)
-    resumed = run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"))
-    assert "resuming from" in resumed.stdout and "not resumable" not in resumed.stderr
-    got = final_metrics(tmp_path / "crashed")
-    assert got["steps"] == expected["steps"] == 36
-    assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-6)
-    assert got["val/accuracy"] == expected["val/accuracy"]
+    assert_a_kill_at_step_20_resumes_to_the_uninterrupted_result(cfg, ft, tokens, tmp_path / "pre", tmp_path)
 
 
 @pytest.mark.slow  # ~25 s a family: three training processes
@@ -108,12 +114,4 @@ def test_an_imported_family_killed_mid_run_resumes_to_the_uninterrupted_result(t
     shutil.copy(tokens / "tokenizer.json", tmp_path / "hf" / "tokenizer.json")
     import_hf(tmp_path / "hf", tmp_path / "pre", max_seq_len=32)
     cfg = tiny_config_yaml(tmp_path / "cfg.yaml", finetune={"max_steps": 36, "ckpt_every": 4, "val_every": 12})
-    run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "ref"))
-    expected = final_metrics(tmp_path / "ref")
-    kill_at_checkpoint(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"), 20)
-    resumed = run_training(finetune_args(cfg, ft, tokens, tmp_path / "pre", tmp_path / "crashed"))
-    assert "resuming from" in resumed.stdout and "not resumable" not in resumed.stderr
-    got = final_metrics(tmp_path / "crashed")
-    assert got["steps"] == expected["steps"] == 36
-    assert got["train/loss"] == pytest.approx(expected["train/loss"], abs=1e-6)
-    assert got["val/accuracy"] == expected["val/accuracy"]
+    assert_a_kill_at_step_20_resumes_to_the_uninterrupted_result(cfg, ft, tokens, tmp_path / "pre", tmp_path)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from lm.config import Config, FinetuneConfig
 from lm.data.pydefs import stdlib_definitions
-from lm.errors import ConfigError, DataError
+from lm.errors import DataError
 from lm.pipeline.stage import StageResult
 
 SPLIT_FILES = {"train": "train.parquet", "val": "val.parquet", "test": "test.parquet"}
@@ -107,12 +107,6 @@ def build_finetune_data(cfg: Config, *, out_dir: Path) -> StageResult:
     """Write train/val/test parquet files (text, label) and labels.json for fine-tuning."""
     out_dir = Path(out_dir)
     ft = cfg.finetune
-    if not isinstance(ft.data, str):
-        raise ConfigError(
-            "finetune.data is a list of sources (a mix), which finetune.task=classify does not take: give one file"
-        )
-    if cfg.evaluate.data is not None:
-        raise ConfigError("evaluate.data (an evaluation set of conversations) is read by finetune.task=sft only: unset it")
     if ft.data == "stdlib":
         texts, labels, names = stdlib_classification(ft.classify.num_classes)
     else:

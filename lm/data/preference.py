@@ -36,7 +36,7 @@ from lm.data.conversations import parse_messages, text_value
 from lm.data.instruct import SCHEMA as MESSAGES_SCHEMA
 from lm.data.labelled import SPLIT_FILES, split_of, unit_hash
 from lm.data.records import read_records
-from lm.errors import ConfigError, DataError
+from lm.errors import DataError
 from lm.fileio import file_sha256
 from lm.pipeline.stage import StageResult
 from lm.text.chat import Message
@@ -157,12 +157,6 @@ def read_preferences(path: Path, dpo: DPOConfig) -> tuple[list[tuple[list[Messag
 def build_preference_data(cfg: Config, *, out_dir: Path) -> StageResult:
     """Write train/val/test.parquet (columns prompt, chosen, rejected: chat messages) for preference tuning."""
     out_dir, ft = Path(out_dir), cfg.finetune
-    if not isinstance(ft.data, str):
-        raise ConfigError(
-            "finetune.data is a list of sources (a mix), which finetune.task=dpo does not take yet: give one file, folder or glob"
-        )
-    if cfg.evaluate.data is not None:
-        raise ConfigError("evaluate.data (an evaluation set of conversations) is read by finetune.task=sft only: unset it")
     if ft.data == "stdlib":
         raise DataError(
             "finetune.task=dpo needs preference pairs: set finetune.data to a .jsonl/.csv/.parquet file with "
